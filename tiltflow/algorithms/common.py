@@ -1,0 +1,61 @@
+"""What the algorithms need from a world: a Task (prompts, conditioning, decoding, rewards) and Roles
+(teacher, generator, fake score and their trainable parameters)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from tiltflow.models.base import Backbone, guided_velocity
+from tiltflow.rewards.base import RewardSet
+
+
+class Task(Protocol):
+    sample_shape: tuple[int, ...]
+    rewards: RewardSet
+    cfg_scale: float
+    device: torch.device
+
+    def sample_prompts(self, n: int, generator: torch.Generator) -> list[Any]: ...
+
+    def encode(self, prompts: Sequence[Any]) -> Any: ...
+
+    def encode_uncond(self, n: int) -> Any: ...
+
+    def decode(self, x: Tensor) -> Tensor: ...
+
+
+@dataclass
+class Roles:
+    teacher: Backbone
+    generator: Backbone
+    fake: Backbone
+    generator_params: list[nn.Parameter]
+    fake_params: list[nn.Parameter]
+
+
+def step_generator(seed: int, step: int, salt: str = "") -> torch.Generator:
+    """A torch.Generator seeded from (seed, step, salt), so a resumed run redraws the same numbers."""
+    digest = hashlib.sha256(f"{seed}/{step}/{salt}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def randn(shape: Sequence[int], generator: torch.Generator, like: Tensor | None = None,
+          device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+    if like is not None:
+        device, dtype = like.device, like.dtype
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype).to(device)
+
+
+def teacher_velocity(task: Task, roles: Roles, x: Tensor, sigma: Tensor, cond: Any, uncond: Any) -> Tensor:
+    return guided_velocity(roles.teacher, x, sigma, cond, uncond, task.cfg_scale)
+
+
+def check_finite(name: str, value: Tensor, step: int) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise FloatingPointError(f"non-finite {name} = {float(value)} at step {step}; stopping "
+                                 "(the last checkpoint is left intact)")

@@ -1,0 +1,95 @@
+"""The two building blocks both stages share: the generator's DM term on a sample x_s at level s
+(METHOD.md 4.1 steps 2-5) and one fake-score update on such samples (4.2 + 4.3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tiltflow.algorithms.common import Roles, Task, randn, teacher_velocity
+from tiltflow.flow.conventions import _bcast, forward_kernel
+from tiltflow.losses import (
+    LossOutput,
+    ambient_target,
+    consistency_loss,
+    dmd_direction_kl,
+    dmd_direction_normalized,
+    dmd_surrogate,
+    fake_score_loss,
+    fake_weight,
+    renoise,
+)
+from tiltflow.losses.dmd import sample_tau
+from tiltflow.sampling.cps import cps_step
+
+
+@dataclass
+class TauRange:
+    delta: float
+    tau_min: float
+    tau_max: float
+
+    def draw(self, s: float, n: int, generator: torch.Generator, device: torch.device) -> Tensor:
+        return sample_tau(s, n, delta=self.delta, tau_min=self.tau_min, tau_max=self.tau_max,
+                          generator=generator, device=device)
+
+
+def dm_term(task: Task, roles: Roles, x_s: Tensor, s: float, cond: Any, uncond: Any, *, taus: TauRange,
+            eta: float, scaling: str, generator: torch.Generator) -> LossOutput:
+    """DMD on x_s (with gradient) at level s: renoise to tau, compare teacher and fake, map back."""
+    b = x_s.shape[0]
+    tau = taus.draw(s, b, generator, x_s.device).to(x_s.dtype)
+    x_tau = renoise(x_s.detach(), s, tau, randn(x_s.shape, generator, like=x_s))
+    with torch.no_grad():
+        v_real = teacher_velocity(task, roles, x_tau, tau, cond, uncond)
+        v_fake = roles.fake.velocity(x_tau, tau, cond)
+    if scaling == "kl":
+        return dmd_surrogate(x_s, dmd_direction_kl(v_real, v_fake, tau, s), reduction="sum")
+    if scaling != "normalized":
+        raise ValueError(f"dm scaling must be 'normalized' or 'kl', got {scaling!r}")
+    z = randn(x_s.shape, generator, like=x_s)  # shared by both maps back to s
+    x_real = cps_step(x_tau, v_real, tau, s, eta=eta, noise=z).x_next
+    x_fake = cps_step(x_tau, v_fake, tau, s, eta=eta, noise=z).x_next
+    return dmd_surrogate(x_s, dmd_direction_normalized(x_s.detach(), x_real, x_fake), reduction="mean")
+
+
+def fake_loss(roles: Roles, x_s: Tensor, s: float, cond: Any, *, taus: TauRange, eta: float, weighting: str,
+              gamma: float, delta_max: float, two_sample: bool, generator: torch.Generator) -> LossOutput:
+    """Ambient DSM on x_s (detached) at level s, plus gamma times the consistency regulariser."""
+    x_s = x_s.detach()
+    b = x_s.shape[0]
+    tau = taus.draw(s, b, generator, x_s.device).to(x_s.dtype)
+    n = randn(x_s.shape, generator, like=x_s)
+    _, sigma_ts = forward_kernel(s, tau)
+    x_tau = renoise(x_s, s, tau, n)
+    v_pred = roles.fake.velocity(x_tau, tau, cond)
+    out = fake_score_loss(v_pred, ambient_target(x_s, s, tau, n), fake_weight(sigma_ts, weighting))
+    if gamma <= 0:
+        return out
+    # Consistency (4.3): two independent CPS transitions tau -> tau' with the fake's detached velocity.
+    dt = delta_max * (1.0 - torch.rand(b, generator=generator)).to(x_s.device, x_s.dtype)
+    tau_next = (tau - dt).clamp_min(0.0)
+    v0 = v_pred.detach()
+    xs_next = [cps_step(x_tau, v0, tau, tau_next, eta=eta, noise=randn(x_s.shape, generator, like=x_s)).x_next
+               for _ in range(2 if two_sample else 1)]
+    x_cat = torch.cat(xs_next)
+    tau_cat = tau_next.repeat(len(xs_next))
+    h_next = x_cat - _bcast(tau_cat, x_cat) * roles.fake.velocity(x_cat, tau_cat, _repeat_cond(cond, len(xs_next)))
+    h0 = x_tau - _bcast(tau, x_tau) * v_pred
+    hs = h_next.chunk(len(xs_next))
+    cons = consistency_loss(h0, hs[0], hs[1] if two_sample else None, two_sample=two_sample)
+    return LossOutput(out.loss + gamma * cons.loss, {**out.metrics, **cons.metrics})
+
+
+def _repeat_cond(cond: Any, times: int) -> Any:
+    """Repeat a batch of conditions along the batch dim (tensors, or dicts/lists of tensors)."""
+    if isinstance(cond, Tensor):
+        return cond.repeat(times, *([1] * (cond.ndim - 1)))
+    if isinstance(cond, dict):
+        return {k: _repeat_cond(v, times) for k, v in cond.items()}
+    if cond is None:
+        return None
+    raise TypeError(f"cannot repeat a condition of type {type(cond).__name__}")

@@ -1,0 +1,182 @@
+"""A strict YAML -> dataclass loader: unknown keys, wrong types and invalid values are errors that
+name the dotted path, what was given and what was expected. Values are parsed with yaml.safe_load;
+nothing from a config is ever evaluated as code."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Sequence, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, always naming the dotted path."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"config error at '{path or '<root>'}': {message}")
+        self.path = path
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, Sequence):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, path)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(path, f"got {value!r}, expected one of {_type_name(tp)}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(path, f"got {value!r}, expected {_type_name(tp)}")
+    if origin in (list, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, f"got {type(value).__name__} {value!r}, expected {_type_name(tp)}")
+        (inner,) = typing.get_args(tp)
+        return [_convert(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"got {value!r}, expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"got {value!r}, expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"got {value!r}, expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"got {value!r}, expected a string")
+        return value
+    raise ConfigError(path, f"unsupported field type {tp!r}")
+
+
+def from_dict(cls: type, data: dict, path: str = "") -> Any:
+    """Build dataclass `cls` from `data`, recursively; then run each dataclass's validate(path)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"{where}{unknown[0]}", f"unknown key; valid keys here are {sorted(fields)}")
+    kwargs = {}
+    for name in fields:
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], f"{path}.{name}" if path else name)
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate(path)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def to_yaml(obj: Any) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, k in enumerate(keys[:-1]):
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(keys[: i + 1]), f"cannot set '{dotted}': this key is not a mapping")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: Sequence[str]) -> dict:
+    """Apply 'a.b.c=value' strings; the value is parsed as YAML (so 0.5, true, [1, 2], null work)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "override must look like 'dotted.key=value'")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(key, f"malformed override key in {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(key, f"cannot parse value {raw!r}: {e}") from None
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("", f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"malformed YAML in {str(p)!r}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{str(p)!r} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(cls: type, path: str | Path | None, overrides: Sequence[str] = (),
+                presets: dict[str, dict] | None = None, preset_key: str | None = None) -> Any:
+    """File, then overrides; if `preset_key` names a field whose value selects a preset, the preset is
+    applied first (file and overrides win over it)."""
+    tree = read_yaml(path) if path is not None else {}
+    user = apply_overrides(dict(tree), overrides)
+    if presets is not None and preset_key is not None and preset_key in user:
+        name = user[preset_key]
+        if name in presets:
+            user = deep_merge(presets[name], user)
+    return from_dict(cls, user)

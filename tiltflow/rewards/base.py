@@ -1,0 +1,79 @@
+"""The Reward protocol and RewardSet (METHOD.md 5.3, 5.5).
+
+A reward maps samples (images in [0, 1] of shape (B, 3, H, W) in image worlds; vectors (B, d) in the
+analytic world) and their prompts to scores (B,). Differentiable rewards feed both the policy-gradient
+and the pathwise (back-propagation) terms; the others feed only the policy gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RewardOutput:
+    scores: Tensor  # (B,)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Reward(Protocol):
+    name: str
+    differentiable: bool
+
+    def __call__(self, samples: Tensor, prompts: Sequence[Any]) -> RewardOutput: ...
+
+
+@dataclass
+class RewardSetOutput:
+    total: Tensor  # (B,) weighted sum of all rewards
+    per_reward: dict[str, Tensor]  # name -> (B,) unweighted scores
+    differentiable_total: Tensor | None  # (B,) weighted sum of differentiable rewards, None if none
+
+
+class RewardSet:
+    """Weighted rewards with a per-reward breakdown."""
+
+    def __init__(self, rewards: Sequence[Reward], weights: Sequence[float] | None = None):
+        if len(rewards) == 0:
+            raise ValueError("a RewardSet needs at least one reward")
+        weights = [1.0] * len(rewards) if weights is None else list(weights)
+        if len(weights) != len(rewards):
+            raise ValueError(f"got {len(rewards)} rewards but {len(weights)} weights")
+        names = [r.name for r in rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward names must be unique, got {names}")
+        self.rewards = list(rewards)
+        self.weights = [float(w) for w in weights]
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.rewards]
+
+    @property
+    def differentiable(self) -> bool:
+        """True when at least one reward can be back-propagated."""
+        return any(r.differentiable for r in self.rewards)
+
+    def __call__(self, samples: Tensor, prompts: Sequence[Any], *, only_differentiable: bool = False) -> RewardSetOutput:
+        per: dict[str, Tensor] = {}
+        total: Tensor | None = None
+        diff_total: Tensor | None = None
+        for reward, w in zip(self.rewards, self.weights):
+            if only_differentiable and not reward.differentiable:
+                continue
+            scores = reward(samples, prompts).scores
+            if scores.shape != (samples.shape[0],):
+                raise ValueError(f"reward {reward.name!r} returned shape {tuple(scores.shape)}, "
+                                 f"expected ({samples.shape[0]},)")
+            per[reward.name] = scores
+            total = w * scores if total is None else total + w * scores
+            if reward.differentiable:
+                diff_total = w * scores if diff_total is None else diff_total + w * scores
+        if total is None:
+            total = torch.zeros(samples.shape[0], device=samples.device)
+        return RewardSetOutput(total=total, per_reward=per, differentiable_total=diff_total)

@@ -1,0 +1,80 @@
+"""The CPS step (METHOD.md section 2) and its Gaussian transition log-probability.
+
+One step from x at sigma with velocity v to sigma_next:
+  mean = (1 - sigma_next) x0_hat + sigma_next cos(eta pi / 2) eps_hat,  std = sigma_next sin(eta pi / 2).
+eta = 0 is the Euler step; eta = 1 re-noises x0_hat with fresh noise; sigma_next = 0 is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tiltflow.flow.conventions import _bcast, eps_from_v, x0_from_v
+
+REDUCTIONS = ("sum", "mean")
+
+
+@dataclass
+class StepOutput:
+    x_next: Tensor
+    mean: Tensor
+    std: Tensor  # per sample, shape (B,)
+    log_prob: Tensor  # per sample, shape (B,); zeros for a deterministic step
+    x0_hat: Tensor
+
+
+def cps_coefficients(sigma_next: Tensor | float, eta: float) -> tuple[Tensor | float, Tensor | float]:
+    """(coefficient of eps_hat in the mean, std) of the CPS step to sigma_next."""
+    return sigma_next * math.cos(eta * math.pi / 2), sigma_next * math.sin(eta * math.pi / 2)
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor | float, reduction: str = "sum") -> Tensor:
+    """log N(x; mean, std^2 I) per sample.
+
+    reduction = "sum" is the exact log-density (sum over dimensions). reduction = "mean" divides it by
+    the number of dimensions: the per-dimension average that Flow-GRPO-style code uses, which the
+    reference PPO clip range (1e-5) assumes. Ratios exp(logp - logp_old) differ between the two by the
+    power 1 / D, so clip ranges are not interchangeable.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"log-prob reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device)
+    if std_t.ndim == 1:
+        std_t = _bcast(std_t, x)
+    per_dim = -((x - mean) ** 2) / (2 * std_t**2) - torch.log(std_t) - 0.5 * math.log(2 * math.pi)
+    per_dim = per_dim.flatten(1)
+    return per_dim.sum(1) if reduction == "sum" else per_dim.mean(1)
+
+
+def cps_step(
+    x: Tensor,
+    v: Tensor,
+    sigma: Tensor | float,
+    sigma_next: Tensor | float,
+    *,
+    eta: float,
+    noise: Tensor | None,
+    reduction: str = "sum",
+) -> StepOutput:
+    """One CPS step. `noise` (same shape as x) is required unless the step is deterministic."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1], got {eta}")
+    x0_hat = x0_from_v(x, v, sigma)
+    eps_hat = eps_from_v(x, v, sigma)
+    c_eps, std = cps_coefficients(sigma_next, eta)
+    sn = _bcast(sigma_next, x)
+    mean = (1 - sn) * x0_hat + _bcast(c_eps, x) * eps_hat
+    std_b = torch.as_tensor(std, dtype=x.dtype, device=x.device).expand(x.shape[0]).clone()
+    if bool((std_b > 0).any()):
+        if noise is None:
+            raise ValueError("cps_step: a stochastic step (eta > 0, sigma_next > 0) needs `noise`")
+        x_next = mean + _bcast(std_b, x) * noise
+        log_prob = gaussian_log_prob(x_next.detach(), mean, std_b, reduction)
+    else:
+        x_next = mean
+        log_prob = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    return StepOutput(x_next=x_next, mean=mean, std=std_b, log_prob=log_prob, x0_hat=x0_hat)

@@ -1,0 +1,86 @@
+"""The analytic world assembled from a ProblemSpec (WORLDS.md 1): the conditional GMM, its rewards, the
+Task the algorithms train on, the analytic and neural teachers, and the reward-tilted targets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from tiltflow.config.schema import ProblemSpec, RewardSpec
+from tiltflow.rewards.base import RewardSet
+from tiltflow.worlds.gmm.mixture import ConditionalGMM, GaussianMixture
+from tiltflow.worlds.gmm.rewards import HalfspaceReward, LinearReward, QuadraticReward
+from tiltflow.worlds.gmm.targets import HalfspaceTiltedTarget, Target, tilt_linear, tilt_quadratic
+
+
+def build_gmm(spec: ProblemSpec, dtype: torch.dtype = torch.float64) -> ConditionalGMM:
+    mixes = [GaussianMixture(torch.tensor(p.weights, dtype=dtype), torch.tensor(p.means, dtype=dtype),
+                             torch.tensor(p.covs, dtype=dtype)) for p in spec.prompts]
+    return ConditionalGMM(mixes)
+
+
+def _reward(spec: RewardSpec, index: int):
+    name = f"{spec.type}" if index == 0 else f"{spec.type}_{index}"
+    if spec.type == "linear":
+        return LinearReward(spec.a, name=name)
+    if spec.type == "quadratic":
+        return QuadraticReward(spec.A, spec.b, name=name)
+    return HalfspaceReward(spec.a, spec.c, name=name)
+
+
+def build_rewards(spec: ProblemSpec) -> RewardSet:
+    return RewardSet([_reward(r, i) for i, r in enumerate(spec.rewards)], [r.weight for r in spec.rewards])
+
+
+def exact_target(base: GaussianMixture, spec: ProblemSpec, beta: float) -> Target | None:
+    """p exp(beta sum_i w_i r_i) / Z in closed form when there is a single reward; None otherwise."""
+    if len(spec.rewards) != 1:
+        return None
+    r = spec.rewards[0]
+    b = beta * r.weight
+    if r.type == "linear":
+        return tilt_linear(base, torch.tensor(r.a, dtype=base.dtype), b)
+    if r.type == "quadratic":
+        return tilt_quadratic(base, torch.tensor(r.A, dtype=base.dtype), torch.tensor(r.b, dtype=base.dtype), b)
+    return HalfspaceTiltedTarget(base, torch.tensor(r.a, dtype=base.dtype), r.c, b)
+
+
+class AnalyticBackbone:
+    """The exact teacher velocity of the conditional GMM, in the training dtype."""
+
+    def __init__(self, gmm: ConditionalGMM):
+        self.gmm = gmm
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Tensor) -> Tensor:
+        v = self.gmm.velocity(x.to(torch.float64), sigma.to(torch.float64), cond)
+        return v.to(x.dtype)
+
+
+@dataclass
+class GMMTask:
+    """Prompts are integers 0..C-1; the condition is their LongTensor; index C is 'no prompt'."""
+
+    num_prompts: int
+    dim: int
+    rewards: RewardSet
+    cfg_scale: float = 1.0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (self.dim,)
+
+    def sample_prompts(self, n: int, generator: torch.Generator) -> list[int]:
+        return torch.randint(self.num_prompts, (n,), generator=generator).tolist()
+
+    def encode(self, prompts: Sequence[Any]) -> Tensor:
+        return torch.as_tensor(list(prompts), dtype=torch.long, device=self.device)
+
+    def encode_uncond(self, n: int) -> Tensor:
+        return torch.full((n,), self.num_prompts, dtype=torch.long, device=self.device)
+
+    def decode(self, x: Tensor) -> Tensor:
+        return x
