@@ -52,8 +52,14 @@ def test_energy_distance_of_gaussians_matches_closed_form(shift):
     """N(0, 1) vs N(shift, 1): 2 E|N(shift, 2)| - 2 E|N(0, 2)|, estimated from 8 independent replicates."""
     exact = 2 * _abs_normal_mean(shift, math.sqrt(2)) - 2 * _abs_normal_mean(0.0, math.sqrt(2))
     g = torch.Generator().manual_seed(1)
-    reps = torch.tensor([energy_distance(torch.randn(1500, 1, generator=g, dtype=F64),
-                                         shift + torch.randn(1500, 1, generator=g, dtype=F64)) for _ in range(8)])
+    reps = torch.tensor(
+        [
+            energy_distance(
+                torch.randn(1500, 1, generator=g, dtype=F64), shift + torch.randn(1500, 1, generator=g, dtype=F64)
+            )
+            for _ in range(8)
+        ]
+    )
     se = float(reps.std() / math.sqrt(len(reps)))
     assert abs(float(reps.mean()) - exact) <= 5 * se
     if shift > 0:

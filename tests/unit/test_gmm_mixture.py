@@ -66,8 +66,10 @@ def test_invalid_inputs_raise_and_name_the_problem():
 def test_log_prob_matches_scipy_and_score_matches_autograd():
     m = make_mixture()
     x = points(50)
-    ref = sum(float(w) * multivariate_normal(mu.numpy(), s.numpy()).pdf(x.numpy())
-              for w, mu, s in zip(m.weights, m.means, m.covs))
+    ref = sum(
+        float(w) * multivariate_normal(mu.numpy(), s.numpy()).pdf(x.numpy())
+        for w, mu, s in zip(m.weights, m.means, m.covs)
+    )
     assert torch.allclose(m.log_prob(x), torch.as_tensor(ref).log(), rtol=1e-10, atol=1e-10)
     xg = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(m.log_prob(xg).sum(), xg)
@@ -95,8 +97,9 @@ def test_velocity_matches_finite_difference_of_diffused_log_density(sigma, d):
     x = (1 - sigma) * points(20, d=d, seed=4) + sigma * points(20, d=d, seed=5)
     h = 1e-5
     eye = torch.eye(d, dtype=F64)
-    fd = torch.stack([(diffused.log_prob(x + h * eye[i]) - diffused.log_prob(x - h * eye[i])) / (2 * h)
-                      for i in range(d)], dim=1)
+    fd = torch.stack(
+        [(diffused.log_prob(x + h * eye[i]) - diffused.log_prob(x - h * eye[i])) / (2 * h) for i in range(d)], dim=1
+    )
     v = m.velocity(x, sigma)
     score_from_v = -(x + (1 - sigma) * v) / sigma
     assert torch.allclose(score_from_v, fd, rtol=1e-6, atol=1e-6)
@@ -109,9 +112,9 @@ def test_per_sample_sigma_matches_scalar_sigma():
     m = make_mixture(seed=5, k=4)
     x = points(len(SIGMAS))
     sig = torch.tensor(SIGMAS, dtype=F64)
-    rows = torch.stack([m.velocity(x[i:i + 1], s)[0] for i, s in enumerate(SIGMAS)])
+    rows = torch.stack([m.velocity(x[i : i + 1], s)[0] for i, s in enumerate(SIGMAS)])
     assert torch.allclose(m.velocity(x, sig), rows, rtol=1e-12, atol=1e-12)
-    rows = torch.stack([m.posterior_mean(x[i:i + 1], s)[0] for i, s in enumerate(SIGMAS)])
+    rows = torch.stack([m.posterior_mean(x[i : i + 1], s)[0] for i, s in enumerate(SIGMAS)])
     assert torch.allclose(m.posterior_mean(x, sig), rows, rtol=1e-12, atol=1e-12)
 
 
@@ -190,12 +193,13 @@ def test_conditional_gmm_dispatches_per_prompt_and_builds_the_uniform_mixture():
     sig = torch.linspace(0.05, 0.95, 12, dtype=F64)
     v = cg.velocity(x, sig, cond)
     for i in range(12):
-        ref = cg.mixture(int(cond[i])).velocity(x[i:i + 1], sig[i:i + 1])[0]
+        ref = cg.mixture(int(cond[i])).velocity(x[i : i + 1], sig[i : i + 1])[0]
         assert torch.allclose(v[i], ref, rtol=1e-12, atol=1e-12)
     uncond_lp = torch.logsumexp(torch.stack([mm.log_prob(x) for mm in mixes]), 0) - math.log(3)
     assert torch.allclose(cg.log_prob(x, torch.full((12,), 3)), uncond_lp, rtol=1e-12, atol=1e-12)
-    assert torch.allclose(cg.velocity(x, 0.4, cond)[:4], torch.stack(
-        [cg.mixture(c).velocity(x[c:c + 1], 0.4)[0] for c in range(4)]))
+    assert torch.allclose(
+        cg.velocity(x, 0.4, cond)[:4], torch.stack([cg.mixture(c).velocity(x[c : c + 1], 0.4)[0] for c in range(4)])
+    )
     with pytest.raises(ValueError, match="cond values"):
         cg.velocity(x, 0.5, torch.full((12,), 4))
     with pytest.raises(ValueError, match="LongTensor"):

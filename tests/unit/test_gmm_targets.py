@@ -176,8 +176,11 @@ class ShiftedLinear:
 def test_closed_form_expected_rewards_match_monte_carlo():
     tilted = tilt_linear(base_mixture(), [1.0, -0.5], 0.7)
     g = torch.Generator().manual_seed(9)
-    for reward in (LinearReward([0.3, 1.0]), QuadraticReward([[1.0, 0.2], [0.2, 0.5]], [0.0, 1.0]),
-                   HalfspaceReward([1.0, -1.0], 0.2)):
+    for reward in (
+        LinearReward([0.3, 1.0]),
+        QuadraticReward([[1.0, 0.2], [0.2, 0.5]], [0.0, 1.0]),
+        HalfspaceReward([1.0, -1.0], 0.2),
+    ):
         mc, se = monte_carlo_reward(tilted, reward, 200_000, g)
         assert_close_mc(mc, expected_reward(tilted, reward), se)
     fallback = expected_reward(tilted, ShiftedLinear(), num_samples=200_000, generator=g)

@@ -73,6 +73,12 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(path, f"got {value!r}, expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads '1e-3' (no dot) as a string; accept any string that is a plain number.
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(path, f"got {value!r}, expected a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"got {value!r}, expected a number")
         return float(value)

@@ -6,6 +6,7 @@ are applied on top of the preset, and the resolved config is saved with every ru
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -23,6 +24,14 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+def _check_lr(lr: float, path: str) -> None:
+    _check(math.isfinite(lr) and lr > 0, path, f"got {lr}, expected a finite value > 0")
+
+
+def _check_ema_decay(decay: float, path: str) -> None:
+    _check(0 <= decay < 1, path, f"got {decay}, expected a value in [0, 1)")
+
+
 @dataclass
 class PromptSpec:
     """One prompt (condition) of the analytic world: a Gaussian mixture in R^dim."""
@@ -38,8 +47,11 @@ class PromptSpec:
         _check(len(self.means) == k, _join(path, "means"), f"got {len(self.means)} means, expected {k} (one per weight)")
         _check(len(self.covs) == k, _join(path, "covs"), f"got {len(self.covs)} covariances, expected {k}")
         for i, c in enumerate(self.covs):
-            t = torch.tensor(c, dtype=torch.float64)
             p = f"{_join(path, 'covs')}[{i}]"
+            try:
+                t = torch.tensor(c, dtype=torch.float64)
+            except ValueError:  # ragged rows
+                raise ConfigError(p, f"got {c}, expected a square matrix") from None
             _check(t.ndim == 2 and t.shape[0] == t.shape[1], p, f"got shape {tuple(t.shape)}, expected square")
             _check(bool(torch.allclose(t, t.T)), p, "covariance is not symmetric")
             _check(bool(torch.linalg.eigvalsh(t).min() > 0), p, f"covariance {c} is not positive definite")
@@ -88,6 +100,10 @@ class ProblemSpec:
                 vec = getattr(r, name)
                 if vec is not None:
                     _check(len(vec) == self.dim, f"{rp}.{name}", f"got length {len(vec)}, expected dim = {self.dim}")
+            if r.A is not None:
+                shape = (len(r.A), *{len(row) for row in r.A})
+                _check(shape == (self.dim, self.dim), f"{rp}.A",
+                       f"got shape {shape}, expected (dim, dim) with dim = {self.dim}")
 
 
 @dataclass
@@ -109,6 +125,7 @@ class TeacherConfig:
 
     def validate(self, path: str) -> None:
         _check(self.cfg_scale >= 0, _join(path, "cfg_scale"), f"got {self.cfg_scale}, expected >= 0")
+        _check_lr(self.lr, _join(path, "lr"))
         _check(0 <= self.cond_dropout < 1, _join(path, "cond_dropout"), "expected a value in [0, 1)")
 
 
@@ -134,6 +151,9 @@ class FakeConfig:
     consistency_delta_max: float = 0.2
     consistency_two_sample: bool = True
 
+    def validate(self, path: str) -> None:
+        _check_lr(self.lr, _join(path, "lr"))
+
 
 @dataclass
 class Stage1Config:
@@ -154,6 +174,8 @@ class Stage1Config:
     def validate(self, path: str) -> None:
         _check(self.num_iters >= 0, _join(path, "num_iters"), "expected >= 0")
         _check(self.n_fake >= 1, _join(path, "n_fake"), f"got {self.n_fake}, expected >= 1")
+        _check_lr(self.lr, _join(path, "lr"))
+        _check_ema_decay(self.ema_decay, _join(path, "ema_decay"))
         _check(0 < self.tau_min < self.tau_max <= 1, path, f"need 0 < tau_min < tau_max <= 1, got "
                f"{self.tau_min}, {self.tau_max}")
 
@@ -196,6 +218,12 @@ class Stage2Config:
                f"got {self.group_size}, expected >= 2 (group-relative advantages need a group; with std "
                "normalisation a group of 1 has no spread)")
         _check(self.num_prompts >= 1, _join(path, "num_prompts"), "expected >= 1")
+        _check(self.num_trained_steps >= 1, _join(path, "num_trained_steps"),
+               f"got {self.num_trained_steps}, expected >= 1")
+        _check(self.accumulation >= 1, _join(path, "accumulation"), f"got {self.accumulation}, expected >= 1")
+        _check(self.ema_every >= 1, _join(path, "ema_every"), f"got {self.ema_every}, expected >= 1")
+        _check_lr(self.lr, _join(path, "lr"))
+        _check_ema_decay(self.ema_decay, _join(path, "ema_decay"))
         _check(self.dm_depth >= 1, _join(path, "dm_depth"), f"got {self.dm_depth}, expected >= 1")
         _check(0 < self.dm_tau_min < self.dm_tau_max <= 1, path,
                f"need 0 < dm_tau_min < dm_tau_max <= 1, got {self.dm_tau_min}, {self.dm_tau_max}")
@@ -236,6 +264,13 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, path: str) -> None:
+        for name in ("checkpoint_every", "log_every"):
+            _check(getattr(self, name) >= 1, name, f"got {getattr(self, name)}, expected >= 1")
+        if self.stage in STAGE2_STAGES:
+            k, s2 = self.sampler.num_steps, self.stage2
+            _check(s2.num_trained_steps <= k - 1, "stage2.num_trained_steps",
+                   f"got {s2.num_trained_steps}, expected <= sampler.num_steps - 1 = {k - 1} (the stochastic steps)")
+            _check(s2.dm_depth <= k, "stage2.dm_depth", f"got {s2.dm_depth}, expected <= sampler.num_steps = {k}")
         if self.stage2.mode == "exact" and self.stage in ("rtdmd", "rtdmd_exact"):
             _check(self.stage2.advantage == "raw", "stage2.advantage", "exact mode needs 'raw' advantages")
             _check(self.stage2.ppo_clip is None, "stage2.ppo_clip", "exact mode uses no clipping (null)")

@@ -8,11 +8,11 @@ Also holds the small input checks shared by every scorer (image batch layout, pr
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -33,7 +33,7 @@ class ImagePreprocess:
         shrinking; torch's antialias=True implements the same kernels, Keys a = -0.5 for bicubic).
     crop_rounding: "floor" puts the crop at (H - h) // 2 like transformers; "round" at round((H - h) / 2)
         like torchvision (and so open_clip). They differ by one pixel when H - h is odd.
-    clamp: clip to [0, 1] after each resize pass, as PIL's uint8 passes do (bicubic overshoots).
+    clamp: clip the resized image to [0, 1], as the processors' uint8 output does (bicubic overshoots).
     """
 
     shortest_edge: int | None = 224
@@ -60,18 +60,25 @@ class ImagePreprocess:
         """Build from a transformers preprocessor_config.json dictionary (CLIPImageProcessor fields)."""
         resample_code = int(config.get("resample", 3))
         if resample_code not in _PIL_RESAMPLE:
-            raise ValueError(f"preprocessor 'resample'={resample_code} is not supported; expected one of "
-                             f"{sorted(_PIL_RESAMPLE)} (PIL bilinear, bicubic)")
+            raise ValueError(
+                f"preprocessor 'resample'={resample_code} is not supported; expected one of "
+                f"{sorted(_PIL_RESAMPLE)} (PIL bilinear, bicubic)"
+            )
         if config.get("do_rescale", True) and abs(float(config.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
-            raise ValueError(f"preprocessor 'rescale_factor'={config['rescale_factor']} is not 1/255; inputs here "
-                             "are already in [0, 1]")
+            raise ValueError(
+                f"preprocessor 'rescale_factor'={config['rescale_factor']} is not 1/255; inputs here "
+                "are already in [0, 1]"
+            )
         shortest_edge, size = None, None
         if config.get("do_resize", True):
             shortest_edge, size = _parse_resize(config.get("size", {"shortest_edge": 224}))
         crop_size = _parse_hw(config.get("crop_size", 224)) if config.get("do_center_crop", True) else None
         normalize = config.get("do_normalize", True)
         kwargs: dict[str, Any] = dict(
-            shortest_edge=shortest_edge, size=size, crop_size=crop_size, resample=_PIL_RESAMPLE[resample_code],
+            shortest_edge=shortest_edge,
+            size=size,
+            crop_size=crop_size,
+            resample=_PIL_RESAMPLE[resample_code],
             mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)) if normalize else (0.0, 0.0, 0.0),
             std=tuple(config.get("image_std", OPENAI_CLIP_STD)) if normalize else (1.0, 1.0, 1.0),
         )
@@ -108,17 +115,14 @@ class ImagePreprocess:
         std = x.new_tensor(self.std).view(1, 3, 1, 1)
         return (x - mean) / std
 
-
     def _resize(self, x: Tensor, height: int, width: int) -> Tensor:
-        """Separable resize, width pass first, clamping after each pass: PIL does exactly this on 8-bit
-        images (it stores the horizontal pass as uint8), which matters where bicubic overshoots."""
-        if width != x.shape[-1]:
-            x = F.interpolate(x, size=(x.shape[-2], width), mode=self.resample, align_corners=False, antialias=True)
-            x = x.clamp(0.0, 1.0) if self.clamp else x
-        if height != x.shape[-2]:
-            x = F.interpolate(x, size=(height, width), mode=self.resample, align_corners=False, antialias=True)
-            x = x.clamp(0.0, 1.0) if self.clamp else x
-        return x
+        """One separable antialiased resize, clamped once at the end. PIL rounds and clips its 8-bit
+        intermediate pass too; that only matters where bicubic overshoots past 0 or 1 (hard edges against
+        pure black or white), where results can differ by a few uint8 levels."""
+        if (height, width) == tuple(x.shape[-2:]):
+            return x
+        x = F.interpolate(x, size=(height, width), mode=self.resample, align_corners=False, antialias=True)
+        return x.clamp(0.0, 1.0) if self.clamp else x
 
 
 def center_crop(x: Tensor, crop_size: tuple[int, int], *, rounding: str = "floor") -> Tensor:
@@ -131,7 +135,7 @@ def center_crop(x: Tensor, crop_size: tuple[int, int], *, rounding: str = "floor
         top, left = (height - crop_h) // 2, (width - crop_w) // 2
     else:
         top, left = int(round((height - crop_h) / 2.0)), int(round((width - crop_w) / 2.0))
-    return x[..., top:top + crop_h, left:left + crop_w]
+    return x[..., top : top + crop_h, left : left + crop_w]
 
 
 def check_images(images: Tensor) -> None:
@@ -142,6 +146,23 @@ def check_images(images: Tensor) -> None:
         raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
+
+
+class Prompt(str):
+    """A prompt string that carries metadata (e.g. GenEval's "tag" and "include") for rewards that use it.
+
+    It behaves as its text everywhere a str is expected; the remote reward sends the metadata along.
+    """
+
+    metadata: dict[str, Any]
+
+    def __new__(cls, text: str, metadata: Mapping[str, Any] | None = None) -> Prompt:
+        obj = super().__new__(cls, text)
+        obj.metadata = dict(metadata or {})
+        return obj
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Prompt, (str(self), self.metadata))
 
 
 def prompt_texts(prompts: Sequence[Any], batch_size: int) -> list[str]:
@@ -176,5 +197,6 @@ def _parse_resize(value: Any) -> tuple[int | None, tuple[int, int] | None]:
             return int(value["shortest_edge"]), None
         if "height" in value and "width" in value:
             return None, (int(value["height"]), int(value["width"]))
-    raise ValueError(f"unsupported processor 'size' {value!r}; expected an int, {{'shortest_edge'}} "
-                     "or {'height', 'width'}")
+    raise ValueError(
+        f"unsupported processor 'size' {value!r}; expected an int, {{'shortest_edge'}} or {{'height', 'width'}}"
+    )

@@ -113,6 +113,11 @@ def build_reference(cfg: RunConfig, gmm: ConditionalGMM, teacher: Backbone | Non
         "energy_base": _avg([energy_distance(r.base, r.target) for r in refs]),
         "energy_noise_floor": _avg([energy_distance(r.target2, r.target) for r in refs]),
         "mode_tv_base": _avg([mode_tv(r.assign(r.base), r.mode_weights, len(r.mode_weights)) for r in refs]),
+        # Floors: what an exact sampler of the reference p_tilde scores with the same n.
+        "mode_tv_noise_floor": _avg([mode_tv(r.assign(r.target2), r.mode_weights, len(r.mode_weights)) for r in refs]),
+        # (SIR sets repeat points, which the kNN entropy cannot take: use exact samples when there are some.)
+        "kl_noise_floor": _avg([kl_estimate(r.exact_target if r.exact_target is not None else r.target2,
+                                            r.log_p_tilde) for r in refs]),
     }
     return ref
 
@@ -144,6 +149,7 @@ def evaluate(samples: list[Tensor], ref: Reference, *, with_kl: bool = True) -> 
     out["reward_mean"] = _mean_reward(ref.rewards, samples)
     out["mode_tv"] = _avg([mode_tv(r.assign(x), r.mode_weights, len(r.mode_weights)) for x, r in zip(samples, ref.prompts)])
     out["energy_distance"] = _avg([energy_distance(x, r.target) for x, r in zip(samples, ref.prompts)])
+    out["energy_to_base"] = _avg([energy_distance(x, r.base) for x, r in zip(samples, ref.prompts)])
     if ref.prompts[0].exact_target is not None:
         out["energy_distance_exact"] = _avg([energy_distance(x, r.exact_target) for x, r in zip(samples, ref.prompts)])
         out["mode_tv_exact"] = _avg([mode_tv(r.assign(x), r.exact_mode_weights, len(r.exact_mode_weights))

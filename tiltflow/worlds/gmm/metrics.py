@@ -24,7 +24,7 @@ def _distance_sum(x: Tensor, y: Tensor, chunk_size: int) -> float:
     """sum_{i, j} |x_i - y_j|, accumulated over row chunks."""
     total = 0.0
     for start in range(0, x.shape[0], chunk_size):
-        total += float(torch.cdist(x[start:start + chunk_size], y).sum())
+        total += float(torch.cdist(x[start : start + chunk_size], y).sum())
     return total
 
 
@@ -46,8 +46,9 @@ def energy_distance(x: Tensor, y: Tensor, *, chunk_size: int = 1024) -> float:
     return 2 * cross - within_x - within_y
 
 
-def sliced_wasserstein2(x: Tensor, y: Tensor, num_projections: int = 128,
-                        generator: torch.Generator | None = None) -> float:
+def sliced_wasserstein2(
+    x: Tensor, y: Tensor, num_projections: int = 128, generator: torch.Generator | None = None
+) -> float:
     """SW_2 = (E_theta W_2^2(theta.x, theta.y))^(1/2) over uniform directions theta on the sphere.
 
     1-D W_2 is computed between empirical quantile functions; unequal sizes are compared on a common grid
@@ -85,10 +86,10 @@ def _kth_neighbour_distance(x: Tensor, k: int, chunk_size: int) -> Tensor:
     """Distance from each point to its k-th nearest other point, (N,)."""
     out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     for start in range(0, x.shape[0], chunk_size):
-        dist = torch.cdist(x[start:start + chunk_size], x)
+        dist = torch.cdist(x[start : start + chunk_size], x)
         rows = torch.arange(dist.shape[0], device=x.device)
         dist[rows, rows + start] = math.inf  # a point is not its own neighbour
-        out[start:start + chunk_size] = dist.topk(k, dim=1, largest=False).values[:, -1]
+        out[start : start + chunk_size] = dist.topk(k, dim=1, largest=False).values[:, -1]
     return out
 
 

@@ -42,8 +42,10 @@ class GaussianMixture:
             raise ValueError(f"means must be a floating-point tensor, got {means.dtype}")
         weights, covs = weights.to(means), covs.to(means)
         if means.ndim != 2 or weights.shape != means.shape[:1] or covs.shape != means.shape + means.shape[-1:]:
-            raise ValueError(f"expected weights (K,), means (K, d), covs (K, d, d); got {tuple(weights.shape)}, "
-                             f"{tuple(means.shape)}, {tuple(covs.shape)}")
+            raise ValueError(
+                f"expected weights (K,), means (K, d), covs (K, d, d); got {tuple(weights.shape)}, "
+                f"{tuple(means.shape)}, {tuple(covs.shape)}"
+            )
         bad = (~torch.isfinite(weights)) | (weights <= 0)
         if bool(bad.any()):
             k = int(bad.nonzero()[0])
@@ -78,8 +80,11 @@ class GaussianMixture:
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> GaussianMixture:
         """A copy in another dtype and/or on another device."""
-        return GaussianMixture(self.weights.to(device=device, dtype=dtype), self.means.to(device=device, dtype=dtype),
-                               self.covs.to(device=device, dtype=dtype))
+        return GaussianMixture(
+            self.weights.to(device=device, dtype=dtype),
+            self.means.to(device=device, dtype=dtype),
+            self.covs.to(device=device, dtype=dtype),
+        )
 
     def mean(self) -> Tensor:
         """E[x] = sum_k w_k mu_k, shape (d,)."""
@@ -192,8 +197,10 @@ def _validated_eigh(covs: Tensor) -> tuple[Tensor, Tensor]:
     evals, evecs = torch.linalg.eigh(0.5 * (covs + covs.transpose(1, 2)))
     for k in range(covs.shape[0]):
         if float(evals[k, 0]) <= covs.shape[1] * eps * float(evals[k, -1].abs()) or float(evals[k, 0]) <= 0:
-            raise ValueError(f"covs[{k}] is not positive definite (eigenvalues in "
-                             f"[{float(evals[k, 0]):.3g}, {float(evals[k, -1]):.3g}])")
+            raise ValueError(
+                f"covs[{k}] is not positive definite (eigenvalues in "
+                f"[{float(evals[k, 0]):.3g}, {float(evals[k, -1]):.3g}])"
+            )
     return evals, evecs
 
 
@@ -266,8 +273,13 @@ class ConditionalGMM:
             raise ValueError(f"cond values must lie in [0, {self.num_prompts}] ({self.num_prompts} = unconditional)")
         return cond
 
-    def _per_prompt(self, x: Tensor, sigma: Tensor | float, cond: Tensor,
-                    fn: Callable[[GaussianMixture, Tensor, Tensor | float], Tensor]) -> Tensor:
+    def _per_prompt(
+        self,
+        x: Tensor,
+        sigma: Tensor | float,
+        cond: Tensor,
+        fn: Callable[[GaussianMixture, Tensor, Tensor | float], Tensor],
+    ) -> Tensor:
         cond = self._check_cond(cond, x.shape[0])
         per_sample_sigma = isinstance(sigma, Tensor) and sigma.ndim == 1
         pieces = []

@@ -26,8 +26,9 @@ def _new_figure(num_panels: int, ncols: int, panel_size: float) -> tuple[Any, li
     return fig, axes
 
 
-def _log_density_grid(log_density_fn: Callable[[torch.Tensor], Any], extent: Sequence[float],
-                      grid_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _log_density_grid(
+    log_density_fn: Callable[[torch.Tensor], Any], extent: Sequence[float], grid_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     xs = np.linspace(extent[0], extent[1], grid_size)
     ys = np.linspace(extent[2], extent[3], grid_size)
     gx, gy = np.meshgrid(xs, ys)
@@ -37,11 +38,20 @@ def _log_density_grid(log_density_fn: Callable[[torch.Tensor], Any], extent: Seq
     return gx, gy, values.reshape(gx.shape)
 
 
-def scatter_over_density(path: str | Path, panels: Sequence[tuple[str, np.ndarray]],
-                         log_density_fn: Callable[[torch.Tensor], Any] | None = None,
-                         extent: Sequence[float] = (-4.0, 4.0, -4.0, 4.0), *, grid_size: int = 200,
-                         num_levels: int = 8, log_range: float = 10.0, max_points: int = 4000,
-                         ncols: int = 4, panel_size: float = 3.0, title: str | None = None) -> Path:
+def scatter_over_density(
+    path: str | Path,
+    panels: Sequence[tuple[str, np.ndarray]],
+    log_density_fn: Callable[[torch.Tensor], Any] | None = None,
+    extent: Sequence[float] = (-4.0, 4.0, -4.0, 4.0),
+    *,
+    grid_size: int = 200,
+    num_levels: int = 8,
+    log_range: float = 10.0,
+    max_points: int = 4000,
+    ncols: int = 4,
+    panel_size: float = 3.0,
+    title: str | None = None,
+) -> Path:
     """One subplot per (title, samples (N, d)) panel: coordinates 0 and 1 scattered over contours.
 
     log_density_fn maps grid points, a float64 tensor (G, 2), to log-densities (G,) (tensor or array). For
@@ -60,8 +70,7 @@ def scatter_over_density(path: str | Path, panels: Sequence[tuple[str, np.ndarra
         if grid is not None:
             gx, gy, lz = grid
             top = float(np.max(lz))
-            ax.contour(gx, gy, lz, levels=np.linspace(top - log_range, top, num_levels), colors="0.4",
-                       linewidths=0.7)
+            ax.contour(gx, gy, lz, levels=np.linspace(top - log_range, top, num_levels), colors="0.4", linewidths=0.7)
         ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, color="tab:blue", rasterized=True)
         ax.set_xlim(extent[0], extent[1])
         ax.set_ylim(extent[2], extent[3])
@@ -75,9 +84,15 @@ def scatter_over_density(path: str | Path, panels: Sequence[tuple[str, np.ndarra
     return path
 
 
-def metric_curves(path: str | Path, curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
-                  metrics: Sequence[str], *, references: Mapping[str, float] | None = None,
-                  ncols: int = 3, panel_size: float = 3.5) -> Path:
+def metric_curves(
+    path: str | Path,
+    curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
+    metrics: Sequence[str],
+    *,
+    references: Mapping[str, float] | None = None,
+    ncols: int = 3,
+    panel_size: float = 3.5,
+) -> Path:
     """One subplot per metric with a line per method: curves[method][metric] = [(step, value), ...].
 
     references[metric], if given, is drawn as a dashed horizontal line (an exact value or a noise floor).

@@ -47,8 +47,7 @@ class QuadraticReward:
 
     differentiable: bool = True
 
-    def __init__(self, A: Tensor | Sequence[Sequence[float]], b: Tensor | Sequence[float], *,
-                 name: str = "quadratic"):
+    def __init__(self, A: Tensor | Sequence[Sequence[float]], b: Tensor | Sequence[float], *, name: str = "quadratic"):
         self.b = _vector(b, "b")
         A = torch.as_tensor(A).to(self.b)
         d = self.b.shape[0]

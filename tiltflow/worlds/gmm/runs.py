@@ -121,7 +121,7 @@ def run_stage(cfg: RunConfig, reference: Reference | None = None, progress: bool
     def evaluate_now(step: int) -> dict[str, float]:
         samples = few_step_generate(ema_model(), cfg, gmm.num_prompts, cfg.eval.curve_samples, seed=step)
         m = evaluate(samples, reference, with_kl=False)
-        return {f"eval_{k}": m[k] for k in ("reward_mean", "mode_tv", "energy_distance")}
+        return {f"eval_{k}": m[k] for k in ("reward_mean", "mode_tv", "energy_distance", "energy_to_base")}
 
     hooks = LoopHooks(model_state=lambda: {"generator": gen.state_dict(), "fake": fake.state_dict()},
                       load_model_state=lambda s: (gen.load_state_dict(s["generator"]), fake.load_state_dict(s["fake"])),

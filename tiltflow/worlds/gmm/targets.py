@@ -124,8 +124,9 @@ class HalfspaceTiltedTarget:
         """The base mixture's most responsible component (the tilt only reweights each component)."""
         return self.base.assign(x)
 
-    def sample(self, n: int, generator: torch.Generator | None = None, *,
-               max_proposals: int = 50_000_000) -> tuple[Tensor, Tensor]:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, *, max_proposals: int = 50_000_000
+    ) -> tuple[Tensor, Tensor]:
         """Exact rejection sampling from the base: accept with probability exp(beta r - max(beta, 0)).
 
         Returns x (n, d) and the base component each sample was drawn from.
@@ -136,8 +137,10 @@ class HalfspaceTiltedTarget:
             m = min(int(math.ceil(1.2 * (n - kept) * math.exp(-log_rate))) + 64, 4_000_000)
             proposed += m
             if proposed > max_proposals:
-                raise RuntimeError(f"rejection sampling needs more than {max_proposals} proposals (acceptance "
-                                   f"rate {math.exp(log_rate):.3g}); use the SIR reference sampler instead")
+                raise RuntimeError(
+                    f"rejection sampling needs more than {max_proposals} proposals (acceptance "
+                    f"rate {math.exp(log_rate):.3g}); use the SIR reference sampler instead"
+                )
             x, idx = self.base.sample(m, generator)
             log_acc = self.beta * self.reward(x).scores - max(self.beta, 0.0)
             u = torch.rand(m, generator=generator, dtype=x.dtype, device=x.device)
@@ -148,17 +151,22 @@ class HalfspaceTiltedTarget:
         return torch.cat(xs)[:n], torch.cat(idxs)[:n]
 
 
-def monte_carlo_reward(target: Target, reward: Reward, num_samples: int,
-                       generator: torch.Generator | None = None,
-                       prompts: Sequence[Any] | None = None) -> tuple[float, float]:
+def monte_carlo_reward(
+    target: Target,
+    reward: Reward,
+    num_samples: int,
+    generator: torch.Generator | None = None,
+    prompts: Sequence[Any] | None = None,
+) -> tuple[float, float]:
     """(mean, standard error) of the reward over num_samples target samples."""
     x, _ = target.sample(num_samples, generator)
     scores = reward(x, [None] * num_samples if prompts is None else prompts).scores.detach().double()
     return float(scores.mean()), float(scores.std() / math.sqrt(num_samples))
 
 
-def expected_reward(target: Target, reward: Reward, *, num_samples: int = 200_000,
-                    generator: torch.Generator | None = None) -> float:
+def expected_reward(
+    target: Target, reward: Reward, *, num_samples: int = 200_000, generator: torch.Generator | None = None
+) -> float:
     """E_target[r]: closed form where one exists, else Monte Carlo with num_samples samples.
 
     Closed forms: Gaussian mixture with linear (a.E[x]), quadratic (-sum_k w_k (tr(A S_k) +

@@ -1,0 +1,371 @@
+"""Pieces the diffusers adapters share (WORLDS.md section 3): fast-failing model resolution, the
+precision policy (fp32 weights, bf16 autocast on CUDA only), an on-disk text-embedding cache, and the
+adapter base class whose `velocity` is the Backbone of METHOD.md section 1.
+
+Each family module (sd3.py, flux.py, flux2.py) supplies the family's timestep convention, latent
+layout, prompt encoding and VAE scaling; nothing here patches diffusers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PROBE_S = 2.0
+
+
+class ModelUnavailableError(FileNotFoundError):
+    """A model that cannot be loaded here: a missing folder, or a hub id that cannot be reached."""
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def _probe_hub(repo_id: str) -> bool:
+    """Whether the hub answers for repo_id within _PROBE_S seconds (a thread bounds DNS stalls too)."""
+    from huggingface_hub import HfApi
+
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            HfApi().model_info(repo_id, timeout=_PROBE_S)
+            answer.append(True)
+        except Exception:  # noqa: BLE001 - any failure means "cannot use the hub now"
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(_PROBE_S + 0.5)
+    return bool(answer and answer[0])
+
+
+def resolve_source(source: str, *, what: str, marker: str = "model_index.json") -> tuple[str, bool]:
+    """Return (path or hub id, local_files_only) for from_pretrained, failing within ~2 s otherwise.
+
+    `marker` is a file that a complete folder of this kind holds (model_index.json for a pipeline,
+    config.json for a single model); it is used to find a hub id in the local cache.
+    """
+    if not source:
+        raise ValueError(f"{what}: no model given; expected a hub id (org/name) or a local folder")
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / marker).is_file():
+            raise ModelUnavailableError(f"{what}: folder {str(path)!r} has no {marker}; expected a diffusers "
+                                        "folder as written by save_pretrained or `hf download`")
+        return str(path), True
+    if not _HUB_ID.match(source):
+        raise ModelUnavailableError(f"{what}: local path {source!r} does not exist (and it is not a hub id "
+                                    "of the form org/name)")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, marker)
+    if isinstance(cached, str):
+        root = Path(cached)
+        for _ in Path(marker).parts:
+            root = root.parent
+        return str(root), True
+    if hub_offline():
+        raise ModelUnavailableError(
+            f"{what}: {source!r} is a hub id, HF_HUB_OFFLINE is set and it is not in the local Hugging Face "
+            f"cache; run `hf download {source}` where the hub is reachable and pass the folder instead")
+    if not _probe_hub(source):
+        raise ModelUnavailableError(
+            f"{what}: the Hugging Face hub did not answer for {source!r} within {_PROBE_S:.0f} s; download it "
+            "first (`hf download ...`) and pass the local folder, or set HF_HUB_OFFLINE=1")
+    return source, False
+
+
+@dataclass
+class Precision:
+    """fp32 trainable weights; frozen base weights in `base_dtype`; bf16 autocast only on CUDA."""
+
+    device: torch.device
+    base_dtype: torch.dtype
+    autocast: bool
+
+    @staticmethod
+    def resolve(device: str | torch.device, base_dtype: str = "auto", autocast: bool = True) -> Precision:
+        dev = torch.device(device)
+        names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if base_dtype == "auto":
+            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        elif base_dtype in names:
+            dtype = names[base_dtype]
+        else:
+            raise ValueError(f"base_dtype must be 'auto' or one of {sorted(names)}, got {base_dtype!r}")
+        return Precision(dev, dtype, autocast and dev.type == "cuda")
+
+    def context(self) -> contextlib.AbstractContextManager:
+        if self.autocast:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+class TextEmbeddingCache:
+    """Prompt -> dict of tensors, kept in memory and (optionally) on disk as one safetensors file per
+    prompt, keyed by sha256(model key, encoder settings, prompt)."""
+
+    def __init__(self, root: str | Path | None, model_key: str):
+        self.root = Path(root).expanduser() if root else None
+        self.model_key = model_key
+        self.memory: dict[str, dict[str, Tensor]] = {}
+
+    def _path(self, key: str) -> Path:
+        assert self.root is not None
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def key(self, prompt: str) -> str:
+        return hashlib.sha256(f"{self.model_key}\x00{prompt}".encode()).hexdigest()
+
+    def get(self, prompts: Sequence[str], encode: Callable[[list[str]], dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Stack the embeddings of `prompts` (batch first), encoding only those not cached yet."""
+        from safetensors.torch import load_file, save_file
+
+        keys = [self.key(p) for p in prompts]
+        missing: dict[str, str] = {}
+        for p, k in zip(prompts, keys):
+            if k in self.memory or k in missing:
+                continue
+            if self.root is not None and self._path(k).is_file():
+                self.memory[k] = load_file(str(self._path(k)))
+            else:
+                missing[k] = p
+        if missing:
+            fresh = encode(list(missing.values()))
+            for i, k in enumerate(missing):
+                entry = {name: t[i].detach().to("cpu").contiguous() for name, t in fresh.items()}
+                self.memory[k] = entry
+                if self.root is not None:
+                    self._path(k).parent.mkdir(parents=True, exist_ok=True)
+                    save_file(entry, str(self._path(k)))
+        names = self.memory[keys[0]].keys()
+        return {name: torch.stack([self.memory[k][name] for k in keys]) for name in names}
+
+
+def stub_embeddings(prompts: Sequence[str], shapes: dict[str, tuple[int, ...]], salt: str) -> dict[str, Tensor]:
+    """Deterministic random "text embeddings" per prompt, for random-weight models without text encoders
+    (benchmarks): each prompt always maps to the same tensors."""
+    out: dict[str, list[Tensor]] = {name: [] for name in shapes}
+    for p in prompts:
+        seed = int.from_bytes(hashlib.sha256(f"{salt}\x00{p}".encode()).digest()[:8], "little") >> 1
+        g = torch.Generator().manual_seed(seed)
+        for name, shape in shapes.items():
+            out[name].append(torch.randn(shape, generator=g))
+    return {name: torch.stack(ts) for name, ts in out.items()}
+
+
+def batch_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
+    """sigma as a (B,) float32 tensor on x's device."""
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    return s.expand(x.shape[0]).contiguous() if s.ndim == 0 else s.reshape(x.shape[0])
+
+
+def to_unit_range(images: Tensor) -> Tensor:
+    """VAE output in [-1, 1] -> images in [0, 1] (B, 3, H, W), float32, still differentiable."""
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+class DiffusersAdapter:
+    """One diffusers pipeline seen as a tiltflow Backbone plus what a Task needs.
+
+    Subclasses implement the family-specific hooks (`forward`, `_encode_prompts`, `stub_shapes`,
+    `latents_to_vae`, `vae_to_latents`, `latent_shape`, `sigma_shift`, `lora_target_modules`).
+    `forward(transformer, x, sigma, cond, guidance)` evaluates ANY transformer of this family (the base,
+    a LoRA-wrapped one or a separate copy) in tiltflow's convention: x in tiltflow's latent layout,
+    sigma (B,) in [0, 1], returns v = eps - x0 in float32.
+    """
+
+    family: str = ""
+    pipeline_class: str = ""  # the diffusers pipeline class name
+    default_max_sequence_length: int = 0
+
+    @classmethod
+    def from_pretrained(cls, source: str, *, device: str | torch.device = "cpu", base_dtype: str = "auto",
+                        autocast: bool = True, embed_cache_dir: str | Path | None = None, **family: Any) -> Any:
+        """Load the whole pipeline (transformer, VAE, text encoders, tokenizers, scheduler config) from a
+        hub id or a local folder; safetensors only, never remote code; fails fast when unavailable."""
+        import diffusers
+
+        precision = Precision.resolve(device, base_dtype, autocast)
+        pipe = load_pipeline(getattr(diffusers, cls.pipeline_class), source, what=f"{cls.family} model",
+                             dtype=precision.base_dtype, device=precision.device)
+        return cls(pipe, source=source, precision=precision, embed_cache_dir=embed_cache_dir, **family)
+
+    @classmethod
+    def random(cls, arch: str, *, seed: int = 0, device: str | torch.device = "cpu", base_dtype: str = "auto",
+               autocast: bool = True, text_encoders: bool | None = None, embed_cache_dir: str | Path | None = None,
+               **family: Any) -> Any:
+        """Architecture `arch` (tiltflow/models/arch/<arch>.json) with random weights. Without text
+        encoders (the default when the file lists none, as the full-size ones do) prompts map to
+        deterministic stub embeddings of the real shapes."""
+        from tiltflow.models.arch import build_random_pipeline, load_arch
+
+        spec = load_arch(arch)
+        if spec["family"] != cls.family:
+            raise ValueError(f"architecture {arch!r} is of family {spec['family']!r}, expected {cls.family!r}")
+        precision = Precision.resolve(device, base_dtype, autocast)
+        listed = any(k.startswith("text_encoder") for k in spec["components"])
+        with_text = listed if text_encoders is None else text_encoders
+        if with_text and not listed:
+            raise ValueError(f"architecture {arch!r} lists no text encoders; use text_encoders=False (stubs)")
+        pipe = build_random_pipeline(spec, seed=seed, device=precision.device, dtype=precision.base_dtype,
+                                     text_encoders=with_text)
+        settings = {**spec.get("settings", {}), **family}
+        return cls(pipe, source=f"random:{arch}:{seed}", precision=precision, stub_text=not with_text,
+                   embed_cache_dir=embed_cache_dir, **settings)
+
+    def __init__(self, pipe: Any, *, source: str, precision: Precision, max_sequence_length: int | None = None,
+                 embed_cache_dir: str | Path | None = None, stub_text: bool = False):
+        self.pipe = pipe
+        self.transformer: nn.Module = pipe.transformer
+        self.vae: nn.Module = pipe.vae
+        self.source = source
+        self.precision = precision
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        self.stub_text = stub_text
+        key = f"{self.family}|{source}|L={self.max_sequence_length}|{self.encoder_settings()}"
+        self.cache = TextEmbeddingCache(embed_cache_dir, key)
+
+    # ---- Backbone -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.precision.device
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """The frozen base model (Backbone protocol)."""
+        return self.forward(self.transformer, x, sigma, cond)
+
+    def forward(self, transformer: nn.Module, x: Tensor, sigma: Tensor, cond: dict[str, Tensor],
+                guidance: float | None = None) -> Tensor:
+        raise NotImplementedError
+
+    # ---- prompts --------------------------------------------------------------------------------
+    def encoder_settings(self) -> str:
+        """Anything besides model and max length that changes the embeddings (part of the cache key)."""
+        return ""
+
+    def encode(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """Batch-first dict of text-conditioning tensors on the device."""
+        if not prompts:
+            raise ValueError("encode: got an empty list of prompts")
+        if self.stub_text:
+            fn = lambda ps: stub_embeddings(ps, self.stub_shapes(), self.cache.model_key)  # noqa: E731
+        else:
+            fn = self._encode_prompts
+        cond = self.cache.get([str(p) for p in prompts], fn)
+        return {k: v.to(self.device) for k, v in cond.items()}
+
+    def encode_uncond(self, n: int) -> dict[str, Tensor]:
+        """The empty prompt, repeated n times (the unconditional branch of CFG)."""
+        return self.encode([""] * n)
+
+    @torch.no_grad()
+    def _encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def stub_shapes(self) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    # ---- latents and images ---------------------------------------------------------------------
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def sigma_shift(self, height: int, width: int, num_steps: int) -> float:
+        raise NotImplementedError
+
+    def latents_to_vae(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def vae_to_latents(self, z: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def decode(self, x: Tensor) -> Tensor:
+        """tiltflow latents -> images in [0, 1], differentiable with respect to x."""
+        z = self.latents_to_vae(x.float())
+        with self.precision.context():
+            images = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        return to_unit_range(images)
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images in [0, 1] (B, 3, H, W) -> tiltflow latents (the posterior mode, as diffusers does)."""
+        pixels = (images.to(self.device, self.vae.dtype) * 2 - 1)
+        with self.precision.context():
+            z = self.vae.encode(pixels).latent_dist.mode()
+        return self.vae_to_latents(z.float())
+
+    def lora_target_modules(self, transformer: nn.Module) -> list[str]:
+        raise NotImplementedError
+
+    def load_transformer(self, source: str) -> nn.Module:
+        """Another transformer of this family at this precision (FLUX.2: the step-distilled generator
+        init), from a pipeline folder, a transformer folder or a hub id."""
+        return load_transformer(type(self.transformer), source, what=f"{self.family} transformer",
+                                dtype=self.precision.base_dtype, device=self.device)
+
+    def random_transformer(self, seed: int) -> nn.Module:
+        """A transformer of the same architecture with other random weights."""
+        from tiltflow.models.arch import random_module
+
+        spec = {"_class_name": type(self.transformer).__name__, **dict(self.transformer.config)}
+        return random_module(spec, seed=seed, device=self.device, dtype=self.precision.base_dtype)
+
+    def _cast(self, t: Tensor, transformer: nn.Module) -> Tensor:
+        """Inputs go in as the transformer's (base) dtype, as the pipelines do."""
+        return t.to(device=self.device, dtype=module_dtype(transformer))
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    dtype = getattr(module, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next(module.parameters()).dtype
+
+
+def named_linear_modules(transformer: nn.Module, pattern: str) -> list[str]:
+    """Full names of the Linear layers (plain, or already wrapped by a LoRA adapter) whose name matches
+    `pattern` (re.fullmatch)."""
+    rx = re.compile(pattern)
+    names = [name for name, m in transformer.named_modules()
+             if (isinstance(m, nn.Linear) or isinstance(getattr(m, "base_layer", None), nn.Linear))
+             and "lora_" not in name and not name.endswith("base_layer") and rx.fullmatch(name)]
+    if not names:
+        raise ValueError(f"no Linear module of {type(transformer).__name__} matches the LoRA pattern {pattern!r}")
+    return names
+
+
+def load_pipeline(pipeline_cls: Any, source: str, *, what: str, dtype: torch.dtype, device: torch.device) -> Any:
+    """from_pretrained with safetensors only and no remote code, after the fast resolution check."""
+    path, local_only = resolve_source(source, what=what)
+    pipe = pipeline_cls.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, local_files_only=local_only)
+    return pipe.to(device)
+
+
+def load_transformer(model_cls: Any, source: str, *, what: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A transformer alone, from a pipeline folder (transformer/ inside) or a model folder or hub id."""
+    path = Path(source).expanduser()
+    if path.is_dir() and not (path / "transformer" / "config.json").is_file():
+        resolved, local_only = resolve_source(source, what=what, marker="config.json")
+        sub = None
+    else:
+        resolved, local_only = resolve_source(source, what=what, marker="transformer/config.json")
+        sub = "transformer"
+    model = model_cls.from_pretrained(resolved, subfolder=sub, torch_dtype=dtype, use_safetensors=True,
+                                      local_files_only=local_only)
+    return model.to(device).eval().requires_grad_(False)

@@ -1,0 +1,255 @@
+"""Teacher, generator and fake score of a diffusers backbone (METHOD.md 4.4 and 5.5) as LoRA adapters.
+
+Layouts:
+- "shared": ONE base transformer; teacher = adapters disabled, generator = its adapter, fake = its
+  adapter. A role switch activates the right adapters before each call. For FLUX.2 the generator starts
+  from another model (the step-distilled one): it then gets its own transformer (`generator_base`).
+- "separate": a frozen teacher plus a generator copy and a fake copy, each with one adapter ("lora") or
+  fully trainable ("full", fine-tuning every weight in fp32).
+Stage 2 starts the generator from the stage-1 one plus a fresh adapter: the stage-1 LoRA is merged into
+the weights in the separate layout, and kept as a frozen adapter under the fresh one in the shared
+layout (merging there would change the teacher, which shares the weights).
+
+peft's adapter switching sets requires_grad on adapters; the switch restores it, since autograd skips
+leaves that lost requires_grad before backward. With gradient checkpointing, the recomputation runs the
+role that ran the forward (a context_fn of torch.utils.checkpoint), whatever role is active later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+GENERATOR, FAKE, STAGE1 = "generator", "fake", "generator_stage1"
+LAYOUTS, FINETUNES = ("shared", "separate"), ("lora", "full")
+
+
+@dataclass
+class LoraSettings:
+    """Reference: rank 32, alpha 64 on the attention projections (METHOD.md 4.4)."""
+
+    rank: int = 32
+    alpha: float = 64.0
+    dropout: float = 0.0
+
+    def config(self, target_modules: Sequence[str]) -> Any:
+        from peft import LoraConfig
+
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, init_lora_weights=True,
+                          target_modules=list(target_modules))
+
+
+def add_lora(transformer: nn.Module, name: str, settings: LoraSettings, targets: Sequence[str],
+             state: dict[str, Tensor] | None = None) -> list[tuple[str, nn.Parameter]]:
+    """Add adapter `name` (fp32 weights, B = 0 so it starts as the identity, unless `state` is given);
+    returns its (name, parameter) pairs."""
+    from peft.utils import set_peft_model_state_dict
+
+    transformer.add_adapter(settings.config(targets), adapter_name=name)
+    if state is not None:
+        result = set_peft_model_state_dict(transformer, state, adapter_name=name)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"LoRA state for adapter {name!r} has {len(unexpected)} unexpected keys, "
+                             f"e.g. {unexpected[:3]}")
+    params = [(n, p) for n, p in transformer.named_parameters() if f".{name}." in n and "lora_" in n]
+    if not params:
+        raise RuntimeError(f"adapter {name!r} added no parameters (targets {list(targets)[:3]}...)")
+    for _, p in params:
+        p.data = p.data.float()  # fp32 master weights whatever the base dtype
+    return params
+
+
+def lora_state(transformer: nn.Module, name: str) -> dict[str, Tensor]:
+    """Adapter `name` as a peft state dict (keys without the adapter name), detached fp32 copies."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(transformer, adapter_name=name)
+    return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
+
+
+def merge_lora(transformer: nn.Module, settings: LoraSettings, targets: Sequence[str],
+               state: dict[str, Tensor]) -> None:
+    """Fold a LoRA into the transformer's own weights (then no adapter remains)."""
+    add_lora(transformer, STAGE1, settings, targets, state)
+    transformer.fuse_lora(adapter_names=[STAGE1])
+    transformer.unload_lora()
+
+
+class AdapterSwitch:
+    """Which adapters of one transformer are active; () means the base model (adapters disabled)."""
+
+    def __init__(self, transformer: nn.Module, trainable: Sequence[nn.Parameter]):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+        ids = {id(p) for p in trainable}
+        self.lora_params = [(p, id(p) in ids) for n, p in transformer.named_parameters() if "lora_" in n]
+        self.current: tuple[str, ...] | None = None
+
+    def activate(self, names: tuple[str, ...]) -> None:
+        if names == self.current:
+            return
+        for layer in self.layers:
+            layer.enable_adapters(bool(names))
+            if names:
+                layer.set_adapter(list(names))
+        for p, train in self.lora_params:  # peft flipped these; trainable adapters must stay trainable
+            p.requires_grad_(train)
+        self.current = names
+
+    @contextlib.contextmanager
+    def using(self, names: tuple[str, ...]) -> Iterator[None]:
+        before = self.current
+        self.activate(names)
+        try:
+            yield
+        finally:
+            if before is not None:
+                self.activate(before)
+
+    def checkpoint_fn(self) -> Callable[..., Any]:
+        """A gradient_checkpointing_func for diffusers whose recomputation uses the forward's adapters."""
+        def run(module: nn.Module, *args: Any) -> Any:
+            names = self.current
+            assert names is not None
+
+            def context() -> tuple[Any, Any]:
+                return contextlib.nullcontext(), self.using(names)
+            return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
+                                                     context_fn=context)
+        return run
+
+
+class RoleBackbone:
+    """One role: a transformer, the adapters active for it and (FLUX.1) its guidance input."""
+
+    def __init__(self, adapter: Any, transformer: nn.Module, switch: AdapterSwitch | None,
+                 adapters: tuple[str, ...], guidance: float | None = None):
+        self.adapter, self.transformer, self.switch = adapter, transformer, switch
+        self.adapters, self.guidance = adapters, guidance
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
+        if self.switch is not None:
+            self.switch.activate(self.adapters)
+        return self.adapter.forward(self.transformer, x, sigma, cond, self.guidance)
+
+
+@dataclass
+class RoleModels:
+    """The transformers behind the three roles, the trainable parameters by name, and the Roles."""
+
+    layout: str
+    finetune: str
+    teacher: nn.Module
+    generator: nn.Module
+    fake: nn.Module
+    generator_adapters: tuple[str, ...]
+    generator_named: list[tuple[str, nn.Parameter]]
+    fake_named: list[tuple[str, nn.Parameter]]
+    teacher_role: RoleBackbone
+    generator_role: RoleBackbone
+    fake_role: RoleBackbone
+    switches: list[AdapterSwitch] = field(default_factory=list)
+
+    def roles(self) -> Any:
+        """The algorithms' Roles (imported here so that models/ does not import algorithms/ at load)."""
+        from tiltflow.algorithms.common import Roles
+
+        return Roles(teacher=self.teacher_role, generator=self.generator_role, fake=self.fake_role,
+                     generator_params=[p for _, p in self.generator_named],
+                     fake_params=[p for _, p in self.fake_named])
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        out = {f"generator/{n}": p.detach().clone() for n, p in self.generator_named}
+        out.update({f"fake/{n}": p.detach().clone() for n, p in self.fake_named})
+        return out
+
+    @torch.no_grad()
+    def load_trainable_state(self, state: dict[str, Tensor], roles: Sequence[str] = ("generator", "fake")) -> None:
+        for role in roles:
+            named = self.generator_named if role == "generator" else self.fake_named
+            missing = [n for n, _ in named if f"{role}/{n}" not in state]
+            if missing:
+                raise KeyError(f"state lacks {len(missing)} {role} parameters, e.g. {missing[:2]}")
+            for n, p in named:
+                p.copy_(state[f"{role}/{n}"].to(p.device, p.dtype))
+
+    def generator_weights(self) -> dict[str, Tensor]:
+        """What initialises a stage-2 generator: the LoRA state (lora) or the full state dict (full)."""
+        if self.finetune == "full":
+            return {k: v.detach().float().cpu().clone() for k, v in self.generator.state_dict().items()}
+        return lora_state(self.generator, GENERATOR)
+
+
+def _prepare(base: nn.Module, settings: LoraSettings, targets: list[str], stage1: dict[str, Tensor] | None,
+             merge: bool) -> tuple[tuple[str, ...], list[tuple[str, nn.Parameter]]]:
+    """Generator adapters on `base`: optionally the stage-1 LoRA (merged, or frozen below), then a fresh one."""
+    names: tuple[str, ...] = (GENERATOR,)
+    if stage1 is not None and merge:
+        merge_lora(base, settings, targets, stage1)
+    elif stage1 is not None:
+        add_lora(base, STAGE1, settings, targets, stage1)
+        names = (STAGE1, GENERATOR)
+    return names, add_lora(base, GENERATOR, settings, targets)
+
+
+def _full_copy(module: nn.Module, state: dict[str, Tensor] | None = None) -> tuple[nn.Module, list]:
+    out = copy.deepcopy(module).float().train()
+    if state is not None:
+        out.load_state_dict(state)
+    out.requires_grad_(True)
+    return out, list(out.named_parameters())
+
+
+def build_roles(adapter: Any, *, layout: str = "shared", finetune: str = "lora",
+                lora: LoraSettings | None = None, generator_base: nn.Module | None = None,
+                stage1_generator: dict[str, Tensor] | None = None, student_guidance: float | None = None,
+                gradient_checkpointing: bool = False) -> RoleModels:
+    """Roles over `adapter.transformer` (the teacher, never modified). `generator_base` (FLUX.2: the
+    distilled model) initialises the generator instead of the teacher; `stage1_generator` (the
+    stage-1 LoRA state, or full weights when finetune='full') starts a stage-2 generator."""
+    if layout not in LAYOUTS or finetune not in FINETUNES:
+        raise ValueError(f"layout must be one of {LAYOUTS} and finetune one of {FINETUNES}, "
+                         f"got layout={layout!r}, finetune={finetune!r}")
+    if layout == "shared" and finetune == "full":
+        raise ValueError("full fine-tuning needs layout='separate' (the shared layout holds LoRA adapters)")
+    settings = lora or LoraSettings()
+    base = adapter.transformer
+    targets = adapter.lora_target_modules(base)
+    teacher_guidance = getattr(adapter, "guidance", None)
+    student_guidance = teacher_guidance if student_guidance is None else student_guidance
+    gen_src = base if generator_base is None else generator_base
+    if finetune == "full":
+        gen, gen_named = _full_copy(gen_src, stage1_generator)
+        fake, fake_named = _full_copy(base)
+        gen_names: tuple[str, ...] = ()
+    else:
+        shared_gen = layout == "shared" and generator_base is None
+        gen = gen_src if (layout == "shared") else copy.deepcopy(gen_src)
+        fake = base if layout == "shared" else copy.deepcopy(base)
+        gen_names, gen_named = _prepare(gen, settings, targets, stage1_generator, merge=not shared_gen)
+        fake_named = add_lora(fake, FAKE, settings, targets)
+    switches: dict[int, AdapterSwitch] = {}
+    for module in {id(m): m for m in (gen, fake)}.values():
+        if finetune == "lora":
+            trainable = [p for _, p in gen_named + fake_named]
+            switches[id(module)] = AdapterSwitch(module, trainable)
+        if gradient_checkpointing:
+            sw = switches.get(id(module))
+            module.enable_gradient_checkpointing(sw.checkpoint_fn() if sw else None)
+    fake_adapters: tuple[str, ...] = (FAKE,) if finetune == "lora" else ()
+    return RoleModels(
+        layout, finetune, base, gen, fake, gen_names, gen_named, fake_named,
+        teacher_role=RoleBackbone(adapter, base, switches.get(id(base)), (), teacher_guidance),
+        generator_role=RoleBackbone(adapter, gen, switches.get(id(gen)), gen_names, student_guidance),
+        fake_role=RoleBackbone(adapter, fake, switches.get(id(fake)), fake_adapters, student_guidance),
+        switches=list(switches.values()))
