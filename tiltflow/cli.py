@@ -80,9 +80,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+_IMAGE_EVAL_REQUIRED = {"reward": "--reward", "out": "--out"}
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.run is None:
         from tiltflow.eval.harness import run_eval
+
+        missing = [flag for dest, flag in _IMAGE_EVAL_REQUIRED.items() if getattr(args, dest, None) is None]
+        if missing:
+            print(f"error: tiltflow eval needs {' and '.join(missing)} (or --run DIR for a gmm run)", file=sys.stderr)
+            return 2
 
         return run_eval(args)
     import json
@@ -135,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_eval_arguments(p)
     except ImportError:  # pragma: no cover - the image harness is optional
         pass
+    # The image harness's required options do not apply to `eval --run DIR`: cmd_eval checks them instead.
+    for action in p._actions:
+        if action.dest in _IMAGE_EVAL_REQUIRED:
+            action.required = False
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("demo", help="every method on a gmm problem, side by side (default: the embedded 2-D problem)")
     _add_config_args(p, required=False)

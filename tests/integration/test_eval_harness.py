@@ -120,7 +120,7 @@ def test_generate_then_rescore_folder(clip_dir, tmp_path):
     assert summary["rewards"]["weighted_total"]["mean"] == pytest.approx(2 * clip["mean"])
     assert "| clip_score |" in (out / "summary.md").read_text()
     assert "samples/00000_00.png" in (out / "index.html").read_text()
-    assert Image.open(out / "grid.png").size == (3 * 192, 2 * 192)  # 6 images -> 3 x 2
+    assert Image.open(out / "grid.png").size == (3 * 196 + 4, 2 * 196 + 4)  # 6 images -> 3 x 2 cells
 
     again = tmp_path / "again"
     args = parse(

@@ -158,6 +158,42 @@ def test_malformed_response_fails_at_once(body, match):
         assert handler.hits == 1  # not retried
 
 
+def test_not_http_at_all_fails_at_once():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(5)
+
+    def answer_garbage_once():
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(5)
+            data, expected = b"", None
+            while expected is None or len(data) < expected:  # read the whole request: closing sends no RST
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+                head, sep, _ = data.partition(b"\r\n\r\n")
+                if sep and expected is None:
+                    lines = [h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")]
+                    expected = len(head) + len(sep) + int(lines[0].split(b":")[1])
+            conn.sendall(b"SSH-2.0-not-http\r\n\r\n")
+
+    thread = threading.Thread(target=answer_garbage_once, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(RemoteRewardError, match="malformed HTTP response"):
+            client(url)(torch.rand(1, 3, 4, 4), ["a"])
+    finally:
+        thread.join(timeout=5)
+        listener.close()
+
+
 def test_server_errors_are_retried_then_reported():
     with raw_server(503, b'{"error": "warming up"}') as (url, handler):
         with pytest.raises(RemoteRewardError, match="HTTP 503: warming up"):

@@ -139,3 +139,72 @@ def test_load_maps_to_cpu(tmp_path):
     path = tmp_path / "c.pt"
     save_atomic(state(1.0), path)
     assert load(path)["model"]["w"].device.type == "cpu"
+
+
+# --- resume-by-default in the loop (tiltflow/training/loop.py) ----------------------------------------
+
+
+class Counter:
+    """A toy algorithm: one parameter moved by SGD towards a per-step target; state = the optimiser."""
+
+    def __init__(self):
+        self.w = torch.nn.Parameter(torch.zeros(3))
+        self.opt = torch.optim.Adam([self.w], lr=0.1)
+
+    def step(self, it: int) -> dict[str, float]:
+        target = torch.arange(3.0) * (it + 1)
+        loss = ((self.w - target) ** 2).sum()
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return {"loss": float(loss)}
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state)
+
+
+def run_counter(run_dir: Path, num_iters: int, stop_at: int | None = None, checkpoint_every: int = 1) -> Counter:
+    from tiltflow.training.loop import LoopHooks, run_loop
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    algo = Counter()
+
+    def load_model(s):
+        with torch.no_grad():
+            algo.w.copy_(s["w"])
+
+    hooks = LoopHooks(model_state=lambda: {"w": algo.w.detach().clone()}, load_model_state=load_model)
+    run_loop(algo, hooks, run_dir=run_dir, num_iters=num_iters, checkpoint_every=checkpoint_every, log_every=1,
+             eval_every=0, desc="t", progress=False, stop_at=stop_at)
+    return algo
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    import json
+
+    return [{k: v for k, v in json.loads(line).items() if k != "time_s"}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loop_stop_and_resume_equals_straight_run(tmp_path):
+    straight = run_counter(tmp_path / "a", 4)
+    run_counter(tmp_path / "b", 4, stop_at=2)
+    assert load(tmp_path / "b" / "checkpoint.pt")["step"] == 2
+    resumed = run_counter(tmp_path / "b", 4)
+    assert torch.equal(resumed.w, straight.w)
+    assert_same(load(tmp_path / "b" / "checkpoint.pt"), load(tmp_path / "a" / "checkpoint.pt"))
+    assert metric_lines(tmp_path / "b") == metric_lines(tmp_path / "a")
+    assert [r["step"] for r in metric_lines(tmp_path / "b")] == [1, 2, 3, 4]
+
+
+def test_metrics_log_keeps_records_the_checkpoint_has_seen(tmp_path):
+    from tiltflow.training.loop import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in (1, 2, 3):
+        log.write({"step": step, "loss": float(step)})
+    log.truncate_after(2)  # resuming from the checkpoint of step 2 (2 completed iterations)
+    assert [r["step"] for r in metric_lines(tmp_path)] == [1, 2]

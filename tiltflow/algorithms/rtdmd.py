@@ -36,6 +36,8 @@ class RTDMD:
         self.w_dm, self.w_pg, self.w_bp = cfg.weights()
         if cfg.dm_depth > self.num_steps:
             raise ValueError(f"stage2.dm_depth = {cfg.dm_depth} exceeds sampler.num_steps = {self.num_steps}")
+        self.dm_depth = cfg.dm_depth or self.num_steps
+        self.num_trained = cfg.num_trained_steps or self.num_steps - 1
 
     def _velocity(self, cond: Any):
         return lambda x, sig: self.roles.generator.velocity(x, sig, cond)
@@ -47,7 +49,7 @@ class RTDMD:
         group = group_index(len(prompts), cfg.group_size, self.task.device)
         cond = self.task.encode(prompts_g)
         uncond = self.task.encode_uncond(len(prompts_g)) if self.task.cfg_scale != 1.0 else None
-        trained = subgrpo_steps(self.num_steps - 1, cfg.num_trained_steps, g)
+        trained = subgrpo_steps(self.num_steps - 1, self.num_trained, g)
         # Group keys: the position of the group, so two groups that drew the same prompt stay independent.
         keys = [int(i) for i in group.tolist()]
         plan = NoisePlan.subgrpo(keys, self.task.sample_shape, self.num_steps, set(trained), g,
@@ -110,17 +112,17 @@ class RTDMD:
             pg, pg_metrics = self._policy_loss(traj, trained, cond, adv)
             loss = loss + self.w_pg * pg
             metrics.update(pg_metrics, pg_loss=float(pg.detach()))
-        x0_last = self._last_step(traj, cond) if (self.w_bp > 0 or cfg.dm_depth == 1) else None
+        x0_last = self._last_step(traj, cond) if (self.w_bp > 0 or self.dm_depth == 1) else None
         if self.w_bp > 0 and self.task.rewards.differentiable:
             r = self.task.rewards(self.task.decode(x0_last), prompts, only_differentiable=True).differentiable_total
             bp = reward_bp_loss(r, kind=cfg.bp_loss, margin=cfg.bp_margin)
             loss = loss + self.w_bp * bp.loss
             metrics.update(bp.metrics, bp_loss=float(bp.loss.detach()))
         if self.w_dm > 0:
-            if cfg.dm_depth == 1:
+            if self.dm_depth == 1:
                 x_dm = x0_last
             else:  # recompute the last dm_depth steps with gradient, same noises (METHOD.md 5.6)
-                start = self.num_steps - cfg.dm_depth
+                start = self.num_steps - self.dm_depth
                 x_dm = sample(self._velocity(cond), self.sigmas, plan, eta=self.sampler.eta, start=start,
                               x_start=traj.xs[start], grad_from=start).final
             dm = dm_term(self.task, self.roles, x_dm, 0.0, cond, uncond, taus=self.taus, eta=self.sampler.eta,

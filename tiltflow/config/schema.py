@@ -190,7 +190,7 @@ class Stage2Config:
     num_prompts: int = 32
     group_size: int = 16
     accumulation: int = 1
-    num_trained_steps: int = 2
+    num_trained_steps: int = 2  # SubGRPO: stochastic steps with a policy-gradient term; 0 = all of them
     w_dm: float = 0.001
     w_pg: Optional[float] = 1.0
     w_bp: Optional[float] = 1e-4
@@ -200,7 +200,7 @@ class Stage2Config:
     logprob_reduction: Literal["sum", "mean"] = "mean"
     bp_loss: Literal["hinge", "linear"] = "hinge"
     bp_margin: float = 3.0
-    dm_depth: int = 1  # steps the DM gradient flows back through: 1 = last step (reference), K = whole chain
+    dm_depth: int = 1  # steps the DM gradient flows back through: 1 = last step (reference), 0 = whole chain
     dm_scaling: Literal["normalized", "kl"] = "normalized"
     dm_tau_min: float = 0.02
     dm_tau_max: float = 0.98
@@ -224,7 +224,9 @@ class Stage2Config:
         _check(self.ema_every >= 1, _join(path, "ema_every"), f"got {self.ema_every}, expected >= 1")
         _check_lr(self.lr, _join(path, "lr"))
         _check_ema_decay(self.ema_decay, _join(path, "ema_decay"))
-        _check(self.dm_depth >= 1, _join(path, "dm_depth"), f"got {self.dm_depth}, expected >= 1")
+        _check(self.dm_depth >= 0, _join(path, "dm_depth"), f"got {self.dm_depth}, expected >= 0 (0 = whole chain)")
+        _check(self.num_trained_steps >= 0, _join(path, "num_trained_steps"),
+               f"got {self.num_trained_steps}, expected >= 0 (0 = every stochastic step)")
         _check(0 < self.dm_tau_min < self.dm_tau_max <= 1, path,
                f"need 0 < dm_tau_min < dm_tau_max <= 1, got {self.dm_tau_min}, {self.dm_tau_max}")
         for name in ("w_dm", "w_pg", "w_bp"):
@@ -278,8 +280,8 @@ class RunConfig:
 
 # Stage presets: applied before the file and the overrides (which win). Baselines of METHOD.md 6.
 _EXACT = {"mode": "exact", "w_dm": 1.0, "w_pg": None, "w_bp": None, "advantage": "raw", "ppo_clip": None,
-          "logprob_reduction": "sum", "bp_loss": "linear", "dm_depth": 4, "dm_scaling": "kl",
-          "num_trained_steps": 3}
+          "logprob_reduction": "sum", "bp_loss": "linear", "dm_depth": 0, "dm_scaling": "normalized",
+          "num_trained_steps": 0}
 STAGE_PRESETS: dict[str, dict] = {
     "dmd2": {"sampler": {"eta": 1.0}, "stage1": {"subinterval": False, "fake": {"consistency_gamma": 0.0}}},
     "rtdmd_exact": {"stage2": dict(_EXACT)},

@@ -157,17 +157,18 @@ def _rel(path: str, out_dir: Path) -> str:
         return Path(path).resolve().as_uri()
 
 
-def write_grid(paths: Sequence[str], target: Path, *, cell: int = 192) -> None:
-    """Tile the images (resized to cell x cell) into a near-square grid PNG."""
+def write_grid(paths: Sequence[str], target: Path, *, cell: int = 192, gap: int = 4) -> None:
+    """Tile the images (resized to cell x cell, `gap` white pixels apart) into a near-square grid PNG."""
     from PIL import Image
 
     if not paths:
         return
     cols = math.ceil(math.sqrt(len(paths)))
     rows = math.ceil(len(paths) / cols)
-    grid = Image.new("RGB", (cols * cell, rows * cell), "white")
+    step = cell + gap
+    grid = Image.new("RGB", (cols * step + gap, rows * step + gap), "white")
     for i, path in enumerate(paths):
         with Image.open(path) as image:
             tile = image.convert("RGB").resize((cell, cell), Image.Resampling.BICUBIC)
-        grid.paste(tile, ((i % cols) * cell, (i // cols) * cell))
+        grid.paste(tile, (gap + (i % cols) * step, gap + (i // cols) * step))
     grid.save(target)

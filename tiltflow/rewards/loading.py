@@ -71,7 +71,8 @@ def resolve_model_dir(source: str | Path, requirements: Sequence[FileRequirement
         return cached
     hint = (
         f"needs: {describe(requirements)}. Download them where the hub is reachable, e.g. "
-        f"`hf download {repo_id} <files>`, or pass a local folder that holds them"
+        f"`hf download {repo_id} <files>`, or pass a local folder that holds them (there is no folder "
+        f"{str(path)!r} here)"
     )
     if hub_offline():
         raise ModelFilesNotFound(

@@ -45,7 +45,9 @@ class RewardHTTPServer(ThreadingHTTPServer):
 
 
 class _BadRequest(ValueError):
-    pass
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -72,7 +74,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             images, prompts = self._read_request()
         except _BadRequest as err:
-            self._send(400, {"error": str(err)})
+            self._send(err.status, {"error": str(err)})
+            self.close_connection = True  # the body may be unread
             return
         try:
             with self.server.reward_lock, torch.no_grad():
@@ -96,10 +99,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _read_request(self) -> tuple[torch.Tensor, list[Any]]:
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
-            raise _BadRequest("a Content-Length header is required")
+            raise _BadRequest("a Content-Length header is required", status=411)
         if int(length) > self.server.max_request_bytes:
             raise _BadRequest(
-                f"request of {int(length)} bytes exceeds the limit of {self.server.max_request_bytes} bytes"
+                f"request of {int(length)} bytes exceeds the limit of {self.server.max_request_bytes} bytes",
+                status=413,
             )
         try:
             body = json.loads(self.rfile.read(int(length)))

@@ -233,6 +233,7 @@ class DiffusersAdapter:
     def __init__(self, pipe: Any, *, source: str, precision: Precision, max_sequence_length: int | None = None,
                  embed_cache_dir: str | Path | None = None, stub_text: bool = False):
         self.pipe = pipe
+        pipe.set_progress_bar_config(disable=True)
         self.transformer: nn.Module = pipe.transformer
         self.vae: nn.Module = pipe.vae
         self.source = source
@@ -353,8 +354,16 @@ def named_linear_modules(transformer: nn.Module, pattern: str) -> list[str]:
 def load_pipeline(pipeline_cls: Any, source: str, *, what: str, dtype: torch.dtype, device: torch.device) -> Any:
     """from_pretrained with safetensors only and no remote code, after the fast resolution check."""
     path, local_only = resolve_source(source, what=what)
-    pipe = pipeline_cls.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, local_files_only=local_only)
+    pipe = pipeline_cls.from_pretrained(path, **_dtype_kw(dtype), use_safetensors=True, local_files_only=local_only)
     return pipe.to(device)
+
+
+def _dtype_kw(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """diffusers >= 0.42 names the argument `dtype`; older releases `torch_dtype`."""
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype": dtype}
 
 
 def load_transformer(model_cls: Any, source: str, *, what: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -366,6 +375,6 @@ def load_transformer(model_cls: Any, source: str, *, what: str, dtype: torch.dty
     else:
         resolved, local_only = resolve_source(source, what=what, marker="transformer/config.json")
         sub = "transformer"
-    model = model_cls.from_pretrained(resolved, subfolder=sub, torch_dtype=dtype, use_safetensors=True,
+    model = model_cls.from_pretrained(resolved, subfolder=sub, **_dtype_kw(dtype), use_safetensors=True,
                                       local_files_only=local_only)
     return model.to(device).eval().requires_grad_(False)

@@ -131,8 +131,10 @@ class Flux2Adapter(DiffusersAdapter):
     def lora_target_modules(self, transformer: nn.Module) -> list[str]:
         return named_linear_modules(transformer, LORA_PATTERN)
 
-    def pipeline_kwargs(self, cond: dict[str, Tensor], uncond: dict[str, Tensor] | None) -> dict[str, Any]:
-        kw: dict[str, Any] = {"prompt_embeds": cond["prompt_embeds"]}
+    def pipeline_kwargs(self, cond: dict[str, Tensor], uncond: dict[str, Tensor] | None = None,
+                        cfg_scale: float = 1.0) -> dict[str, Any]:
+        """Keyword arguments that make the stock pipeline use our embeddings and guidance."""
+        kw: dict[str, Any] = {"prompt_embeds": cond["prompt_embeds"], "guidance_scale": cfg_scale}
         if uncond is not None:
             kw["negative_prompt_embeds"] = uncond["prompt_embeds"]
         return kw

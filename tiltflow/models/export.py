@@ -1,0 +1,101 @@
+"""Export a trained generator for stock diffusers (WORLDS.md section 3): a LoRA file that the family's
+pipeline reads with `pipe.load_lora_weights(folder)`, or a merged transformer folder that
+`<Transformer>.from_pretrained(folder)` reads.
+
+A stage-2 generator carries two adapters (the stage-1 LoRA, frozen, and the stage-2 one); they are
+exported as ONE LoRA of rank r1 + r2 whose product equals the sum of both updates exactly:
+A = [A1; A2], B = [s1 B1, s2 B2] with alpha = rank (scale 1).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def _adapter_scales(transformer: nn.Module, names: Sequence[str]) -> dict[str, float]:
+    cfgs = getattr(transformer, "peft_config", {})
+    missing = [n for n in names if n not in cfgs]
+    if missing:
+        raise KeyError(f"transformer has no adapter(s) {missing}; it has {sorted(cfgs)}")
+    return {n: float(cfgs[n].lora_alpha) / float(cfgs[n].r) for n in names}
+
+
+def combined_lora(transformer: nn.Module, adapter_names: Sequence[str]) -> tuple[dict[str, Tensor], int]:
+    """The sum of the named adapters as one LoRA with scale 1: (peft-style state dict, rank)."""
+    from peft.utils import get_peft_model_state_dict
+
+    scales = _adapter_scales(transformer, adapter_names)
+    states = {n: get_peft_model_state_dict(transformer, adapter_name=n) for n in adapter_names}
+    modules = sorted({k.rsplit(".lora_", 1)[0] for sd in states.values() for k in sd if ".lora_A." in k})
+    out: dict[str, Tensor] = {}
+    ranks: set[int] = set()
+    for m in modules:
+        a_parts, b_parts = [], []
+        for n in adapter_names:
+            a, b = states[n].get(f"{m}.lora_A.weight"), states[n].get(f"{m}.lora_B.weight")
+            if a is None:  # this adapter does not touch module m: contribute zero rank-r rows
+                r = int(transformer.peft_config[n].r)
+                ref_a = next(states[x][f"{m}.lora_A.weight"] for x in adapter_names if f"{m}.lora_A.weight" in states[x])
+                ref_b = next(states[x][f"{m}.lora_B.weight"] for x in adapter_names if f"{m}.lora_B.weight" in states[x])
+                a, b = ref_a.new_zeros(r, ref_a.shape[1]), ref_b.new_zeros(ref_b.shape[0], r)
+            a_parts.append(a.float())
+            b_parts.append(b.float() * scales[n])
+        out[f"{m}.lora_A.weight"] = torch.cat(a_parts, 0).contiguous()
+        out[f"{m}.lora_B.weight"] = torch.cat(b_parts, 1).contiguous()
+        ranks.add(out[f"{m}.lora_A.weight"].shape[0])
+    if len(ranks) != 1:
+        raise RuntimeError(f"inconsistent combined ranks {sorted(ranks)}")
+    return out, ranks.pop()
+
+
+def export_lora(transformer: nn.Module, adapter_names: Sequence[str], out_dir: str | Path, pipeline_cls: Any,
+                dtype: torch.dtype = torch.float32) -> Path:
+    """Write the generator's LoRA (its adapters summed) where `pipeline_cls.load_lora_weights` finds it.
+    The adapter metadata (rank, alpha = rank, targets) travels inside the safetensors file."""
+    state, rank = combined_lora(transformer, adapter_names)
+    targets = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    metadata = {"r": rank, "lora_alpha": rank, "target_modules": targets, "lora_dropout": 0.0, "bias": "none"}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline_cls.save_lora_weights(out, transformer_lora_layers={k: v.to(dtype) for k, v in state.items()},
+                                   weight_name=LORA_WEIGHT_NAME, transformer_lora_adapter_metadata=metadata)
+    return out / LORA_WEIGHT_NAME
+
+
+@torch.no_grad()
+def merged_state_dict(transformer: nn.Module, adapter_names: Sequence[str], dtype: torch.dtype) -> dict[str, Tensor]:
+    """The transformer's weights with the named adapters folded in, under the plain diffusers names;
+    the module itself is left untouched (so a shared teacher stays exact)."""
+    state, _ = combined_lora(transformer, adapter_names) if adapter_names else ({}, 0)
+    out: dict[str, Tensor] = {}
+    for key, value in transformer.state_dict().items():
+        if ".lora_" in key:
+            continue
+        name = key.replace(".base_layer.", ".")
+        out[name] = value.detach().float().cpu()
+    for key in [k for k in state if k.endswith(".lora_A.weight")]:
+        module = key[: -len(".lora_A.weight")]
+        delta = state[f"{module}.lora_B.weight"] @ state[key]
+        out[f"{module}.weight"] = out[f"{module}.weight"] + delta.to(out[f"{module}.weight"].device)
+    return {k: v.to(dtype).contiguous() for k, v in out.items()}
+
+
+def export_merged_transformer(transformer: nn.Module, adapter_names: Sequence[str], out_dir: str | Path,
+                              dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A transformer folder (config.json + diffusion_pytorch_model.safetensors) with the LoRA merged."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in dict(transformer.config).items()}
+    config["_class_name"] = type(transformer).__name__
+    (out / "config.json").write_text(json.dumps(config, indent=1, default=list) + "\n")
+    save_file(merged_state_dict(transformer, adapter_names, dtype), str(out / "diffusion_pytorch_model.safetensors"))
+    return out
