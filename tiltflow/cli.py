@@ -20,9 +20,8 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _load_gmm(path: Path | None, overrides: list[str]):
-    from tiltflow.config.loader import apply_overrides, from_dict, read_yaml
+    from tiltflow.config.loader import apply_overrides, deep_merge, from_dict, read_yaml
     from tiltflow.config.schema import STAGE_PRESETS, RunConfig
-    from tiltflow.config.loader import deep_merge
 
     user = apply_overrides(read_yaml(path) if path else {}, overrides)
     stage = user.get("stage", "ac_dmd")

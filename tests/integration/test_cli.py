@@ -142,3 +142,15 @@ def test_eval_without_run_needs_the_image_options(capsys):
     assert main(["eval"]) == 2
     err = capsys.readouterr().err
     assert "--reward" in err and "--out" in err and "--run" in err
+
+
+def test_train_non_finite_loss_exits_3(tiny_yaml, teacher_run, tmp_path, monkeypatch, capsys):
+    from tiltflow.worlds.gmm import runs
+
+    class NaNTeacher:
+        def velocity(self, x, sigma, cond):
+            return x * float("nan")
+
+    monkeypatch.setattr(runs, "teacher_backbone", lambda cfg, net: NaNTeacher())
+    assert main(["train", "--config", str(tiny_yaml), f"run_dir={tmp_path}", f"teacher_run={teacher_run}"]) == 3
+    assert "non-finite generator DM loss" in capsys.readouterr().err

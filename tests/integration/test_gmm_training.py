@@ -178,3 +178,13 @@ def test_ppo_ratio_is_one_on_policy(extra, make_cfg, tmp_path):
     (rec,) = records(run_dir)
     assert rec["pg_ratio_max_dev"] < 1e-5
     assert rec["pg_clip_frac"] == 0.0
+
+
+def test_stage2_starts_from_init_from_run(make_cfg, tmp_path):
+    """Stage 2 initialises the generator from stage 1's EMA generator and the fake from its fake."""
+    runs.run_stage(make_cfg("ac_dmd", tmp_path / "s1"), progress=False)
+    runs.run_stage(make_cfg("rtdmd", tmp_path / "s2", f"init_from={tmp_path / 's1'}", "stage2.num_iters=0"),
+                   progress=False)
+    s1, s2 = load(tmp_path / "s1" / "final.pt"), load(tmp_path / "s2" / "final.pt")
+    assert_states_equal(s2["generator_raw"], s1["generator"], "generator")
+    assert_states_equal(s2["fake"], s1["fake"], "fake")

@@ -157,7 +157,7 @@ class Counter:
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
-        return {"loss": float(loss)}
+        return {"loss": float(loss.detach())}
 
     def state_dict(self) -> dict:
         return self.opt.state_dict()

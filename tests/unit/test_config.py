@@ -150,10 +150,10 @@ def test_wrong_type_inside_a_list_names_the_index(tmp_path):
         (["stage1.lr=0"], "stage1.lr", "> 0"),
         (["stage1.fake.lr=.nan"], "stage1.fake.lr", "> 0"),
         (["teacher.lr=.inf"], "teacher.lr", "> 0"),
-        (["stage=rtdmd", "stage2.num_trained_steps=0"], "stage2.num_trained_steps", ">= 1"),
+        (["stage=rtdmd", "stage2.num_trained_steps=-1"], "stage2.num_trained_steps", ">= 0"),
+        (["stage=rtdmd", "stage2.dm_depth=-1"], "stage2.dm_depth", ">= 0"),
         (["stage=rtdmd", "stage2.num_trained_steps=4"], "stage2.num_trained_steps", "sampler.num_steps"),
-        (["stage=rtdmd_exact", "sampler.num_steps=3", "stage2.num_trained_steps=2"], "stage2.dm_depth",
-         "sampler.num_steps = 3"),
+        (["stage=rtdmd", "sampler.num_steps=3", "stage2.dm_depth=4"], "stage2.dm_depth", "sampler.num_steps = 3"),
     ],
 )
 def test_invalid_value_names_path(tmp_path, overrides, path, fragment):
@@ -342,8 +342,8 @@ def test_preset_applied_and_user_values_win(tmp_path):
 def test_preset_selected_by_override(tmp_path):
     cfg = load(tmp_path, base_tree(), ["stage=rtdmd_exact", "stage2.num_trained_steps=2"])
     s2 = cfg.stage2
-    assert (s2.mode, s2.advantage, s2.ppo_clip, s2.w_pg, s2.w_bp, s2.dm_depth) == ("exact", "raw", None, None, None, 4)
-    assert s2.num_trained_steps == 2  # the user's value, not the preset's 3
+    assert (s2.mode, s2.advantage, s2.ppo_clip, s2.w_pg, s2.w_bp, s2.dm_depth) == ("exact", "raw", None, None, None, 0)
+    assert s2.num_trained_steps == 2  # the user's value, not the preset's 0 (= all)
     assert s2.weights() == (1.0, s2.beta, s2.beta)
 
 

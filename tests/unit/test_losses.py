@@ -176,3 +176,19 @@ def test_subgrpo_steps_subset_and_bad_count():
 def test_forward_kernel_at_s_zero():
     a, st = forward_kernel(0.0, 0.4)
     assert a == pytest.approx(0.6) and st == pytest.approx(0.4)
+
+
+def test_diffused_dm_fixed_point_is_not_the_tilted_target():
+    """Why the exact mode needs care (closing note of issue A): DM estimated at diffused levels tau is the
+    gradient of E_tau KL(p_theta,tau || p_tau), not of KL(p_theta || p). Location family p_theta = N(m, s2),
+    p = N(0, s2), r = a x: KL_0 + beta-reward has its fixed point at the tilted mean beta a s2, but
+    E_tau KL_tau - beta E[r] has it at beta a / E_tau[(1-tau)^2 / V_tau]: several times further for
+    tau ~ U[0.02, 0.98], and within 1% only when tau is confined near 0."""
+    s2, beta, a = 0.09, 0.5, 1.0
+    tau = torch.linspace(0.02, 0.98, 100_001)
+    stiffness = ((1 - tau) ** 2 / ((1 - tau) ** 2 * s2 + tau**2)).mean()
+    m_diffused, m_exact = beta * a / float(stiffness), beta * a * s2
+    assert m_diffused / m_exact > 3.0
+    tau_small = torch.linspace(0.0, 0.01, 1001)
+    stiff_small = ((1 - tau_small) ** 2 / ((1 - tau_small) ** 2 * s2 + tau_small**2)).mean()
+    assert beta * a / float(stiff_small) / m_exact == pytest.approx(1.0, abs=0.01)

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -57,5 +58,5 @@ def teacher_velocity(task: Task, roles: Roles, x: Tensor, sigma: Tensor, cond: A
 
 def check_finite(name: str, value: Tensor, step: int) -> None:
     if not bool(torch.isfinite(value).all()):
-        raise FloatingPointError(f"non-finite {name} = {float(value)} at step {step}; stopping "
+        raise FloatingPointError(f"non-finite {name} = {float(value.detach())} at step {step}; stopping "
                                  "(the last checkpoint is left intact)")

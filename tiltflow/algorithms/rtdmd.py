@@ -42,7 +42,7 @@ class RTDMD:
     def _velocity(self, cond: Any):
         return lambda x, sig: self.roles.generator.velocity(x, sig, cond)
 
-    def _rollout(self, it: int, g: torch.Generator) -> tuple[list[Any], Any, Any, Tensor, NoisePlan, Trajectory, list[int]]:
+    def _rollout(self, it: int, g: torch.Generator) -> tuple[list, Any, Any, Tensor, NoisePlan, Trajectory, list[int]]:
         cfg = self.cfg
         prompts = self.task.sample_prompts(cfg.num_prompts, g)
         prompts_g = [p for p in prompts for _ in range(cfg.group_size)]  # (P*G,) each prompt G times
@@ -62,7 +62,7 @@ class RTDMD:
 
     def _policy_loss(self, traj: Trajectory, trained: list[int], cond: Any, adv: Tensor) -> tuple[Tensor, dict]:
         """PPO-clip summed over the trained steps: each term's gradient is A grad log pi(x_{k+1} | x_k)."""
-        total, metrics = None, {}
+        total, metrics = None, {"pg_ratio_max_dev": 0.0, "pg_clip_frac": 0.0}
         for k in trained:
             x_k, x_next = traj.xs[k], traj.xs[k + 1]
             sig = torch.full((x_k.shape[0],), self.sigmas[k], dtype=x_k.dtype, device=x_k.device)
@@ -71,7 +71,9 @@ class RTDMD:
             logp = gaussian_log_prob(x_next, out.mean, out.std, self.cfg.logprob_reduction)
             lo = ppo_clip_loss(logp, traj.log_probs[k], adv, self.cfg.ppo_clip)
             total = lo.loss if total is None else total + lo.loss
-            metrics = {f"pg_{key}": v for key, v in lo.metrics.items()}
+            # Worst case over the trained steps: any ratio != 1 on-policy is a log-prob mismatch.
+            metrics["pg_ratio_max_dev"] = max(metrics["pg_ratio_max_dev"], lo.metrics["ratio_max_dev"])
+            metrics["pg_clip_frac"] = max(metrics["pg_clip_frac"], lo.metrics["clip_frac"])
         assert total is not None
         return total, metrics
 
@@ -110,12 +112,14 @@ class RTDMD:
         if self.w_pg > 0:
             adv = group_advantages(scores.per_reward, weights, group, mode=cfg.advantage, clip=cfg.adv_clip)
             pg, pg_metrics = self._policy_loss(traj, trained, cond, adv)
+            check_finite("policy-gradient loss", pg, it)
             loss = loss + self.w_pg * pg
             metrics.update(pg_metrics, pg_loss=float(pg.detach()))
         x0_last = self._last_step(traj, cond) if (self.w_bp > 0 or self.dm_depth == 1) else None
         if self.w_bp > 0 and self.task.rewards.differentiable:
             r = self.task.rewards(self.task.decode(x0_last), prompts, only_differentiable=True).differentiable_total
             bp = reward_bp_loss(r, kind=cfg.bp_loss, margin=cfg.bp_margin)
+            check_finite("reward back-propagation loss", bp.loss, it)
             loss = loss + self.w_bp * bp.loss
             metrics.update(bp.metrics, bp_loss=float(bp.loss.detach()))
         if self.w_dm > 0:
@@ -127,6 +131,7 @@ class RTDMD:
                               x_start=traj.xs[start], grad_from=start).final
             dm = dm_term(self.task, self.roles, x_dm, 0.0, cond, uncond, taus=self.taus, eta=self.sampler.eta,
                          scaling=cfg.dm_scaling, generator=g)
+            check_finite("distribution-matching loss", dm.loss, it)
             loss = loss + self.w_dm * dm.loss
             metrics.update(dm.metrics, dm_loss=float(dm.loss.detach()))
         return loss, metrics

@@ -6,9 +6,8 @@ Networks predict the velocity v = eps - x0.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 

@@ -10,8 +10,9 @@ A = [A1; A2], B = [s1 B1, s2 B2] with alpha = rank (scale 1).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,39 +28,48 @@ def _adapter_scales(transformer: nn.Module, names: Sequence[str]) -> dict[str, f
     return {n: float(cfgs[n].lora_alpha) / float(cfgs[n].r) for n in names}
 
 
+def combine_lora_states(parts: Sequence[tuple[dict[str, Tensor], float]]) -> tuple[dict[str, Tensor], int]:
+    """Sum LoRAs given as (peft state dict, scale alpha / r) into one LoRA of scale 1: (state, rank).
+    A module that some part does not touch gets zero rows from that part."""
+    modules = sorted({k[: -len(".lora_A.weight")] for sd, _ in parts for k in sd if k.endswith(".lora_A.weight")})
+    out: dict[str, Tensor] = {}
+    for m in modules:
+        a_parts, b_parts = [], []
+        ref = next(sd for sd, _ in parts if f"{m}.lora_A.weight" in sd)
+        d_in, d_out = ref[f"{m}.lora_A.weight"].shape[1], ref[f"{m}.lora_B.weight"].shape[0]
+        for sd, scale in parts:
+            r = next(v.shape[0] for k, v in sd.items() if k.endswith(".lora_A.weight"))
+            a = sd.get(f"{m}.lora_A.weight", torch.zeros(r, d_in))
+            b = sd.get(f"{m}.lora_B.weight", torch.zeros(d_out, r))
+            a_parts.append(a.detach().float().cpu())
+            b_parts.append(b.detach().float().cpu() * scale)
+        out[f"{m}.lora_A.weight"] = torch.cat(a_parts, 0).contiguous()
+        out[f"{m}.lora_B.weight"] = torch.cat(b_parts, 1).contiguous()
+    ranks = {v.shape[0] for k, v in out.items() if k.endswith(".lora_A.weight")}
+    if len(ranks) != 1:
+        raise RuntimeError(f"inconsistent combined LoRA ranks {sorted(ranks)}")
+    return out, ranks.pop()
+
+
 def combined_lora(transformer: nn.Module, adapter_names: Sequence[str]) -> tuple[dict[str, Tensor], int]:
-    """The sum of the named adapters as one LoRA with scale 1: (peft-style state dict, rank)."""
+    """The sum of the transformer's named adapters as one LoRA with scale 1: (peft state dict, rank)."""
     from peft.utils import get_peft_model_state_dict
 
     scales = _adapter_scales(transformer, adapter_names)
-    states = {n: get_peft_model_state_dict(transformer, adapter_name=n) for n in adapter_names}
-    modules = sorted({k.rsplit(".lora_", 1)[0] for sd in states.values() for k in sd if ".lora_A." in k})
-    out: dict[str, Tensor] = {}
-    ranks: set[int] = set()
-    for m in modules:
-        a_parts, b_parts = [], []
-        for n in adapter_names:
-            a, b = states[n].get(f"{m}.lora_A.weight"), states[n].get(f"{m}.lora_B.weight")
-            if a is None:  # this adapter does not touch module m: contribute zero rank-r rows
-                r = int(transformer.peft_config[n].r)
-                ref_a = next(states[x][f"{m}.lora_A.weight"] for x in adapter_names if f"{m}.lora_A.weight" in states[x])
-                ref_b = next(states[x][f"{m}.lora_B.weight"] for x in adapter_names if f"{m}.lora_B.weight" in states[x])
-                a, b = ref_a.new_zeros(r, ref_a.shape[1]), ref_b.new_zeros(ref_b.shape[0], r)
-            a_parts.append(a.float())
-            b_parts.append(b.float() * scales[n])
-        out[f"{m}.lora_A.weight"] = torch.cat(a_parts, 0).contiguous()
-        out[f"{m}.lora_B.weight"] = torch.cat(b_parts, 1).contiguous()
-        ranks.add(out[f"{m}.lora_A.weight"].shape[0])
-    if len(ranks) != 1:
-        raise RuntimeError(f"inconsistent combined ranks {sorted(ranks)}")
-    return out, ranks.pop()
+    return combine_lora_states([(get_peft_model_state_dict(transformer, adapter_name=n), scales[n])
+                                for n in adapter_names])
 
 
 def export_lora(transformer: nn.Module, adapter_names: Sequence[str], out_dir: str | Path, pipeline_cls: Any,
                 dtype: torch.dtype = torch.float32) -> Path:
-    """Write the generator's LoRA (its adapters summed) where `pipeline_cls.load_lora_weights` finds it.
-    The adapter metadata (rank, alpha = rank, targets) travels inside the safetensors file."""
-    state, rank = combined_lora(transformer, adapter_names)
+    """Write the generator's LoRA (its adapters summed) where `pipeline_cls.load_lora_weights` finds it."""
+    return save_lora(*combined_lora(transformer, adapter_names), out_dir, pipeline_cls, dtype)
+
+
+def save_lora(state: dict[str, Tensor], rank: int, out_dir: str | Path, pipeline_cls: Any,
+              dtype: torch.dtype = torch.float32) -> Path:
+    """Write a scale-1 LoRA (peft keys) for `pipeline_cls.load_lora_weights`; the adapter metadata (rank,
+    alpha = rank, targets) travels inside the safetensors file."""
     targets = sorted({k.rsplit(".lora_", 1)[0] for k in state})
     metadata = {"r": rank, "lora_alpha": rank, "target_modules": targets, "lora_dropout": 0.0, "bias": "none"}
     out = Path(out_dir)

@@ -48,12 +48,14 @@ class LoraSettings:
 
 
 def add_lora(transformer: nn.Module, name: str, settings: LoraSettings, targets: Sequence[str],
-             state: dict[str, Tensor] | None = None) -> list[tuple[str, nn.Parameter]]:
+             state: dict[str, Tensor] | None = None, seed: int = 0) -> list[tuple[str, nn.Parameter]]:
     """Add adapter `name` (fp32 weights, B = 0 so it starts as the identity, unless `state` is given);
-    returns its (name, parameter) pairs."""
+    returns its (name, parameter) pairs. The random A init is seeded from (seed, name)."""
     from peft.utils import set_peft_model_state_dict
 
-    transformer.add_adapter(settings.config(targets), adapter_name=name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + sum(name.encode()))
+        transformer.add_adapter(settings.config(targets), adapter_name=name)
     if state is not None:
         result = set_peft_model_state_dict(transformer, state, adapter_name=name)
         unexpected = getattr(result, "unexpected_keys", [])
@@ -194,11 +196,15 @@ def _prepare(base: nn.Module, settings: LoraSettings, targets: list[str], stage1
              merge: bool) -> tuple[tuple[str, ...], list[tuple[str, nn.Parameter]]]:
     """Generator adapters on `base`: optionally the stage-1 LoRA (merged, or frozen below), then a fresh one."""
     names: tuple[str, ...] = (GENERATOR,)
-    if stage1 is not None and merge:
-        merge_lora(base, settings, targets, stage1)
-    elif stage1 is not None:
-        add_lora(base, STAGE1, settings, targets, stage1)
-        names = (STAGE1, GENERATOR)
+    if stage1 is not None:  # a scale-1 LoRA (alpha = rank), as tiltflow.models.export writes them
+        rank = next(v.shape[0] for k, v in stage1.items() if k.endswith(".lora_A.weight"))
+        s1 = LoraSettings(rank=rank, alpha=float(rank))
+        s1_targets = sorted({k[: -len(".lora_A.weight")] for k in stage1 if k.endswith(".lora_A.weight")})
+        if merge:
+            merge_lora(base, s1, s1_targets, stage1)
+        else:
+            add_lora(base, STAGE1, s1, s1_targets, stage1)
+            names = (STAGE1, GENERATOR)
     return names, add_lora(base, GENERATOR, settings, targets)
 
 
@@ -215,8 +221,9 @@ def build_roles(adapter: Any, *, layout: str = "shared", finetune: str = "lora",
                 stage1_generator: dict[str, Tensor] | None = None, student_guidance: float | None = None,
                 gradient_checkpointing: bool = False) -> RoleModels:
     """Roles over `adapter.transformer` (the teacher, never modified). `generator_base` (FLUX.2: the
-    distilled model) initialises the generator instead of the teacher; `stage1_generator` (the
-    stage-1 LoRA state, or full weights when finetune='full') starts a stage-2 generator."""
+    distilled model) initialises the generator instead of the teacher; `stage1_generator` starts a
+    stage-2 generator: a scale-1 LoRA state (alpha = rank, as export writes it), or the full weights
+    when finetune='full'."""
     if layout not in LAYOUTS or finetune not in FINETUNES:
         raise ValueError(f"layout must be one of {LAYOUTS} and finetune one of {FINETUNES}, "
                          f"got layout={layout!r}, finetune={finetune!r}")

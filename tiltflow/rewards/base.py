@@ -7,8 +7,9 @@ and the pathwise (back-propagation) terms; the others feed only the policy gradi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -59,7 +60,8 @@ class RewardSet:
         """True when at least one reward can be back-propagated."""
         return any(r.differentiable for r in self.rewards)
 
-    def __call__(self, samples: Tensor, prompts: Sequence[Any], *, only_differentiable: bool = False) -> RewardSetOutput:
+    def __call__(self, samples: Tensor, prompts: Sequence[Any], *,
+                 only_differentiable: bool = False) -> RewardSetOutput:
         per: dict[str, Tensor] = {}
         total: Tensor | None = None
         diff_total: Tensor | None = None

@@ -8,8 +8,8 @@ iteration); trained steps use fresh independent noise per sample.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -47,7 +47,7 @@ class NoisePlan:
 
     @staticmethod
     def fresh(num_samples: int, shape: Sequence[int], num_steps: int, generator: torch.Generator,
-              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "NoisePlan":
+              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> NoisePlan:
         """Independent noise everywhere; the last step (to sigma = 0) needs none."""
         def draw() -> Tensor:
             return torch.randn((num_samples, *shape), generator=generator, dtype=dtype).to(device)
@@ -57,7 +57,7 @@ class NoisePlan:
     @staticmethod
     def subgrpo(group_keys: Sequence[object], shape: Sequence[int], num_steps: int, trained_steps: set[int],
                 generator: torch.Generator, *, seed: int, iteration: int,
-                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "NoisePlan":
+                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> NoisePlan:
         """Fresh noise for trained steps, group-shared noise for the other steps and for the initial
         noise, so that differences inside a group come from the trained steps alone."""
         n = len(group_keys)

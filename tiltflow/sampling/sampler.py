@@ -7,8 +7,8 @@ deterministic. Noise comes from a NoisePlan, so callers control it per step, sam
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor

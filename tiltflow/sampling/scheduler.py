@@ -48,7 +48,8 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"CPSScheduler: eta must lie in [0, 1], got {eta}")
         if time_shift_type not in ("exponential", "linear"):
-            raise ValueError(f"CPSScheduler: time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
+            raise ValueError(f"CPSScheduler: time_shift_type must be 'exponential' or 'linear', "
+                             f"got {time_shift_type!r}")
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self.num_inference_steps = num_few_steps

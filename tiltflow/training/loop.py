@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
@@ -40,11 +41,12 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop records from steps that the restored checkpoint has not seen."""
+        """On resume, drop records from steps that the restored checkpoint has not seen (a record's step,
+        like the checkpoint's, counts completed iterations: the checkpoint of step s has seen record s)."""
         if not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", -1) < step]
+                if line.strip() and json.loads(line).get("step", -1) <= step]
         self.path.write_text("".join(line + "\n" for line in keep))
 
 

@@ -11,7 +11,8 @@ compute_empirical_mu at this resolution and step count.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -70,7 +71,8 @@ class Flux2Adapter(DiffusersAdapter):
         img_ids, txt_ids = position_ids(b, h, w, txt.shape[1], x.device)
         tokens = x.reshape(b, c, h * w).permute(0, 2, 1)  # (B, h*w, C)
         with self.precision.context():
-            out = transformer(hidden_states=self._cast(tokens, transformer), encoder_hidden_states=self._cast(txt, transformer),
+            out = transformer(hidden_states=self._cast(tokens, transformer),
+                              encoder_hidden_states=self._cast(txt, transformer),
                               timestep=batch_sigma(sigma, x), guidance=g,  # FLUX.2 convention: sigma, x1000 inside
                               img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
         return out[:, : h * w].float().permute(0, 2, 1).reshape(b, c, h, w)

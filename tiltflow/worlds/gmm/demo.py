@@ -10,14 +10,14 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from tiltflow.config.loader import to_yaml
+from tiltflow.config.loader import deep_merge, from_dict, to_dict, to_yaml
 from tiltflow.config.schema import STAGE_PRESETS, RunConfig
-from tiltflow.config.loader import deep_merge, from_dict, to_dict
 from tiltflow.worlds.gmm.evaluate import Reference, build_reference, evaluate, few_step_generate, generate
 from tiltflow.worlds.gmm.runs import load_generator, run_stage, run_teacher, teacher_backbone
 from tiltflow.worlds.gmm.world import build_gmm

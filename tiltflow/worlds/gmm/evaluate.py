@@ -10,8 +10,8 @@ Every metric is computed per prompt and averaged over prompts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -59,7 +59,7 @@ def generate(backbone: Backbone, num_prompts: int, n: int, sigmas: list[float], 
         cond = torch.full((n,), c, dtype=torch.long)
         plan = NoisePlan.fresh(n, (dim,), len(sigmas) - 1, g)
         with torch.no_grad():
-            traj = sample(lambda x, s: backbone.velocity(x, s, cond), sigmas, plan, eta=eta)
+            traj = sample(lambda x, s, cond=cond: backbone.velocity(x, s, cond), sigmas, plan, eta=eta)
         out.append(traj.final.double())
     return out
 
@@ -89,7 +89,8 @@ def build_reference(cfg: RunConfig, gmm: ConditionalGMM, teacher: Backbone | Non
             log_w = _tilt_log_weights(rewards, pool, c, beta)
             base = base_mix.sample(n, g)[0]
             t1, t2 = _exact_or_sir(tgt, pool, log_w, n, g), _exact_or_sir(tgt, pool, log_w, n, g)
-            weights = tgt.mode_weights if tgt is not None else sir_mode_weights(assign(pool), log_w, base_mix.num_components)
+            k = base_mix.num_components
+            weights = tgt.mode_weights if tgt is not None else sir_mode_weights(assign(pool), log_w, k)
             exact_t, exact_w = None, None
         else:
             sig = [1.0 - i / cfg.teacher.sample_steps for i in range(cfg.teacher.sample_steps)] + [0.0]
@@ -131,7 +132,8 @@ def generate_for_prompt(backbone: Backbone, c: int, n: int, sigmas: list[float],
         cond = torch.full((m,), c, dtype=torch.long)
         plan = NoisePlan.fresh(m, (dim,), len(sigmas) - 1, g)
         with torch.no_grad():
-            pieces.append(sample(lambda x, s: backbone.velocity(x, s, cond), sigmas, plan, eta=eta).final.double())
+            traj = sample(lambda x, s, cond=cond: backbone.velocity(x, s, cond), sigmas, plan, eta=eta)
+            pieces.append(traj.final.double())
     return torch.cat(pieces)
 
 
@@ -147,7 +149,8 @@ def evaluate(samples: list[Tensor], ref: Reference, *, with_kl: bool = True) -> 
     """All metrics of one method's samples (one (n, d) tensor per prompt) against the reference."""
     out = dict(ref.summary)
     out["reward_mean"] = _mean_reward(ref.rewards, samples)
-    out["mode_tv"] = _avg([mode_tv(r.assign(x), r.mode_weights, len(r.mode_weights)) for x, r in zip(samples, ref.prompts)])
+    pairs = list(zip(samples, ref.prompts))
+    out["mode_tv"] = _avg([mode_tv(r.assign(x), r.mode_weights, len(r.mode_weights)) for x, r in pairs])
     out["energy_distance"] = _avg([energy_distance(x, r.target) for x, r in zip(samples, ref.prompts)])
     out["energy_to_base"] = _avg([energy_distance(x, r.base) for x, r in zip(samples, ref.prompts)])
     if ref.prompts[0].exact_target is not None:

@@ -3,8 +3,9 @@ Task the algorithms train on, the analytic and neural teachers, and the reward-t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

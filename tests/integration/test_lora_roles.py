@@ -1,0 +1,212 @@
+"""Teacher / generator / fake roles as LoRA adapters (METHOD.md 4.4, 5.5) on tiny random models.
+
+The teacher (adapters disabled) is the original model bitwise; training one adapter leaves the base and
+the other adapter untouched; every targeted block carries LoRA; gradient checkpointing recomputes with
+the right adapters; stage-2 initialisation reproduces the stage-1 generator in both layouts; and one
+stage-1 (ACDMD.step) and one stage-2 (RTDMD.step) iteration per family change exactly what they train.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+
+from tiltflow.algorithms.ac_dmd import ACDMD
+from tiltflow.algorithms.rtdmd import RTDMD
+from tiltflow.config.schema import FakeConfig, SamplerConfig, Stage1Config, Stage2Config
+from tiltflow.models.adapters.flux import FluxAdapter
+from tiltflow.models.adapters.flux2 import Flux2Adapter
+from tiltflow.models.adapters.sd3 import SD3Adapter
+from tiltflow.models.export import combine_lora_states
+from tiltflow.models.lora import FAKE, GENERATOR, STAGE1, LoraSettings, build_roles, lora_state
+from tiltflow.rewards.base import RewardSet
+from tiltflow.worlds.diffusers_world import DiffusersTask, MeanBrightness
+
+FAMILIES = {"sd3": (SD3Adapter, "tiny_sd3", 3.0), "flux1": (FluxAdapter, "tiny_flux1", 1.0),
+            "flux2": (Flux2Adapter, "tiny_flux2", 4.0)}
+SMALL = LoraSettings(rank=4, alpha=8.0)
+
+
+def _inputs(adapter, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *adapter.latent_shape(32, 32), generator=g)
+    return x, torch.rand(n, generator=g) * 0.9 + 0.05, adapter.encode(["a red cat", "a dog"][:n])
+
+
+def _perturb(params, scale=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def _snapshot(modules, exclude):
+    ids = {id(p) for p in exclude}
+    return {(i, n): p.detach().clone() for i, m in enumerate(modules) for n, p in m.named_parameters()
+            if id(p) not in ids}
+
+
+def _unchanged(before, modules):
+    now = {(i, n): p for i, m in enumerate(modules) for n, p in m.named_parameters()}
+    return all(torch.equal(v, now[k]) for k, v in before.items())
+
+
+def _changed(before: list[torch.Tensor], params) -> bool:
+    return any(not torch.equal(b, p) for b, p in zip(before, params))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_teacher_is_the_original_model_bitwise(family):
+    cls, arch, _ = FAMILIES[family]
+    adapter = cls.random(arch, seed=0)
+    original = copy.deepcopy(adapter.transformer)
+    models = build_roles(adapter, lora=SMALL)
+    _perturb(models.roles().generator_params)
+    _perturb(models.roles().fake_params, seed=1)
+    x, s, cond = _inputs(adapter)
+    roles = models.roles()
+    v_gen = roles.generator.velocity(x, s, cond)  # switch adapters on first, then back off
+    v_teacher = roles.teacher.velocity(x, s, cond)
+    assert torch.equal(v_teacher, adapter.forward(original, x, s, cond))
+    assert (v_gen - v_teacher).abs().max() > 1e-4
+    assert (roles.fake.velocity(x, s, cond) - v_gen).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_targeted_block_carries_lora(family):
+    cls, arch, _ = FAMILIES[family]
+    adapter = cls.random(arch, seed=0)
+    models = build_roles(adapter, lora=SMALL)
+    names = [n for n, _ in models.generator_named]
+    cfg = adapter.transformer.config
+    blocks = {"transformer_blocks": cfg.num_layers}
+    if family != "sd3":
+        blocks["single_transformer_blocks"] = cfg.num_single_layers
+    for kind, count in blocks.items():
+        for i in range(count):
+            hits = [n for n in names if re.match(rf"{kind}\.{i}\.", n)]
+            assert hits, f"{kind}.{i} carries no LoRA"
+    if family == "flux2":  # the fused single-stream projections are reached
+        for i in range(cfg.num_single_layers):
+            for proj in ("to_qkv_mlp_proj", "to_out"):
+                assert any(f"single_transformer_blocks.{i}.attn.{proj}.lora_A" in n for n in names)
+    if family == "sd3":  # SD3.5's second attention in dual-attention blocks
+        assert any(".attn2.to_q.lora_A" in n for n in names)
+    assert all(p.dtype == torch.float32 for _, p in models.generator_named + models.fake_named)
+
+
+def test_training_the_generator_leaves_base_and_fake_unchanged():
+    adapter = SD3Adapter.random("tiny_sd3", seed=0)
+    models = build_roles(adapter, lora=SMALL)
+    roles = models.roles()
+    _perturb(roles.generator_params)
+    before = _snapshot([adapter.transformer], roles.generator_params)
+    gen_before = [p.detach().clone() for p in roles.generator_params]
+    opt = torch.optim.AdamW(roles.generator_params, lr=1e-2)
+    x, s, cond = _inputs(adapter)
+    loss = roles.generator.velocity(x, s, cond).square().mean()
+    with torch.no_grad():  # the other roles run between forward and backward, as in the algorithms
+        roles.teacher.velocity(x, s, cond)
+        roles.fake.velocity(x, s, cond)
+    loss.backward()
+    assert all(p.grad is not None for p in roles.generator_params)
+    assert all(p.grad is None for p in roles.fake_params)
+    opt.step()
+    assert _changed(gen_before, roles.generator_params)
+    assert _unchanged(before, [adapter.transformer])
+
+
+def test_gradient_checkpointing_recomputes_with_the_forward_role():
+    grads = []
+    for checkpointing in (False, True):
+        adapter = Flux2Adapter.random("tiny_flux2", seed=0)
+        models = build_roles(adapter, lora=SMALL, gradient_checkpointing=checkpointing)
+        roles = models.roles()
+        _perturb(roles.generator_params)
+        _perturb(roles.fake_params, seed=1)
+        adapter.transformer.train()
+        x, s, cond = _inputs(adapter)
+        loss = roles.generator.velocity(x, s, cond).square().mean()
+        with torch.no_grad():
+            roles.fake.velocity(x, s, cond)
+            roles.teacher.velocity(x, s, cond)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in roles.generator_params]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["shared", "separate"])
+def test_stage2_starts_from_the_stage1_generator(layout):
+    adapter = SD3Adapter.random("tiny_sd3", seed=0)
+    stage1 = build_roles(adapter, lora=SMALL)
+    _perturb(stage1.roles().generator_params)
+    x, s, cond = _inputs(adapter)
+    with torch.no_grad():
+        v_stage1 = stage1.roles().generator.velocity(x, s, cond)
+    export, rank = combine_lora_states([(lora_state(stage1.generator, GENERATOR), SMALL.alpha / SMALL.rank)])
+    assert rank == SMALL.rank
+    fresh = SD3Adapter.random("tiny_sd3", seed=0)
+    stage2 = build_roles(fresh, layout=layout, lora=SMALL, stage1_generator=export)
+    with torch.no_grad():
+        v_stage2 = stage2.roles().generator.velocity(x, s, cond)
+        v_teacher = stage2.roles().teacher.velocity(x, s, cond)
+    torch.testing.assert_close(v_stage2, v_stage1, atol=1e-5, rtol=1e-5)
+    assert stage2.generator_adapters == ((STAGE1, GENERATOR) if layout == "shared" else (GENERATOR,))
+    assert torch.equal(v_teacher, fresh.forward(SD3Adapter.random("tiny_sd3", seed=0).transformer, x, s, cond))
+
+
+def test_separate_full_finetune_trains_every_weight_in_fp32():
+    adapter = SD3Adapter.random("tiny_sd3", seed=0)
+    models = build_roles(adapter, layout="separate", finetune="full")
+    n_all = sum(1 for _ in adapter.transformer.parameters())
+    assert len(models.generator_named) == n_all and len(models.fake_named) == n_all
+    assert models.generator is not adapter.transformer and models.fake is not models.generator
+    assert all(p.dtype == torch.float32 and p.requires_grad for _, p in models.generator_named)
+    assert not any(p.requires_grad for p in adapter.transformer.parameters())
+    with pytest.raises(ValueError, match="separate"):
+        build_roles(SD3Adapter.random("tiny_sd3", seed=0), layout="shared", finetune="full")
+
+
+def _stage_configs(adapter):
+    sampler = SamplerConfig(num_steps=4, shift=adapter.sigma_shift(32, 32, 4), eta=0.9)
+    s1 = Stage1Config(num_iters=1, batch_size=2, n_fake=1, lr=1e-3, fake=FakeConfig(lr=1e-3))
+    s2 = Stage2Config(num_iters=1, num_prompts=1, group_size=2, lr=1e-3, fake=FakeConfig(lr=1e-3))
+    return sampler, s1, s2
+
+
+def _check_step(algo, models, modules, it: int) -> None:
+    roles = models.roles()
+    trainable = roles.generator_params + roles.fake_params
+    frozen = _snapshot(modules, trainable)
+    gen, fake = ([p.detach().clone() for p in ps] for ps in (roles.generator_params, roles.fake_params))
+    algo.step(it)
+    assert _changed(gen, roles.generator_params), "generator did not move"
+    assert _changed(fake, roles.fake_params), "fake score did not move"
+    assert _unchanged(frozen, modules), "a frozen weight moved"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stage1_then_stage2_iteration(family):
+    cls, arch, cfg_scale = FAMILIES[family]
+    gen_base = (lambda a: a.random_transformer(seed=7)) if family == "flux2" else (lambda a: None)
+    adapter = cls.random(arch, seed=0)
+    task = DiffusersTask(adapter, ["a red cat", "a blue dog"], RewardSet([MeanBrightness()]), cfg_scale, 32)
+    sampler, s1, s2 = _stage_configs(adapter)
+    base = gen_base(adapter)
+    models = build_roles(adapter, lora=SMALL, generator_base=base)
+    modules = [adapter.transformer, adapter.vae] + ([base] if base is not None else [])
+    _check_step(ACDMD(s1, sampler, task, models.roles(), seed=0), models, modules, 0)
+
+    export, _ = combine_lora_states([(lora_state(models.generator, GENERATOR), SMALL.alpha / SMALL.rank)])
+    adapter2 = cls.random(arch, seed=0)
+    base2 = gen_base(adapter2)
+    models2 = build_roles(adapter2, lora=SMALL, generator_base=base2, stage1_generator=export)
+    models2.load_trainable_state(models.trainable_state(), roles=("fake",))
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(models.fake_named, models2.fake_named))
+    assert FAKE in adapter2.transformer.peft_config
+    task2 = DiffusersTask(adapter2, task.prompts, task.rewards, cfg_scale, 32)
+    modules2 = [adapter2.transformer, adapter2.vae] + ([base2] if base2 is not None else [])
+    _check_step(RTDMD(s2, sampler, task2, models2.roles(), seed=0), models2, modules2, 0)
