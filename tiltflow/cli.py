@@ -115,7 +115,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    run_demo(cfg, user, args.out)
+    from tiltflow.worlds.gmm.demo import METHODS
+
+    methods = args.methods.split(",") if args.methods else None
+    unknown = sorted(set(methods or []) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"error: unknown --methods {unknown}; choose from {METHODS}")
+    run_demo(cfg, user, args.out, methods=methods)
     return 0
 
 
@@ -150,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="every method on a gmm problem, side by side (default: the embedded 2-D problem)")
     _add_config_args(p, required=False)
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of methods (default: all). Stage-2 methods need ac_dmd.")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -151,7 +151,7 @@ class NaNTeacher:
 @pytest.mark.parametrize(
     ("stage", "target", "replacement", "term"),
     [
-        ("rtdmd", "build_rewards", lambda spec: RewardSet([NaNReward()]), "stage-2 generator loss"),
+        ("rtdmd", "build_rewards", lambda spec: RewardSet([NaNReward()]), "policy-gradient loss"),
         ("ac_dmd", "teacher_backbone", lambda cfg, net: NaNTeacher(), "generator DM loss"),
     ],
 )

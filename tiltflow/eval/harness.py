@@ -221,17 +221,20 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace, *, generate: Generate | None = None) -> int:
-    """Run `tiltflow eval`; 0 on success, 2 on a usage or input error (printed to stderr).
+    """Run `tiltflow eval`; 0 on success, 2 on a usage or input error, 1 when a reward server fails
+    (messages go to stderr; other exceptions propagate with their traceback).
 
     generate: a generate(prompts) callable supplied by the caller (e.g. the CLI after loading a model);
     it takes the place of --generator.
     """
+    from tiltflow.rewards.remote import RemoteRewardError
+
     try:
         return _run(args, generate)
-    except (PromptFileError, ValueError, TypeError, FileNotFoundError, ImportError) as err:
+    except (PromptFileError, ValueError, FileNotFoundError, ImportError) as err:
         print(f"tiltflow eval: error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:  # RemoteRewardError and friends: clear messages, no traceback
+    except RemoteRewardError as err:  # a reward server failed: its message says why, no traceback needed
         print(f"tiltflow eval: error: {err}", file=sys.stderr)
         return 1
 

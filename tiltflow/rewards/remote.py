@@ -30,7 +30,7 @@ from tiltflow.rewards.base import RewardOutput
 from tiltflow.rewards.preprocess import check_images
 
 PROTOCOL = "tiltflow-reward/1"
-ENCODINGS = ("npy-uint8", "npy-float16")
+ENCODINGS = ("npy-uint8", "npy-float16", "npy-float32")  # float32: any (B, ...) array, unclamped
 
 
 class RemoteRewardError(RuntimeError):
@@ -41,8 +41,11 @@ def encode_images(images: Tensor, encoding: str = "npy-uint8") -> dict[str, str]
     """(B, 3, H, W) in [0, 1] -> {"encoding", "data"}: a base64 .npy of uint8 (0-255) or float16 (0-1)."""
     if encoding not in ENCODINGS:
         raise ValueError(f"image encoding must be one of {ENCODINGS}, got {encoding!r}")
-    x = images.detach().float().clamp(0, 1).cpu()
-    array = (x * 255).round().to(torch.uint8).numpy() if encoding == "npy-uint8" else x.half().numpy()
+    if encoding == "npy-float32":  # raw samples of any shape (e.g. the analytic world's vectors)
+        array = images.detach().float().cpu().numpy()
+    else:
+        x = images.detach().float().clamp(0, 1).cpu()
+        array = (x * 255).round().to(torch.uint8).numpy() if encoding == "npy-uint8" else x.half().numpy()
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return {"encoding": encoding, "data": base64.b64encode(buffer.getvalue()).decode("ascii")}
@@ -56,6 +59,10 @@ def decode_images(payload: Any) -> Tensor:
         array = np.load(io.BytesIO(base64.b64decode(payload["data"], validate=True)), allow_pickle=False)
     except Exception as err:  # binascii.Error, ValueError, EOFError...: all mean a bad payload
         raise ValueError(f"'images.data' is not a base64 .npy array: {err}") from err
+    if payload["encoding"] == "npy-float32":
+        if array.dtype != np.float32 or array.ndim < 1:
+            raise ValueError(f"'images' must decode to a float32 (B, ...) array, got {array.dtype} {array.shape}")
+        return torch.from_numpy(array.copy())
     expected = np.uint8 if payload["encoding"] == "npy-uint8" else np.float16
     if array.dtype != expected or array.ndim != 4 or array.shape[1] != 3:
         raise ValueError(
@@ -74,6 +81,8 @@ def encode_prompts(prompts: Sequence[Any]) -> list[Any]:
             out.append({**dict(metadata), "prompt": str.__str__(p)})
         elif isinstance(p, str):
             out.append(str.__str__(p))
+        elif isinstance(p, int) and not isinstance(p, bool):  # the analytic world's prompts are indices
+            out.append(p)
         elif isinstance(p, Mapping) and isinstance(p.get("prompt"), str):
             out.append(dict(p))
         else:
@@ -112,7 +121,8 @@ class RemoteReward:
         self.timeout_s, self.retries, self.backoff_s, self.encoding = timeout_s, retries, backoff_s, encoding
 
     def __call__(self, samples: Tensor, prompts: Sequence[Any]) -> RewardOutput:
-        check_images(samples)
+        if self.encoding != "npy-float32":  # float32 carries raw (B, ...) samples, not only images
+            check_images(samples)
         if len(prompts) != samples.shape[0]:
             raise ValueError(f"got {len(prompts)} prompts for {samples.shape[0]} images")
         body = {

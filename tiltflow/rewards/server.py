@@ -136,12 +136,12 @@ def _decode_prompts(prompts: Any, batch_size: int) -> list[Any]:
         raise _BadRequest(f"'prompts' must be a list of {batch_size} entries (one per image)")
     out: list[Any] = []
     for i, p in enumerate(prompts):
-        if isinstance(p, str):
+        if isinstance(p, (str, int)) and not isinstance(p, bool):
             out.append(p)
         elif isinstance(p, dict) and isinstance(p.get("prompt"), str):
             out.append(Prompt(p["prompt"], {k: v for k, v in p.items() if k != "prompt"}))
         else:
-            raise _BadRequest(f"prompt {i} must be a string or an object with a 'prompt' string")
+            raise _BadRequest(f"prompt {i} must be a string, an integer or an object with a 'prompt' string")
     return out
 
 

@@ -53,7 +53,11 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self.num_inference_steps = num_few_steps
-        self._set_grid(self._raw_grid(num_few_steps), mu=None)
+        if use_dynamic_shifting:  # mu comes with set_timesteps; until then the unshifted grid
+            raw = torch.from_numpy(self._raw_grid(num_few_steps)).to(torch.float32)
+            self.sigmas, self.timesteps = torch.cat([raw, torch.zeros(1)]), raw * num_train_timesteps
+        else:
+            self._set_grid(self._raw_grid(num_few_steps), mu=None)
 
     # ---- the grid ---------------------------------------------------------------------------------
     @staticmethod
