@@ -90,6 +90,7 @@ def metric_curves(
     metrics: Sequence[str],
     *,
     references: Mapping[str, float] | None = None,
+    ylims: Mapping[str, tuple[float, float]] | None = None,
     ncols: int = 3,
     panel_size: float = 3.5,
 ) -> Path:
@@ -109,6 +110,8 @@ def metric_curves(
                 ax.plot(steps, values, label=method, linewidth=1.2)
         if references and metric in references:
             ax.axhline(references[metric], color="k", linestyle="--", linewidth=0.8, label="reference")
+        if ylims and metric in ylims:  # keep diverging runs from flattening the others
+            ax.set_ylim(*ylims[metric])
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("step")
     handles, labels = axes[0].get_legend_handles_labels()

@@ -42,7 +42,7 @@ def _scatter(out: Path, cfg: RunConfig, samples: dict[str, list[torch.Tensor]], 
     return files
 
 
-def _curves(out: Path, methods: list[str]) -> str | None:
+def _curves(out: Path, methods: list[str], summary: dict[str, float]) -> str | None:
     curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for name in methods:
         path = out / name / "metrics.jsonl"
@@ -57,7 +57,13 @@ def _curves(out: Path, methods: list[str]) -> str | None:
         curves[name] = per
     if not curves:
         return None
-    metric_curves(out / "curves.png", curves, CURVE_KEYS)
+    lo, hi = sorted((summary["reward_base"], summary["reward_target"]))
+    span = hi - lo
+    refs = {"eval_reward_mean": summary["reward_target"], "eval_energy_distance": summary["energy_noise_floor"]}
+    ylims = {"eval_reward_mean": (lo - span, hi + span), "eval_mode_tv": (0.0, 1.0),
+             "eval_energy_distance": (0.0, 2 * summary["energy_base"]),
+             "eval_energy_to_base": (0.0, 2 * summary["energy_base"])}
+    metric_curves(out / "curves.png", curves, CURVE_KEYS, references=refs, ylims=ylims)
     return "curves.png"
 
 
@@ -80,9 +86,11 @@ def write_report(out: Path, cfg: RunConfig, results: dict[str, dict[str, float]]
               "and kl_base_estimate compare with the untilted p (what stage 1 should match).", ""]
     for f in _scatter(out, cfg, samples, ref):
         lines += [f"![{f}]({f})", ""]
-    curves = _curves(out, list(results))
+    curves = _curves(out, list(results), any_res)
     if curves:
-        lines += ["## Metric curves over training (EMA generator)", "", f"![curves]({curves})", ""]
+        lines += ["## Metric curves over training (EMA generator)", "",
+                  "Dashed: E_p_tilde[r] and the energy noise floor. Axes are clipped to twice the untilted "
+                  "distance, so diverging runs leave the frame.", "", f"![curves]({curves})", ""]
     lines += ["## Provenance", "", f"tiltflow {__version__}, torch {torch.__version__}, python "
               f"{platform.python_version()}, {platform.machine()}, {torch.get_num_threads()} torch threads; seed "
               f"{cfg.seed}; total wall time {total_s:.1f} s.", ""]
