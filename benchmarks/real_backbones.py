@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import functools
 import gc
 import json
 import platform
@@ -33,7 +34,8 @@ from tiltflow.worlds.diffusers_world import DiffusersTask, MeanBrightness
 
 # Reference settings (METHOD.md 4.4, 5.5): teacher CFG per family, LoRA 32/64, eta 0.9, 4 steps, n_fake 10.
 FAMILY = {"sd3_medium": ("sd3", 7.0), "sd35_medium": ("sd3", 4.5), "flux1_dev": ("flux1", 3.5),
-          "flux2_klein_4b": ("flux2", 4.0), "flux2_klein_9b": ("flux2", 4.0)}
+          "flux2_klein_4b": ("flux2", 4.0), "flux2_klein_9b": ("flux2", 4.0),
+          "tiny_sd3": ("sd3", 4.5), "tiny_flux1": ("flux1", 3.5), "tiny_flux2": ("flux2", 4.0)}  # tiny: CPU smoke
 PROMPTS = [f"a photo of a {c} {o} on a {b} street" for c in ("red", "blue", "green") for o in ("cat", "car")
            for b in ("small", "large")]
 
@@ -51,12 +53,16 @@ def gib(n_bytes: int) -> float:
 
 
 def timed(fn: Any) -> dict[str, Any]:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     metrics = fn()
-    torch.cuda.synchronize()
-    return {"time_s": round(time.perf_counter() - t0, 3), "peak_mem_gib": gib(torch.cuda.max_memory_allocated()),
+    if cuda:
+        torch.cuda.synchronize()
+    return {"time_s": round(time.perf_counter() - t0, 3),
+            "peak_mem_gib": gib(torch.cuda.max_memory_allocated()) if cuda else None,
             "finite": all(v == v for v in metrics.values() if isinstance(v, float))}
 
 
@@ -64,7 +70,7 @@ def bench_one(arch: str, layout: str, args: argparse.Namespace) -> dict[str, Any
     family, cfg_scale = FAMILY[arch]
     cls = adapter_class(family)
     extra = {"guidance": cfg_scale} if family == "flux1" else {}
-    adapter = cls.random(arch, seed=0, device="cuda", text_encoders=False, **extra)
+    adapter = cls.random(arch, seed=0, device=args.device, text_encoders=False, **extra)
     gen_base = adapter.random_transformer(seed=1) if family == "flux2" else None  # the distilled init
     models = build_roles(adapter, layout=layout, lora=LoraSettings(32, 64.0), generator_base=gen_base,
                          gradient_checkpointing=args.gradient_checkpointing)
@@ -80,12 +86,12 @@ def bench_one(arch: str, layout: str, args: argparse.Namespace) -> dict[str, Any
                       fake=fake)
     s2 = Stage2Config(num_iters=1, num_prompts=1, group_size=args.stage2_group, accumulation=1,
                       fake=dataclasses.replace(fake, lr=3e-6))
-    out: dict[str, Any] = {"arch": arch, "layout": layout, "model_mem_gib": gib(torch.cuda.memory_allocated()),
+    mem = gib(torch.cuda.memory_allocated()) if args.device == "cuda" else None
+    out: dict[str, Any] = {"arch": arch, "layout": layout, "model_mem_gib": mem,
                            "trainable_params": sum(p.numel() for p in models.roles().generator_params)}
     roles = models.roles()
     warm = ACDMD(dataclasses.replace(s1, n_fake=1), sampler, task, roles, seed=0)
-    out["warmup_s"] = timed(lambda: warm.step(0))["time_s"]  # kernels, allocator, cuBLAS handles
-    del warm
+    out["warmup_s"] = timed(functools.partial(warm.step, 0))["time_s"]  # kernels, allocator, cuBLAS handles
     out["stage1"] = timed(lambda: ACDMD(s1, sampler, task, roles, seed=0).step(1))
     out["stage2_rollout_batch"] = timed(lambda: RTDMD(s2, sampler, task, roles, seed=0).step(0))
     return out
@@ -96,7 +102,8 @@ def environment() -> dict[str, Any]:
     import peft
     import transformers
 
-    return {"gpu": torch.cuda.get_device_name(0), "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
+    return {"gpu": gpu, "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
             "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
@@ -111,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="stage-2 samples per GPU per rollout batch (a group of 24 over 3 GPUs; 16 batches/iter)")
     p.add_argument("--n-fake", type=int, default=10)
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    p.add_argument("--device", default="cuda", help="cuda; cpu only for the tiny_* smoke architectures")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("real_backbones: no CUDA device; nothing measured", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -127,13 +135,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {arch} / {layout}", flush=True)
             try:
                 row = bench_one(arch, layout, args)
-            except torch.cuda.OutOfMemoryError as err:
+            except torch.OutOfMemoryError as err:
                 row = {"arch": arch, "layout": layout, "error": f"out of memory: {str(err)[:200]}"}
             print(json.dumps(row), flush=True)
             report["results"].append(row)
             args.out.write_text(json.dumps(report, indent=1) + "\n")  # written after each row
             gc.collect()
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return 0
 
 

@@ -63,6 +63,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    if args.config is not None and _world_of(args.config) != "gmm":
+        from tiltflow.worlds import diffusers_world
+
+        if args.out is None:
+            raise SystemExit("error: --out DIR is required (images, index.jsonl and grid.png go there)")
+        return diffusers_world.cli_sample(args.config, args.overrides, args.text, args.out)
+    if args.run is None or args.out is None:
+        raise SystemExit("error: gmm sampling needs --run DIR and --out FILE.npy (or --config for a diffusers model)")
     import numpy as np
 
     from tiltflow.worlds.gmm.evaluate import few_step_generate
@@ -132,12 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "bp_only, dm_bp) into run_dir; resumes if run_dir holds a checkpoint")
     _add_config_args(p, required=True)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("sample", help="write samples of a trained gmm generator to a .npy file")
-    p.add_argument("--run", type=Path, required=True, help="a finished stage-1 or stage-2 run directory")
+    p = sub.add_parser("sample", help="samples of a trained generator: gmm (--run, .npy) or a diffusers model "
+                       "(--config configs/<family>/sample.yaml: PNGs + a captioned grid)")
+    p.add_argument("--run", type=Path, default=None, help="gmm: a finished stage-1 or stage-2 run directory")
+    p.add_argument("--config", type=Path, default=None, help="diffusers: a sample config (configs/<family>/sample.yaml)")
+    p.add_argument("--text", action="append", default=[], help="diffusers: a prompt (repeatable; default: the "
+                   "config's prompt file)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="diffusers: dotted config overrides")
     p.add_argument("--num", type=int, default=1000, help="number of samples")
     p.add_argument("--prompt", type=int, default=0, help="prompt (condition) index")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, help="output .npy file, shape (num, dim)")
+    p.add_argument("--out", type=Path, default=None, help="gmm: output .npy file, shape (num, dim); diffusers: "
+                   "output folder")
     p.set_defaults(func=cmd_sample)
     p = sub.add_parser("eval", help="evaluate a gmm run (--run) or score images with rewards (see docs/rewards.md)")
     p.add_argument("--run", type=Path, default=None, help="a gmm run directory to evaluate against p_tilde")

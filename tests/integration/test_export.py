@@ -95,7 +95,8 @@ def test_merged_transformer_export(tmp_path):
 
 @pytest.mark.slow
 def test_world_run_stage1_stage2_export_and_sample(tmp_path):
-    from tiltflow.worlds.diffusers_world import build_models, load_run_config, sample as world_sample, train
+    from tiltflow.worlds.diffusers_world import build_models, load_run_config, train
+    from tiltflow.worlds.diffusers_world import sample as world_sample
 
     common = ["model.family=sd3", "model.random_weights=true", "model.arch=tiny_sd3", "model.resolution=32",
               "model.teacher_cfg=3.0", "device=cpu", "prompts=[a red cat, a blue dog]", "lora.rank=4",
@@ -117,3 +118,4 @@ def test_world_run_stage1_stage2_export_and_sample(tmp_path):
     _check_stock_pipeline_reproduces(SD3Adapter, "tiny_sd3", adapter, models, tmp_path / "s2" / "export_lora")
     paths = world_sample(s2, ["a cat"], tmp_path / "samples")
     assert len(paths) == 1 and paths[0].stat().st_size > 0
+    assert (tmp_path / "samples" / "grid.png").is_file()  # captioned with the prompts

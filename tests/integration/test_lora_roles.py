@@ -210,3 +210,13 @@ def test_stage1_then_stage2_iteration(family):
     task2 = DiffusersTask(adapter2, task.prompts, task.rewards, cfg_scale, 32)
     modules2 = [adapter2.transformer, adapter2.vae] + ([base2] if base2 is not None else [])
     _check_step(RTDMD(s2, sampler, task2, models2.roles(), seed=0), models2, modules2, 0)
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_separate_layout_stage1_iteration(finetune):
+    adapter = SD3Adapter.random("tiny_sd3", seed=0)
+    task = DiffusersTask(adapter, ["a red cat", "a blue dog"], RewardSet([MeanBrightness()]), 3.0, 32)
+    sampler, s1, _ = _stage_configs(adapter)
+    models = build_roles(adapter, layout="separate", finetune=finetune, lora=SMALL)
+    _check_step(ACDMD(s1, sampler, task, models.roles(), seed=0), models,
+                [adapter.transformer, adapter.vae], 0)

@@ -157,18 +157,29 @@ def _rel(path: str, out_dir: Path) -> str:
         return Path(path).resolve().as_uri()
 
 
-def write_grid(paths: Sequence[str], target: Path, *, cell: int = 192, gap: int = 4) -> None:
-    """Tile the images (resized to cell x cell, `gap` white pixels apart) into a near-square grid PNG."""
-    from PIL import Image
+def write_grid(paths: Sequence[str], target: Path, *, cell: int = 192, gap: int = 4,
+               captions: Sequence[str] | None = None) -> None:
+    """Tile the images (resized to cell x cell, `gap` white pixels apart) into a near-square grid PNG,
+    each with its caption (e.g. its prompt) underneath when `captions` is given."""
+    from PIL import Image, ImageDraw
 
     if not paths:
         return
     cols = math.ceil(math.sqrt(len(paths)))
     rows = math.ceil(len(paths) / cols)
-    step = cell + gap
-    grid = Image.new("RGB", (cols * step + gap, rows * step + gap), "white")
+    text_h = 14 * 2 if captions else 0
+    step_x, step_y = cell + gap, cell + gap + text_h
+    grid = Image.new("RGB", (cols * step_x + gap, rows * step_y + gap), "white")
+    draw = ImageDraw.Draw(grid)
     for i, path in enumerate(paths):
         with Image.open(path) as image:
             tile = image.convert("RGB").resize((cell, cell), Image.Resampling.BICUBIC)
-        grid.paste(tile, (gap + (i % cols) * step, gap + (i // cols) * step))
+        x, y = gap + (i % cols) * step_x, gap + (i // cols) * step_y
+        grid.paste(tile, (x, y))
+        if captions:
+            text = str(captions[i])
+            width = max(1, cell // 6)  # ~6 px per character with PIL's default font
+            lines = [text[j:j + width] for j in range(0, len(text), width)][:2]
+            for k, line in enumerate(lines):
+                draw.text((x, y + cell + 1 + 13 * k), line, fill="black")
     grid.save(target)

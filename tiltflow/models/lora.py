@@ -241,7 +241,8 @@ def build_roles(adapter: Any, *, layout: str = "shared", finetune: str = "lora",
         gen_names: tuple[str, ...] = ()
     else:
         shared_gen = layout == "shared" and generator_base is None
-        gen = gen_src if (layout == "shared") else copy.deepcopy(gen_src)
+        own = layout == "shared" or generator_base is not None  # a dedicated generator_base needs no copy
+        gen = gen_src if own else copy.deepcopy(gen_src)
         fake = base if layout == "shared" else copy.deepcopy(base)
         gen_names, gen_named = _prepare(gen, settings, targets, stage1_generator, merge=not shared_gen)
         fake_named = add_lora(fake, FAKE, settings, targets)

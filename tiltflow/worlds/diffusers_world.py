@@ -370,6 +370,9 @@ def sample(cfg: DiffusersRunConfig, prompts: Sequence[str], out_dir: str | Path)
                 Image.fromarray(img).save(path)
                 index.write(json.dumps({"file": path.name, "prompt": prompt}) + "\n")
                 paths.append(path)
+    from tiltflow.eval.report import write_grid
+
+    write_grid([str(p) for p in paths[:64]], out / "grid.png", captions=todo[:64])
     return paths
 
 
@@ -390,5 +393,5 @@ def cli_sample(config: str | Path | None, overrides: Sequence[str], prompts: Seq
     """`tiltflow sample --config configs/<family>/sample.yaml --out DIR [--prompt P ...]`."""
     cfg = load_run_config(config, overrides)
     paths = sample(cfg, list(prompts) or read_prompts(cfg), out_dir)
-    print(f"wrote {len(paths)} images to {out_dir}")
+    print(f"wrote {len(paths)} images, index.jsonl and a captioned grid.png to {out_dir}")
     return 0

@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,13 +119,14 @@ class Precision:
 
 
 class TextEmbeddingCache:
-    """Prompt -> dict of tensors, kept in memory and (optionally) on disk as one safetensors file per
-    prompt, keyed by sha256(model key, encoder settings, prompt)."""
+    """Prompt -> dict of tensors, kept in memory (the `max_memory` most recent prompts) and, optionally,
+    on disk as one safetensors file per prompt, keyed by sha256(model key, encoder settings, prompt)."""
 
-    def __init__(self, root: str | Path | None, model_key: str):
+    def __init__(self, root: str | Path | None, model_key: str, max_memory: int = 256):
         self.root = Path(root).expanduser() if root else None
         self.model_key = model_key
-        self.memory: dict[str, dict[str, Tensor]] = {}
+        self.max_memory = max_memory
+        self.memory: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
 
     def _path(self, key: str) -> Path:
         assert self.root is not None
@@ -155,7 +157,12 @@ class TextEmbeddingCache:
                     self._path(k).parent.mkdir(parents=True, exist_ok=True)
                     save_file(entry, str(self._path(k)))
         names = self.memory[keys[0]].keys()
-        return {name: torch.stack([self.memory[k][name] for k in keys]) for name in names}
+        out = {name: torch.stack([self.memory[k][name] for k in keys]) for name in names}
+        for k in keys:
+            self.memory.move_to_end(k)
+        while len(self.memory) > max(self.max_memory, len(set(keys))):
+            self.memory.popitem(last=False)
+        return out
 
 
 def stub_embeddings(prompts: Sequence[str], shapes: dict[str, tuple[int, ...]], salt: str) -> dict[str, Tensor]:
