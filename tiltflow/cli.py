@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="samples of a trained generator: gmm (--run, .npy) or a diffusers model "
                        "(--config configs/<family>/sample.yaml: PNGs + a captioned grid)")
     p.add_argument("--run", type=Path, default=None, help="gmm: a finished stage-1 or stage-2 run directory")
-    p.add_argument("--config", type=Path, default=None, help="diffusers: a sample config (configs/<family>/sample.yaml)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="diffusers: a sample config (configs/<family>/sample.yaml)")
     p.add_argument("--text", action="append", default=[], help="diffusers: a prompt (repeatable; default: the "
                    "config's prompt file)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="diffusers: dotted config overrides")

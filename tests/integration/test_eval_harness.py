@@ -19,14 +19,6 @@ from tiltflow.rewards.testing import make_tiny_clip_folder
 REPORTS = ("per_prompt.jsonl", "summary.json", "summary.md", "index.html", "grid.png")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float32_default():
-    """Some other test modules set float64 as torch's default dtype at import; these tests assume float32."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(previous)
-
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):

@@ -22,15 +22,6 @@ from tiltflow.rewards.remote import RemoteReward, RemoteRewardError, decode_imag
 from tiltflow.rewards.server import main, serving
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float32_default():
-    """Some other test modules set float64 as torch's default dtype at import; these tests assume float32."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(previous)
-
-
 class MeanBrightness:
     """Score = mean pixel value; records the prompts it saw."""
 

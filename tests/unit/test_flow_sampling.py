@@ -8,15 +8,7 @@ import torch
 from tiltflow.flow import eps_from_v, few_step_sigmas, forward_kernel, interpolate, time_shift, x0_from_v
 from tiltflow.sampling import NoisePlan, cps_step, gaussian_log_prob, group_noise, sample
 
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    """Closed forms are checked in float64; restore the default afterwards so other modules are unaffected."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def test_prediction_conversions_invert_the_interpolant():

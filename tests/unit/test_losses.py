@@ -22,15 +22,7 @@ from tiltflow.losses import (
 from tiltflow.losses.advantages import group_index
 from tiltflow.sampling import cps_step
 
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    """Closed forms are checked in float64; restore the default afterwards so other modules are unaffected."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -27,14 +27,6 @@ from tiltflow.rewards.testing import write_tiny_clip_tokenizer
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "hpsv2"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float32_default():
-    """Some other test modules set float64 as torch's default dtype at import; these tests assume float32."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(previous)
-
 
 @pytest.fixture(scope="module")
 def fixture():

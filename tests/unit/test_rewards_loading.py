@@ -22,15 +22,6 @@ from tiltflow.rewards.loading import (
 from tiltflow.rewards.registry import KNOWN_REWARDS, build_reward, build_reward_set, parse_reward_spec
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float32_default():
-    """Some other test modules set float64 as torch's default dtype at import; these tests assume float32."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(previous)
-
-
 @pytest.fixture
 def empty_hub_cache(tmp_path, monkeypatch):
     from huggingface_hub import constants

@@ -23,14 +23,6 @@ TOL = 1.2 / 255
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "hpsv2"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def float32_default():
-    """Some other test modules set float64 as torch's default dtype at import; these tests assume float32."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(previous)
-
 
 def smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     coarse = rng.uniform(16, 239, size=(5, 6, 3)).astype(np.uint8)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tiltflow.algorithms.common import Roles, Task, check_finite, step_generator
+from tiltflow.algorithms.common import Roles, Task, TrainState, check_finite, optimizer_step, step_generator
 from tiltflow.algorithms.terms import TauRange, dm_term, fake_loss
 from tiltflow.config.schema import SamplerConfig, Stage1Config
 from tiltflow.flow.conventions import few_step_sigmas
@@ -24,9 +24,10 @@ class ACDMD:
     def __init__(self, cfg: Stage1Config, sampler: SamplerConfig, task: Task, roles: Roles, seed: int):
         self.cfg, self.sampler, self.task, self.roles, self.seed = cfg, sampler, task, roles, seed
         self.sigmas = few_step_sigmas(sampler.num_steps, sampler.shift)
-        self.gen_opt = torch.optim.AdamW(roles.generator_params, lr=cfg.lr, weight_decay=0.0)
-        self.fake_opt = torch.optim.AdamW(roles.fake_params, lr=cfg.fake.lr, weight_decay=0.0)
-        self.ema = EMA(roles.generator_params, cfg.ema_decay)
+        self.state = TrainState(torch.optim.AdamW(roles.generator_params, lr=cfg.lr, weight_decay=0.0),
+                                torch.optim.AdamW(roles.fake_params, lr=cfg.fake.lr, weight_decay=0.0),
+                                EMA(roles.generator_params, cfg.ema_decay))
+        self.ema = self.state.ema
         self.taus = TauRange(cfg.delta, cfg.tau_min, cfg.tau_max)
 
     def _rollout(self, k: int, cond: Any, n: int, g: torch.Generator, with_grad: bool) -> tuple[Tensor, float]:
@@ -59,10 +60,7 @@ class ACDMD:
                             delta_max=fake_cfg.consistency_delta_max, two_sample=fake_cfg.consistency_two_sample,
                             generator=g)
             check_finite("fake-score loss", out.loss, it)
-            self.fake_opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.roles.fake_params, cfg.grad_clip)
-            self.fake_opt.step()
+            optimizer_step(self.state.fake_opt, out.loss, self.roles.fake_params, cfg.grad_clip)
             metrics.update(out.metrics)
         cond, uncond, n = self._batch(g)
         k = int(torch.randint(self.sampler.num_steps, (1,), generator=g))  # random stop, whole batch
@@ -70,20 +68,15 @@ class ACDMD:
         out = dm_term(self.task, self.roles, x_s, s, cond, uncond, taus=self.taus, eta=self.sampler.eta,
                       scaling="normalized", generator=g)
         check_finite("generator DM loss", out.loss, it)
-        self.gen_opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        metrics["gen_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.roles.generator_params, cfg.grad_clip))
-        self.gen_opt.step()
+        metrics["gen_grad_norm"] = optimizer_step(self.state.gen_opt, out.loss, self.roles.generator_params,
+                                                  cfg.grad_clip)
         self.ema.update()
         metrics.update(out.metrics)
         metrics["gen_dm_loss"] = float(out.loss.detach())
         return metrics
 
     def state_dict(self) -> dict:
-        return {"gen_opt": self.gen_opt.state_dict(), "fake_opt": self.fake_opt.state_dict(),
-                "ema": self.ema.state_dict()}
+        return self.state.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.gen_opt.load_state_dict(state["gen_opt"])
-        self.fake_opt.load_state_dict(state["fake_opt"])
-        self.ema.load_state_dict(state["ema"])
+        self.state.load_state_dict(state)

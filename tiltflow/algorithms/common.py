@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from tiltflow.models.base import Backbone, guided_velocity
+from tiltflow.models.ema import EMA
 from tiltflow.rewards.base import RewardSet
 
 
@@ -54,6 +55,34 @@ def randn(shape: Sequence[int], generator: torch.Generator, like: Tensor | None 
 
 def teacher_velocity(task: Task, roles: Roles, x: Tensor, sigma: Tensor, cond: Any, uncond: Any) -> Tensor:
     return guided_velocity(roles.teacher, x, sigma, cond, uncond, task.cfg_scale)
+
+
+@dataclass
+class TrainState:
+    """The checkpointable optimiser state of a two-network algorithm: generator and fake-score
+    optimisers and the generator EMA."""
+
+    gen_opt: torch.optim.Optimizer
+    fake_opt: torch.optim.Optimizer
+    ema: EMA
+
+    def state_dict(self) -> dict:
+        return {"gen_opt": self.gen_opt.state_dict(), "fake_opt": self.fake_opt.state_dict(),
+                "ema": self.ema.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen_opt.load_state_dict(state["gen_opt"])
+        self.fake_opt.load_state_dict(state["fake_opt"])
+        self.ema.load_state_dict(state["ema"])
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: Tensor, params: list[nn.Parameter], clip: float) -> float:
+    """zero_grad, backward, clip the gradient norm, step; returns the norm before clipping."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    opt.step()
+    return norm
 
 
 def check_finite(name: str, value: Tensor, step: int) -> None:

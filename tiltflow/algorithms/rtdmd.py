@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tiltflow.algorithms.common import Roles, Task, check_finite, step_generator
+from tiltflow.algorithms.common import Roles, Task, TrainState, check_finite, optimizer_step, step_generator
 from tiltflow.algorithms.terms import TauRange, dm_term, fake_loss
 from tiltflow.config.schema import SamplerConfig, Stage2Config
 from tiltflow.flow.conventions import few_step_sigmas
@@ -29,9 +29,11 @@ class RTDMD:
         self.cfg, self.sampler, self.task, self.roles, self.seed = cfg, sampler, task, roles, seed
         self.sigmas = few_step_sigmas(sampler.num_steps, sampler.shift)
         self.num_steps = sampler.num_steps
-        self.gen_opt = torch.optim.AdamW(roles.generator_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.fake_opt = torch.optim.AdamW(roles.fake_params, lr=cfg.fake.lr, weight_decay=0.0)
-        self.ema = EMA(roles.generator_params, cfg.ema_decay)
+        self.state = TrainState(
+            torch.optim.AdamW(roles.generator_params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+            torch.optim.AdamW(roles.fake_params, lr=cfg.fake.lr, weight_decay=0.0),
+            EMA(roles.generator_params, cfg.ema_decay))
+        self.ema = self.state.ema
         self.taus = TauRange(0.0, cfg.dm_tau_min, cfg.dm_tau_max)
         self.w_dm, self.w_pg, self.w_bp = cfg.weights()
         if cfg.dm_depth > self.num_steps:
@@ -92,10 +94,7 @@ class RTDMD:
                             gamma=fc.consistency_gamma, delta_max=fc.consistency_delta_max,
                             two_sample=fc.consistency_two_sample, generator=g)
             check_finite("fake-score loss", out.loss, it)
-            self.fake_opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.roles.fake_params, self.cfg.grad_clip)
-            self.fake_opt.step()
+            optimizer_step(self.state.fake_opt, out.loss, self.roles.fake_params, self.cfg.grad_clip)
             metrics.update(out.metrics)
         return metrics
 
@@ -138,7 +137,7 @@ class RTDMD:
 
     def step(self, it: int) -> dict[str, float]:
         g = step_generator(self.seed, it, "stage2")
-        self.gen_opt.zero_grad(set_to_none=True)
+        self.state.gen_opt.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
         for _ in range(self.cfg.accumulation):
             loss, metrics = self._generator_loss(it, g)
@@ -147,16 +146,13 @@ class RTDMD:
                 (loss / self.cfg.accumulation).backward()
         metrics["gen_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.roles.generator_params,
                                                                         self.cfg.grad_clip))
-        self.gen_opt.step()
+        self.state.gen_opt.step()
         if (it + 1) % self.cfg.ema_every == 0:
             self.ema.update()
         return metrics
 
     def state_dict(self) -> dict:
-        return {"gen_opt": self.gen_opt.state_dict(), "fake_opt": self.fake_opt.state_dict(),
-                "ema": self.ema.state_dict()}
+        return self.state.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.gen_opt.load_state_dict(state["gen_opt"])
-        self.fake_opt.load_state_dict(state["fake_opt"])
-        self.ema.load_state_dict(state["ema"])
+        self.state.load_state_dict(state)

@@ -43,7 +43,8 @@ def method_config(base: RunConfig, stage: str, run_dir: Path, init_from: Path | 
 def run_demo(cfg: RunConfig, user_tree: dict, out: Path, *, log: Callable[[str], None] = print,
              progress: bool = True, methods: list[str] | None = None) -> dict[str, dict[str, float]]:
     methods = METHODS if methods is None else [m for m in METHODS if m in methods]
-    if any(m in STAGE2_METHODS for m in methods) and "ac_dmd" not in methods and not (out / "ac_dmd" / "final.pt").exists():
+    needs_stage1 = any(m in STAGE2_METHODS for m in methods) and not (out / "ac_dmd" / "final.pt").exists()
+    if needs_stage1 and "ac_dmd" not in methods:
         methods = [m for m in METHODS if m in methods or m == "ac_dmd"]  # stage 2 starts from the AC-DMD student
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
