@@ -129,7 +129,7 @@ class RTDMD:
                 x_dm = sample(self._velocity(cond), self.sigmas, plan, eta=self.sampler.eta, start=start,
                               x_start=traj.xs[start], grad_from=start).final
             dm = dm_term(self.task, self.roles, x_dm, 0.0, cond, uncond, taus=self.taus, eta=self.sampler.eta,
-                         scaling=cfg.dm_scaling, generator=g)
+                         scaling=cfg.dm_scaling, generator=g, reduction=cfg.dm_reduction)
             check_finite("distribution-matching loss", dm.loss, it)
             loss = loss + self.w_dm * dm.loss
             metrics.update(dm.metrics, dm_loss=float(dm.loss.detach()))

@@ -38,7 +38,7 @@ class TauRange:
 
 
 def dm_term(task: Task, roles: Roles, x_s: Tensor, s: float, cond: Any, uncond: Any, *, taus: TauRange,
-            eta: float, scaling: str, generator: torch.Generator) -> LossOutput:
+            eta: float, scaling: str, generator: torch.Generator, reduction: str = "mean") -> LossOutput:
     """DMD on x_s (with gradient) at level s: renoise to tau, compare teacher and fake, map back."""
     b = x_s.shape[0]
     tau = taus.draw(s, b, generator, x_s.device).to(x_s.dtype)
@@ -53,7 +53,7 @@ def dm_term(task: Task, roles: Roles, x_s: Tensor, s: float, cond: Any, uncond: 
     z = randn(x_s.shape, generator, like=x_s)  # shared by both maps back to s
     x_real = cps_step(x_tau, v_real, tau, s, eta=eta, noise=z).x_next
     x_fake = cps_step(x_tau, v_fake, tau, s, eta=eta, noise=z).x_next
-    return dmd_surrogate(x_s, dmd_direction_normalized(x_s.detach(), x_real, x_fake), reduction="mean")
+    return dmd_surrogate(x_s, dmd_direction_normalized(x_s.detach(), x_real, x_fake), reduction=reduction)
 
 
 def fake_loss(roles: Roles, x_s: Tensor, s: float, cond: Any, *, taus: TauRange, eta: float, weighting: str,

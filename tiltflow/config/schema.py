@@ -203,6 +203,10 @@ class Stage2Config:
     bp_margin: float = 3.0
     dm_depth: int = 1  # steps the DM gradient flows back through: 1 = last step (reference), 0 = whole chain
     dm_scaling: Literal["normalized", "kl"] = "normalized"
+    # How the DM surrogate reduces over dimensions: "mean" over every element (reference) or "sum" over
+    # dimensions, mean over the batch (the KL and the log-probs are sums over dimensions, so the exact mode's
+    # terms keep their relative size at any dimension). The "kl" scaling is always summed.
+    dm_reduction: Literal["mean", "sum"] = "mean"
     dm_tau_min: float = 0.02
     dm_tau_max: float = 0.98
     n_fake: int = 1
@@ -280,7 +284,7 @@ class RunConfig:
 # Stage presets: applied before the file and the overrides (which win). Baselines of METHOD.md 6.
 _EXACT = {"mode": "exact", "w_dm": 1.0, "w_pg": None, "w_bp": None, "advantage": "raw", "ppo_clip": None,
           "logprob_reduction": "sum", "bp_loss": "linear", "dm_depth": 0, "dm_scaling": "normalized",
-          "num_trained_steps": 0}
+          "dm_reduction": "sum", "num_trained_steps": 0}
 STAGE_PRESETS: dict[str, dict] = {
     "dmd2": {"sampler": {"eta": 1.0}, "stage1": {"subinterval": False, "fake": {"consistency_gamma": 0.0}}},
     "rtdmd_exact": {"stage2": dict(_EXACT)},
