@@ -34,7 +34,7 @@ TINY = {
     "stage1": {"num_iters": 3, "batch_size": 32, "n_fake": 2, "lr": 1e-3},
     # weight_decay 0: a parameter can only move through a gradient (AdamW's decay would move it anyway).
     "stage2": {"num_iters": 3, "num_prompts": 4, "group_size": 8, "lr": 1e-3, "weight_decay": 0.0},
-    "eval": {"num_samples": 64, "every": 0, "reference_pool": 256, "curve_samples": 64},
+    "eval": {"num_samples": 64, "every": 0, "reference_pool": 256, "curve_samples": 64, "plots": False},
 }
 
 

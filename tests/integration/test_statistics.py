@@ -47,6 +47,7 @@ def test_rtdmd_moves_the_student_to_the_tilted_target(tmp_path):
     ref = build_reference(s1_cfg, build_gmm(s1_cfg.problem), None)
     s1 = runs.run_stage(s1_cfg, reference=ref, progress=False)
     s2 = runs.run_stage(cfg("rtdmd_exact", "s2", f"init_from={tmp_path / 's1'}"), reference=ref, progress=False)
+    assert (tmp_path / "s2" / "samples.png").is_file() and (tmp_path / "s2" / "curves.png").is_file()
     assert s2["mode_tv"] <= s1["mode_tv"] - 0.1, (s1, s2)
     assert s2["energy_distance"] <= 0.5 * s1["energy_distance"], (s1, s2)
     gap = s2["reward_target"] - s1["reward_mean"]

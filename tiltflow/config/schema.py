@@ -247,6 +247,7 @@ class EvalConfig:
     every: int = 100
     reference_pool: int = 200000
     curve_samples: int = 1000
+    plots: bool = True  # samples.png and curves.png in every stage's run directory
 
 
 @dataclass

@@ -130,6 +130,31 @@ def run_stage(cfg: RunConfig, reference: Reference | None = None, progress: bool
              log_every=cfg.log_every, eval_every=cfg.eval.every, desc=cfg.stage, progress=progress)
     save_atomic({"generator": ema_model().state_dict(), "generator_raw": gen.state_dict(),
                  "fake": fake.state_dict()}, run_dir / "final.pt")
-    final = evaluate(few_step_generate(ema_model(), cfg, gmm.num_prompts, cfg.eval.num_samples), reference)
+    samples = few_step_generate(ema_model(), cfg, gmm.num_prompts, cfg.eval.num_samples)
+    final = evaluate(samples, reference)
     (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+    if cfg.eval.plots:
+        write_run_plots(run_dir, cfg, samples, reference)
     return final
+
+
+def write_run_plots(run_dir: Path, cfg: RunConfig, samples: list[torch.Tensor], reference: Reference) -> None:
+    """samples.png (final samples next to p_tilde, per prompt) and curves.png (metrics.jsonl over steps)."""
+    from tiltflow.worlds.gmm.plots import metric_curves, scatter_over_density
+
+    panels = []
+    for c, (x, ref) in enumerate(zip(samples, reference.prompts)):
+        panels += [(f"prompt {c}: p_tilde", ref.target.numpy()), (f"prompt {c}: {cfg.stage}", x.numpy())]
+    pts = torch.cat([r.target for r in reference.prompts])
+    lo, hi = pts.quantile(0.005, dim=0) - 0.5, pts.quantile(0.995, dim=0) + 0.5
+    extent = (float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1]))
+    scatter_over_density(run_dir / "samples.png", panels, None, extent, ncols=2,
+                         title=f"{cfg.stage}: final samples (dims 0, 1)")
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        for k, v in rec.items():
+            if k not in ("step", "time_s") and isinstance(v, (int, float)):
+                curves.setdefault(k, []).append((rec["step"], v))
+    if curves:
+        metric_curves(run_dir / "curves.png", {cfg.stage: curves}, sorted(curves), ncols=4)
