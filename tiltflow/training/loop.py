@@ -68,7 +68,7 @@ def run_loop(algo: Algorithm, hooks: LoopHooks, *, run_dir: Path, num_iters: int
         save_atomic({"step": step, "model": hooks.model_state(), "algo": algo.state_dict()}, ckpt_path)
 
     t0 = time.time()
-    bar = tqdm(range(start, end), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(range(start, end), desc=desc, disable=None if progress else True, dynamic_ncols=True, leave=False)
     for it in bar:
         metrics = algo.step(it)
         done = it + 1

@@ -29,7 +29,7 @@ def train_teacher(gmm: ConditionalGMM, cfg: TeacherConfig, model_cfg: ModelConfi
         opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, cfg.train_steps) / max(cfg.train_steps, 1))))
     gmm32 = gmm.to(torch.float32)
     curve: list[tuple[int, float]] = []
-    for it in tqdm(range(cfg.train_steps), desc="teacher", disable=not progress, leave=False):
+    for it in tqdm(range(cfg.train_steps), desc="teacher", disable=None if progress else True, leave=False):
         g = step_generator(seed, it, "teacher")
         cond = torch.randint(gmm.num_prompts, (cfg.batch_size,), generator=g)
         x0, _ = gmm32.sample(cond, g)
