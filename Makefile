@@ -23,6 +23,7 @@ demo: $(VENV)/.core
 	$(VENV)/bin/tiltflow demo --out runs/demo
 
 test: $(VENV)/.test
+	$(VENV)/bin/ruff check tiltflow tests
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-fast: $(VENV)/.test
@@ -30,6 +31,8 @@ test-fast: $(VENV)/.test
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check tiltflow tests
+	$(VENV)/bin/mypy --ignore-missing-imports tiltflow/flow tiltflow/sampling/cps.py tiltflow/sampling/noise.py \
+		tiltflow/sampling/sampler.py tiltflow/losses
 
 clean:
 	rm -rf runs .pytest_cache
