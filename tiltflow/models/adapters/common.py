@@ -298,10 +298,13 @@ class DiffusersAdapter:
         raise NotImplementedError
 
     def latents_to_vae(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """AutoencoderKL's convention (SD3 family, FLUX.1): z = x / scaling_factor + shift_factor."""
+        cfg = self.vae.config
+        return x / cfg.scaling_factor + cfg.shift_factor
 
     def vae_to_latents(self, z: Tensor) -> Tensor:
-        raise NotImplementedError
+        cfg = self.vae.config
+        return (z - cfg.shift_factor) * cfg.scaling_factor
 
     def decode(self, x: Tensor) -> Tensor:
         """tiltflow latents -> images in [0, 1], differentiable with respect to x."""

@@ -107,14 +107,6 @@ class FluxAdapter(DiffusersAdapter):
                              cfg.get("max_shift", 1.15))
         return _shift_from_mu(mu, cfg)
 
-    def latents_to_vae(self, x: Tensor) -> Tensor:
-        cfg = self.vae.config
-        return x / cfg.scaling_factor + cfg.shift_factor
-
-    def vae_to_latents(self, z: Tensor) -> Tensor:
-        cfg = self.vae.config
-        return (z - cfg.shift_factor) * cfg.scaling_factor
-
     def to_pipeline_latents(self, x: Tensor) -> Tensor:
         """FluxPipeline takes (and returns, with output_type='latent') packed latents."""
         return pack_2x2(x)

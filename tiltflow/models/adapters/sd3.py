@@ -66,14 +66,6 @@ class SD3Adapter(DiffusersAdapter):
         """Static shift from the scheduler config (3.0 for SD3-M and SD3.5-M), whatever the resolution."""
         return float(self.pipe.scheduler.config.shift)
 
-    def latents_to_vae(self, x: Tensor) -> Tensor:
-        cfg = self.vae.config
-        return x / cfg.scaling_factor + cfg.shift_factor
-
-    def vae_to_latents(self, z: Tensor) -> Tensor:
-        cfg = self.vae.config
-        return (z - cfg.shift_factor) * cfg.scaling_factor
-
     def to_pipeline_latents(self, x: Tensor) -> Tensor:
         """What StableDiffusion3Pipeline takes as `latents=` (and returns with output_type='latent')."""
         return x
