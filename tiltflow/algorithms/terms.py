@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,7 @@ from tiltflow.losses import (
     dmd_surrogate,
     fake_score_loss,
     fake_weight,
+    fisher_dm_surrogate,
     renoise,
 )
 from tiltflow.losses.dmd import sample_tau
@@ -40,6 +43,8 @@ class TauRange:
 def dm_term(task: Task, roles: Roles, x_s: Tensor, s: float, cond: Any, uncond: Any, *, taus: TauRange,
             eta: float, scaling: str, generator: torch.Generator, reduction: str = "mean") -> LossOutput:
     """DMD on x_s (with gradient) at level s: renoise to tau, compare teacher and fake, map back."""
+    if scaling == "fisher":
+        return fisher_dm_term(task, roles, x_s, s, cond, uncond, taus=taus, generator=generator)
     b = x_s.shape[0]
     tau = taus.draw(s, b, generator, x_s.device).to(x_s.dtype)
     x_tau = renoise(x_s.detach(), s, tau, randn(x_s.shape, generator, like=x_s))
@@ -49,11 +54,44 @@ def dm_term(task: Task, roles: Roles, x_s: Tensor, s: float, cond: Any, uncond: 
     if scaling == "kl":
         return dmd_surrogate(x_s, dmd_direction_kl(v_real, v_fake, tau, s), reduction="sum")
     if scaling != "normalized":
-        raise ValueError(f"dm scaling must be 'normalized' or 'kl', got {scaling!r}")
+        raise ValueError(f"dm scaling must be 'normalized', 'kl' or 'fisher', got {scaling!r}")
     z = randn(x_s.shape, generator, like=x_s)  # shared by both maps back to s
     x_real = cps_step(x_tau, v_real, tau, s, eta=eta, noise=z).x_next
     x_fake = cps_step(x_tau, v_fake, tau, s, eta=eta, noise=z).x_next
     return dmd_surrogate(x_s, dmd_direction_normalized(x_s.detach(), x_real, x_fake), reduction=reduction)
+
+
+@contextlib.contextmanager
+def frozen(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Parameters that must not collect gradient from a loss that differentiates through their module."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+def fisher_dm_term(task: Task, roles: Roles, x0: Tensor, s: float, cond: Any, uncond: Any, *, taus: TauRange,
+                   generator: torch.Generator) -> LossOutput:
+    """grad KL(p_theta,a || p_a) with a = taus.tau_min as a tau-integral of Fisher divergences (scaling
+    "fisher"): tau is drawn with density p(tau) ~ 1 / tau^2 on [tau_min, tau_max] and weighted by
+    (1 - tau) / tau^3 / p(tau) ~ (1 - tau) / tau, which keeps the importance weights within a factor 1 / tau_min.
+    Mode masses are informed at large tau, where the scores are easy, instead of through rare samples
+    between modes at small tau, which is what makes the single-level "kl" scaling unusable."""
+    if s != 0.0:
+        raise ValueError("the fisher DM scaling is defined at s = 0 (stage 2's last-step DM term)")
+    lo, hi = taus.tau_min, taus.tau_max
+    u = torch.rand(x0.shape[0], generator=generator).to(x0.device, x0.dtype)
+    tau = 1.0 / (1.0 / lo - u * (1.0 / lo - 1.0 / hi))  # inverse CDF of p(tau) = tau^-2 / (1/lo - 1/hi)
+    weight = (1 - tau) * (1.0 / lo - 1.0 / hi) / tau
+    x_tau = renoise(x0, 0.0, tau, randn(x0.shape, generator, like=x0))
+    with frozen(roles.fake_params):
+        u_real = x_tau - _bcast(tau, x_tau) * teacher_velocity(task, roles, x_tau, tau, cond, uncond)
+        u_fake = x_tau - _bcast(tau, x_tau) * roles.fake.velocity(x_tau, tau, cond)
+    return fisher_dm_surrogate(x0, u_real, u_fake, weight)
 
 
 def fake_loss(roles: Roles, x_s: Tensor, s: float, cond: Any, *, taus: TauRange, eta: float, weighting: str,

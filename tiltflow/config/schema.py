@@ -202,7 +202,7 @@ class Stage2Config:
     bp_loss: Literal["hinge", "linear"] = "hinge"
     bp_margin: float = 3.0
     dm_depth: int = 1  # steps the DM gradient flows back through: 1 = last step (reference), 0 = whole chain
-    dm_scaling: Literal["normalized", "kl"] = "normalized"
+    dm_scaling: Literal["normalized", "kl", "fisher"] = "normalized"
     # How the DM surrogate reduces over dimensions: "mean" over every element (reference) or "sum" over
     # dimensions, mean over the batch (the KL and the log-probs are sums over dimensions, so the exact mode's
     # terms keep their relative size at any dimension). The "kl" scaling is always summed.

@@ -2,7 +2,13 @@
 
 from tiltflow.losses.advantages import group_advantages, subgrpo_steps
 from tiltflow.losses.consistency import consistency_loss
-from tiltflow.losses.dmd import dmd_direction_kl, dmd_direction_normalized, dmd_surrogate, renoise
+from tiltflow.losses.dmd import (
+    dmd_direction_kl,
+    dmd_direction_normalized,
+    dmd_surrogate,
+    fisher_dm_surrogate,
+    renoise,
+)
 from tiltflow.losses.fake_score import ambient_target, fake_score_loss, fake_weight
 from tiltflow.losses.output import LossOutput
 from tiltflow.losses.ppo import ppo_clip_loss
@@ -17,6 +23,7 @@ __all__ = [
     "dmd_surrogate",
     "fake_score_loss",
     "fake_weight",
+    "fisher_dm_surrogate",
     "group_advantages",
     "ppo_clip_loss",
     "renoise",

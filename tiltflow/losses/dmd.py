@@ -52,6 +52,22 @@ def dmd_surrogate(x_s: Tensor, direction: Tensor, reduction: str = "mean") -> Lo
     return LossOutput(loss, {"dm_grad_norm": float(direction.flatten(1).norm(dim=1).mean())})
 
 
+def fisher_dm_surrogate(x0: Tensor, u_real: Tensor, u_fake: Tensor, weight: Tensor) -> LossOutput:
+    """Score-identity surrogate for grad_theta E_{p_theta,tau} ||u_theta - u_real||^2 (u: denoisers).
+
+    Per sample, summed over dims: ||u_real||^2 - ||u_fake||^2 + 2 (u_fake - u_real) . x0, with u_real and
+    u_fake evaluated at x_tau = (1 - tau) x0 + tau n through networks whose parameters are frozen, so the
+    gradient flows only through x0 and x_tau. Its expected gradient equals that of the Fisher divergence at
+    tau (the implicit dependence of u_theta on theta is rewritten with E[x0 | x_tau] = u_theta).
+    Weighted by (1 - tau) / tau^3 and integrated over tau in [a, 1], it is grad KL(p_theta,a || p_a), because
+    KL_a = int_a^1 tau / (1 - tau) E||s_theta - s||^2 dtau for this interpolant (KL_1 = 0).
+    """
+    per = (u_real**2 - u_fake**2 + 2 * (u_fake - u_real) * x0).flatten(1).sum(1)
+    loss = (weight * per).mean()
+    gap = ((u_fake - u_real) ** 2).flatten(1).sum(1)
+    return LossOutput(loss, {"dm_fisher_gap": float((weight * gap).detach().mean())})
+
+
 def sample_tau(s: float, num: int, *, delta: float, tau_min: float, tau_max: float,
                generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
     """tau ~ U[s + delta, 1] clamped to [tau_min, tau_max] (METHOD.md 4.1 step 2)."""
