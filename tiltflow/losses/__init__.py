@@ -13,9 +13,22 @@ from tiltflow.losses.fake_score import ambient_target, fake_score_loss, fake_wei
 from tiltflow.losses.output import LossOutput
 from tiltflow.losses.ppo import ppo_clip_loss
 from tiltflow.losses.reward_bp import reward_bp_loss
+from tiltflow.losses.tilted import (
+    PosteriorSampler,
+    ReverseSamplerPosterior,
+    TiltedEstimate,
+    shifted_denoiser,
+    shifted_velocity,
+    snis_denoiser,
+    split_snis_direction,
+    tilted_direction,
+)
 
 __all__ = [
     "LossOutput",
+    "PosteriorSampler",
+    "ReverseSamplerPosterior",
+    "TiltedEstimate",
     "ambient_target",
     "consistency_loss",
     "dmd_direction_kl",
@@ -28,5 +41,10 @@ __all__ = [
     "ppo_clip_loss",
     "renoise",
     "reward_bp_loss",
+    "shifted_denoiser",
+    "shifted_velocity",
+    "snis_denoiser",
+    "split_snis_direction",
     "subgrpo_steps",
+    "tilted_direction",
 ]

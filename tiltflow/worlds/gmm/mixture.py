@@ -166,6 +166,21 @@ class GaussianMixture:
         comp = torch.einsum("kdj,bkj->bkd", self._evecs, (s - (1 - s) * self._evals) * y / c) - self.means
         return (gamma[:, :, None] * comp).sum(1).to(out_dtype)
 
+    def posterior_components(self, x: Tensor, sigma: Tensor | float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The posterior p(x0 | x_sigma = x), itself a Gaussian mixture for each x (METHOD.md 5.6).
+
+        Component k: weight gamma_k(x), mean mu_k + (1-s) S_k C_k^{-1} (x - (1-s) mu_k), covariance
+        U_k diag(lam_k s^2 / c_k) U_k^T with c_k = (1-s)^2 lam_k + s^2 (prior precision plus (1-s)^2/s^2 I).
+        Returns (log_gamma (B, K), means (B, K, d), cov_evals (B, K, d), evecs (K, d, d)), in the
+        mixture's dtype. sigma = 0 gives zero covariances (the posterior is a point mass at x).
+        """
+        xc, _ = self._prepare(x)
+        log_joint, y, c, s = self._terms(xc, sigma)
+        log_gamma = torch.log_softmax(log_joint, dim=1)
+        means = self.means + torch.einsum("kdj,bkj->bkd", self._evecs, (1 - s) * self._evals * y / c)
+        cov_evals = (self._evals * s**2 / c).expand_as(y)
+        return log_gamma, means, cov_evals, self._evecs
+
     # ---- internals ---------------------------------------------------------------------------------------
     def _prepare(self, x: Tensor) -> tuple[Tensor, torch.dtype]:
         if x.ndim != 2 or x.shape[1] != self.dim:
