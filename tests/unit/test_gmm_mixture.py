@@ -15,6 +15,7 @@ from scipy.stats import multivariate_normal
 from tiltflow.worlds.gmm import ConditionalGMM, GaussianMixture
 
 F64 = torch.float64
+U64 = 2.0**-53  # float64 unit roundoff (eps / 2)
 SIGMAS = [0.02, 0.2, 0.5, 0.8, 0.97]
 
 
@@ -34,6 +35,8 @@ def points(n: int, d: int = 2, seed: int = 1) -> torch.Tensor:
 
 def within_se(estimate: torch.Tensor, exact: torch.Tensor, se: torch.Tensor, num_se: float = 5.0) -> None:
     err = (estimate - exact).abs()
+    # + 1e-12: entries whose standard error is 0 (e.g. a weight that is exactly 1) still carry float64
+    # rounding, a few u times values of at most ~10 here, i.e. < 1e-14; 1e-12 is far below any 5-SE band.
     assert bool((err <= num_se * se + 1e-12).all()), f"error {err} exceeds {num_se} standard errors {se}"
 
 
@@ -70,10 +73,25 @@ def test_log_prob_matches_scipy_and_score_matches_autograd():
         float(w) * multivariate_normal(mu.numpy(), s.numpy()).pdf(x.numpy())
         for w, mu, s in zip(m.weights, m.means, m.covs)
     )
-    assert torch.allclose(m.log_prob(x), torch.as_tensor(ref).log(), rtol=1e-10, atol=1e-10)
+    # Two float64 evaluations of the same log-density (ours: eigh + logsumexp; scipy: its own factorisation +
+    # a sum of pdfs). To first order each is off by (2d + 4) kappa u Q / 2 in the Gaussian exponents (the
+    # Mahalanobis form Q, a d-term product through a matrix of condition kappa) plus ~ 10u |log p| for
+    # logsumexp / log of a K-term sum: tolerance = twice that, from this data (~ 3e-12; seen ~ 1e-14).
+    d = x.shape[1]
+    evals = torch.linalg.eigvalsh(m.covs)
+    kappa = float((evals[:, -1] / evals[:, 0]).max())
+    diff = x[:, None, :] - m.means[None]
+    maha = torch.einsum("bkd,kde,bke->bk", diff, torch.linalg.inv(m.covs), diff)
+    lp_tol = 2 * (0.5 * (2 * d + 4) * kappa * U64 * float(maha.max()) + 10 * U64 * float(m.log_prob(x).abs().max()))
+    assert torch.allclose(m.log_prob(x), torch.as_tensor(ref).log(), rtol=0, atol=lp_tol)
     xg = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(m.log_prob(xg).sum(), xg)
-    assert torch.allclose(m.score(x), grad, rtol=1e-9, atol=1e-10)
+    # score = sum_k gamma_k S_k^{-1} (x - mu_k), by formula and by autograd: each of the K terms is off by
+    # (2d + 4) kappa u |S_k^{-1} (x - mu_k)| to first order, the K-term weighted sum adds K u of the same
+    # scale; twice that for two evaluations (~ 1e-12 here; seen ~ 4e-14).
+    comp = torch.linalg.solve(m.covs[None], diff[..., None]).squeeze(-1).norm(dim=-1)
+    score_tol = 2 * ((2 * d + 4) * kappa + m.num_components) * U64 * m.num_components * float(comp.max())
+    assert torch.allclose(m.score(x), grad, rtol=0, atol=score_tol)
     r = m.responsibilities(x)
     assert torch.allclose(r.sum(1), torch.ones(50, dtype=F64))
     assert torch.equal(m.assign(x), r.argmax(1))
