@@ -38,6 +38,67 @@ def _log_density_grid(
     return gx, gy, values.reshape(gx.shape)
 
 
+# Readable names for the metric keys that training and the demo log: (panel title, y-axis label).
+METRIC_LABELS: dict[str, tuple[str, str]] = {
+    "eval_reward_mean": ("reward (eval)", "mean reward of samples"),
+    "eval_mode_tv": ("mode-mass TV to p_tilde (eval)", "total variation"),
+    "eval_energy_distance": ("energy distance to p_tilde (eval)", "energy distance"),
+    "eval_energy_to_base": ("energy distance to p (eval)", "energy distance"),
+    "gen_grad_norm": ("generator gradient norm", "L2 norm"),
+    "dm_grad_norm": ("distribution-matching gradient norm", "L2 norm"),
+    "gen_dm_loss": ("generator DM loss", "loss"),
+    "fake_adsm": ("fake-score denoising loss", "loss"),
+}
+
+
+def metric_label(key: str) -> tuple[str, str]:
+    """(title, y-axis label) for a logged metric key: METRIC_LABELS, else the key made readable
+    ("eval_foo_bar" -> "foo bar (eval)")."""
+    if key in METRIC_LABELS:
+        return METRIC_LABELS[key]
+    words = key.removeprefix("eval_").replace("_", " ")
+    return (f"{words} (eval)" if key.startswith("eval_") else words), words
+
+
+def _outside_note(ax: Any, samples: np.ndarray, extent: Sequence[float], min_fraction: float) -> None:
+    """Say in the panel how many samples lie outside the drawn frame and where they went (mean, sd)."""
+    xy = samples[:, :2]
+    finite = np.isfinite(xy).all(axis=1)
+    inside = (
+        finite & (xy[:, 0] >= extent[0]) & (xy[:, 0] <= extent[1]) & (xy[:, 1] >= extent[2]) & (xy[:, 1] <= extent[3])
+    )
+    out_finite = finite & ~inside
+    n = xy.shape[0]
+    if n == 0 or (n - int(inside.sum())) / n < min_fraction:
+        return
+    lines = [f"{100 * (n - int(inside.sum())) / n:.0f}% of samples outside the frame"]
+    if out_finite.any():
+        gone = xy[out_finite]
+        mean, sd = gone.mean(axis=0), gone.std(axis=0)
+        lines.append(f"their mean ({mean[0]:.3g}, {mean[1]:.3g})")
+        lines.append(f"their sd ({sd[0]:.3g}, {sd[1]:.3g})")
+        cx, cy = 0.5 * (extent[0] + extent[1]), 0.5 * (extent[2] + extent[3])
+        hx, hy = 0.5 * (extent[1] - extent[0]), 0.5 * (extent[3] - extent[2])
+        dx, dy = (mean[0] - cx) / hx, (mean[1] - cy) / hy
+        reach = max(abs(dx), abs(dy))
+        if reach > 1:  # their mean is off the frame: an arrow from the centre towards it, stopping at the edge
+            tip = (cx + 0.92 * hx * dx / reach, cy + 0.92 * hy * dy / reach)
+            ax.annotate("", xy=tip, xytext=(cx, cy), arrowprops={"arrowstyle": "->", "color": "tab:red", "lw": 1.5})
+    if (~finite).any():
+        lines.append(f"{int((~finite).sum())} samples are NaN or infinite")
+    ax.text(
+        0.03,
+        0.97,
+        "\n".join(lines),
+        transform=ax.transAxes,
+        ha="left",
+        va="top",
+        fontsize=7,
+        color="tab:red",
+        bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "tab:red", "pad": 2},
+    )
+
+
 def scatter_over_density(
     path: str | Path,
     panels: Sequence[tuple[str, np.ndarray]],
@@ -51,22 +112,27 @@ def scatter_over_density(
     ncols: int = 4,
     panel_size: float = 3.0,
     title: str | None = None,
+    axis_labels: tuple[str, str] = ("x[0]", "x[1]"),
+    outside_min_fraction: float = 0.01,
 ) -> Path:
     """One subplot per (title, samples (N, d)) panel: coordinates 0 and 1 scattered over contours.
 
     log_density_fn maps grid points, a float64 tensor (G, 2), to log-densities (G,) (tensor or array). For
     d = 2 pass the target's log_prob; for d > 2 pass a 2-D marginal (GaussianMixture.marginal([0, 1])) or
     None to skip the contours. Contours are drawn on the log-density at `num_levels` levels spread over
-    `log_range` nats below its maximum. At most max_points samples per panel are drawn.
+    `log_range` nats below its maximum. At most max_points samples per panel are drawn. Axes are labelled
+    `axis_labels`; when at least `outside_min_fraction` of a panel's samples (all of them, not only the
+    drawn ones) lie outside `extent` or are not finite, the panel says so and gives their mean and sd.
     """
     if not panels:
         raise ValueError("scatter_over_density needs at least one panel")
     fig, axes = _new_figure(len(panels), ncols, panel_size)
     grid = None if log_density_fn is None else _log_density_grid(log_density_fn, extent, grid_size)
     for ax, (name, samples) in zip(axes, panels):
-        pts = np.asarray(samples)[:max_points]
-        if pts.ndim != 2 or pts.shape[1] < 2:
-            raise ValueError(f"panel {name!r}: samples must have shape (N, d >= 2), got {pts.shape}")
+        all_pts = np.asarray(samples)
+        if all_pts.ndim != 2 or all_pts.shape[1] < 2:
+            raise ValueError(f"panel {name!r}: samples must have shape (N, d >= 2), got {all_pts.shape}")
+        pts = all_pts[:max_points]
         if grid is not None:
             gx, gy, lz = grid
             top = float(np.max(lz))
@@ -76,12 +142,61 @@ def scatter_over_density(
         ax.set_ylim(extent[2], extent[3])
         ax.set_aspect("equal")
         ax.set_title(name, fontsize=9)
+        ax.set_xlabel(axis_labels[0], fontsize=8)
+        ax.set_ylabel(axis_labels[1], fontsize=8)
+        ax.tick_params(labelsize=7)
+        _outside_note(ax, all_pts, extent, outside_min_fraction)
     if title:
         fig.suptitle(title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
+
+
+def _grouped_figure(row_titles: Sequence[str], ncols: int, panel_size: float) -> tuple[Any, list[Any], list[list[Any]]]:
+    """A figure with one titled row (a subfigure) of ncols panels per row title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(panel_size * ncols, (panel_size + 0.4) * len(row_titles) + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    subfigs = fig.subfigures(len(row_titles), 1, squeeze=False)[:, 0]
+    row_axes = []
+    for sub, title in zip(subfigs, row_titles):
+        sub.suptitle(title, fontsize=10, fontweight="bold")
+        row_axes.append([sub.add_subplot(1, ncols, i + 1) for i in range(ncols)])
+    return fig, [ax for row in row_axes for ax in row], row_axes
+
+
+def _plot_clipped(
+    ax: Any, steps: np.ndarray, values: np.ndarray, ylim: tuple[float, float] | None, color: Any, label: str
+) -> str | None:
+    """Draw one curve; with ylim, values beyond it are drawn on the frame's edge as triangles (a dotted line
+    between them) so the method stays visible, and a note like "grpo_only above, up to 3.1e+04" is returned."""
+    if ylim is None:
+        ax.plot(steps, values, label=label, color=color, linewidth=1.2)
+        return None
+    lo, hi = ylim
+    finite = np.isfinite(values)
+    above, below = (values > hi) | (values == np.inf), (values < lo) | (values == -np.inf)
+    shown = np.clip(np.where(finite, values, np.where(values > 0, hi, lo)), lo, hi)
+    shown = np.where(np.isnan(values), np.nan, shown)
+    inside = np.where(above | below, np.nan, shown)
+    ax.plot(steps, inside, label=label, color=color, linewidth=1.2)
+    if not (above.any() or below.any() or np.isnan(values).any()):
+        return None
+    ax.plot(steps, shown, color=color, linewidth=1.0, linestyle=":")
+    ax.plot(steps[above], shown[above], linestyle="none", marker="^", markersize=4, color=color, clip_on=False)
+    ax.plot(steps[below], shown[below], linestyle="none", marker="v", markersize=4, color=color, clip_on=False)
+    parts = []
+    if above.any():
+        parts.append(f"above, up to {np.max(values[above]):.3g}")
+    if below.any():
+        parts.append(f"below, down to {np.min(values[below]):.3g}")
+    if np.isnan(values).any():
+        parts.append(f"{int(np.isnan(values).sum())} NaN")
+    return f"{label}: " + "; ".join(parts)
 
 
 def metric_curves(
@@ -93,30 +208,77 @@ def metric_curves(
     ylims: Mapping[str, tuple[float, float]] | None = None,
     ncols: int = 3,
     panel_size: float = 3.5,
+    titles: Mapping[str, str] | None = None,
+    ylabels: Mapping[str, str] | None = None,
+    xlabel: str = "training step",
+    groups: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
     """One subplot per metric with a line per method: curves[method][metric] = [(step, value), ...].
 
     references[metric], if given, is drawn as a dashed horizontal line (an exact value or a noise floor).
-    Methods without a metric are skipped in that subplot.
+    Methods without a metric are skipped in that subplot. Panel titles and y-axis labels default to
+    metric_label(metric); titles / ylabels override them. With ylims[metric], values beyond the limits are
+    drawn on the frame's edge (triangles, dotted) and listed in the panel, so every method in the legend has
+    a visible line. groups = {row title: [methods]} draws one row of panels per group (e.g. runs of
+    different lengths get their own step axis); without it, every method shares each panel.
     """
     if not metrics:
         raise ValueError("metric_curves needs at least one metric")
-    fig, axes = _new_figure(len(metrics), ncols, panel_size)
-    for ax, metric in zip(axes, metrics):
-        for method, per_metric in curves.items():
-            points = per_metric.get(metric)
-            if points:
-                steps, values = zip(*points)
-                ax.plot(steps, values, label=method, linewidth=1.2)
-        if references and metric in references:
-            ax.axhline(references[metric], color="k", linestyle="--", linewidth=0.8, label="reference")
-        if ylims and metric in ylims:  # keep diverging runs from flattening the others
-            ax.set_ylim(*ylims[metric])
-        ax.set_title(metric, fontsize=9)
-        ax.set_xlabel("step")
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize=8)
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"].colors
+    colors = {method: palette[i % len(palette)] for i, method in enumerate(curves)}
+    rows: list[tuple[str | None, list[str]]]
+    if groups:
+        rows = [(name, [m for m in methods if m in curves]) for name, methods in groups.items()]
+        rows = [(name, methods) for name, methods in rows if methods]
+        if not rows:
+            raise ValueError("metric_curves: no group holds a method that has curves")
+        fig, axes, row_axes = _grouped_figure([name for name, _ in rows], len(metrics), panel_size)
+    else:
+        rows = [(None, list(curves))]
+        fig, axes = _new_figure(len(metrics), ncols, panel_size)
+        row_axes = [axes]
+    for (_, methods), row in zip(rows, row_axes):
+        for ax, metric in zip(row, metrics):
+            title, ylabel = metric_label(metric)
+            title, ylabel = (titles or {}).get(metric, title), (ylabels or {}).get(metric, ylabel)
+            ylim = ylims.get(metric) if ylims else None
+            notes = []
+            if not any(curves[method].get(metric) for method in methods):
+                ax.text(0.5, 0.5, "not logged by these runs", transform=ax.transAxes, ha="center", fontsize=8)
+            for method in methods:
+                points = curves[method].get(metric)
+                if points:
+                    steps, values = (np.asarray(v, dtype=float) for v in zip(*points))
+                    note = _plot_clipped(ax, steps, values, ylim, colors[method], method)
+                    if note:
+                        notes.append(note)
+            if references and metric in references:
+                ax.axhline(references[metric], color="k", linestyle="--", linewidth=0.8, label="reference")
+            if ylim is not None:  # keep diverging runs from flattening the others
+                ax.set_ylim(*ylim)
+            if notes:
+                ax.text(
+                    0.02,
+                    0.02,
+                    "off the axis (triangles on the edge):\n" + "\n".join(notes),
+                    transform=ax.transAxes,
+                    ha="left",
+                    va="bottom",
+                    fontsize=6.5,
+                    bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.6", "pad": 2},
+                )
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.tick_params(labelsize=7)
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncols=min(len(seen), 5), fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

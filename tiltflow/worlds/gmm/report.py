@@ -8,6 +8,7 @@ import platform
 from pathlib import Path
 
 import torch
+import yaml
 
 from tiltflow import __version__
 from tiltflow.config.schema import RunConfig
@@ -57,14 +58,30 @@ def _curves(out: Path, methods: list[str], summary: dict[str, float]) -> str | N
         curves[name] = per
     if not curves:
         return None
+    groups = _stage_groups(out, curves)
     lo, hi = sorted((summary["reward_base"], summary["reward_target"]))
     span = hi - lo
     refs = {"eval_reward_mean": summary["reward_target"], "eval_energy_distance": summary["energy_noise_floor"]}
     ylims = {"eval_reward_mean": (lo - span, hi + span), "eval_mode_tv": (0.0, 1.0),
              "eval_energy_distance": (0.0, 2 * summary["energy_base"]),
              "eval_energy_to_base": (0.0, 2 * summary["energy_base"])}
-    metric_curves(out / "curves.png", curves, CURVE_KEYS, references=refs, ylims=ylims)
+    metric_curves(out / "curves.png", curves, CURVE_KEYS, references=refs, ylims=ylims, groups=groups)
     return "curves.png"
+
+
+def _stage_groups(out: Path, curves: dict[str, dict[str, list[tuple[float, float]]]]) -> dict[str, list[str]]:
+    """One row of curve panels per stage, so runs of different lengths get their own step axis: a run whose
+    config.yaml has no init_from distils the teacher (stage 1); one that starts from a student tilts it
+    (stage 2). Runs of one stage with different lengths get separate rows too."""
+    rows: dict[tuple[int, int], list[str]] = {}
+    for name, per in curves.items():
+        cfg_path = out / name / "config.yaml"
+        tree = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
+        stage = 2 if (tree or {}).get("init_from") else 1
+        last = int(max((step for points in per.values() for step, _ in points), default=0))
+        rows.setdefault((stage, last), []).append(name)
+    kind = {1: "stage 1, distillation", 2: "stage 2, tilting"}
+    return {f"{kind[st]} ({steps} steps)": names for (st, steps), names in sorted(rows.items())}
 
 
 def write_report(out: Path, cfg: RunConfig, results: dict[str, dict[str, float]],
@@ -89,8 +106,11 @@ def write_report(out: Path, cfg: RunConfig, results: dict[str, dict[str, float]]
     curves = _curves(out, list(results), any_res)
     if curves:
         lines += ["## Metric curves over training (EMA generator)", "",
-                  "Dashed: E_p_tilde[r] and the energy noise floor. Axes are clipped to twice the untilted "
-                  "distance, so diverging runs leave the frame.", "", f"![curves]({curves})", ""]
+                  "One row per stage (stage 1 distils the teacher, stage 2 tilts the stage-1 student; they "
+                  "train for different numbers of steps). Dashed: E_p_tilde[r] and the energy noise floor. The "
+                  "y-axes are clipped (reward to the base-to-target span on either side, distances to twice "
+                  "the untilted distance); values beyond them are drawn on the edge as triangles joined by a "
+                  "dotted line, and each panel lists how far they went.", "", f"![curves]({curves})", ""]
     lines += ["## Provenance", "", f"tiltflow {__version__}, torch {torch.__version__}, python "
               f"{platform.python_version()}, {platform.machine()}, {torch.get_num_threads()} torch threads; seed "
               f"{cfg.seed}; total wall time {total_s:.1f} s.", ""]
