@@ -1,6 +1,7 @@
 """Pieces the diffusers adapters share (WORLDS.md section 3): fast-failing model resolution, the
 precision policy (fp32 weights, bf16 autocast on CUDA only), an on-disk text-embedding cache, and the
-adapter base class whose `velocity` is the Backbone of METHOD.md section 1.
+adapter base class whose `velocity` is the Backbone of METHOD.md section 1. The attention-kernel choice
+and the reporting of device faults (`phase_context`, `describe_failure`) live in attention.py.
 
 Each family module (sd3.py, flux.py, flux2.py) supplies the family's timestep convention, latent
 layout, prompt encoding and VAE scaling; nothing here patches diffusers.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import re
 import threading
@@ -21,6 +23,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from tiltflow.models.adapters.attention import attention_context, bind_attention_backend, resolve_attention_backend
+from tiltflow.models.adapters.attention import describe_failure as describe_failure  # re-exported for training/
+from tiltflow.models.adapters.attention import phase_context as phase_context  # re-exported for training/
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PROBE_S = 2.0
@@ -116,6 +122,11 @@ class Precision:
         if self.autocast:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype matrix products (and attention) run in."""
+        return torch.bfloat16 if self.autocast else self.base_dtype
 
 
 class TextEmbeddingCache:
@@ -235,10 +246,17 @@ class DiffusersAdapter:
                                      text_encoders=with_text)
         settings = {**spec.get("settings", {}), **family}
         return cls(pipe, source=f"random:{arch}:{seed}", precision=precision, stub_text=not with_text,
-                   embed_cache_dir=embed_cache_dir, **settings)
+                   embed_cache_dir=embed_cache_dir, model_name=arch, **settings)
 
     def __init__(self, pipe: Any, *, source: str, precision: Precision, max_sequence_length: int | None = None,
-                 embed_cache_dir: str | Path | None = None, stub_text: bool = False):
+                 embed_cache_dir: str | Path | None = None, stub_text: bool = False, attention_backend: str = "auto",
+                 model_name: str | None = None):
+        """`attention_backend`: "auto" (the fastest kernel that works for this family here, see
+        attention.py), "default" (torch's choice), or one of "cudnn", "flash", "efficient", "math"."""
+        self._attention_backend = resolve_attention_backend(
+            attention_backend, family=self.family, device=precision.device, dtype=precision.compute_dtype,
+            head_dim=getattr(pipe.transformer.config, "attention_head_dim", None))
+        self._model_name = model_name or source
         self.pipe = pipe
         pipe.set_progress_bar_config(disable=True)
         self.transformer: nn.Module = pipe.transformer
@@ -249,6 +267,28 @@ class DiffusersAdapter:
         self.stub_text = stub_text
         key = f"{self.family}|{source}|L={self.max_sequence_length}|{self.encoder_settings()}"
         self.cache = TextEmbeddingCache(embed_cache_dir, key)
+        self._bind(self.transformer)
+
+    # ---- what runs, for error messages ----------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        """The architecture (random weights), hub id or folder this adapter was built from."""
+        return self._model_name
+
+    @property
+    def attention_backend(self) -> str:
+        """The resolved attention kernel choice: "default" or one of "cudnn", "flash", "efficient", "math"."""
+        return self._attention_backend
+
+    def attention(self) -> contextlib.AbstractContextManager:
+        """The attention-kernel scope of a transformer call (forward() enters it)."""
+        return attention_context(self._attention_backend)
+
+    def _bind(self, transformer: nn.Module) -> nn.Module:
+        """Hold the kernel choice inside each attention module too (checkpoint recomputation, attention.py).
+        Deep copies of a bound transformer carry the hooks."""
+        bind_attention_backend(transformer, self._attention_backend)
+        return transformer
 
     # ---- Backbone -------------------------------------------------------------------------------
     @property
@@ -327,19 +367,29 @@ class DiffusersAdapter:
     def load_transformer(self, source: str) -> nn.Module:
         """Another transformer of this family at this precision (FLUX.2: the step-distilled generator
         init), from a pipeline folder, a transformer folder or a hub id."""
-        return load_transformer(type(self.transformer), source, what=f"{self.family} transformer",
-                                dtype=self.precision.base_dtype, device=self.device)
+        return self._bind(load_transformer(type(self.transformer), source, what=f"{self.family} transformer",
+                                           dtype=self.precision.base_dtype, device=self.device))
 
     def random_transformer(self, seed: int) -> nn.Module:
         """A transformer of the same architecture with other random weights."""
         from tiltflow.models.arch import random_module
 
         spec = {"_class_name": type(self.transformer).__name__, **dict(self.transformer.config)}
-        return random_module(spec, seed=seed, device=self.device, dtype=self.precision.base_dtype)
+        return self._bind(random_module(spec, seed=seed, device=self.device, dtype=self.precision.base_dtype))
 
     def _cast(self, t: Tensor, transformer: nn.Module) -> Tensor:
         """Inputs go in as the transformer's (base) dtype, as the pipelines do."""
         return t.to(device=self.device, dtype=module_dtype(transformer))
+
+
+def shift_from_mu(mu: float, scheduler_config: Any) -> float:
+    """The time-shift factor of a dynamic-shift pipeline: exp(mu) ('exponential') or mu ('linear')."""
+    kind = scheduler_config.get("time_shift_type", "exponential")
+    if kind == "exponential":
+        return math.exp(mu)
+    if kind == "linear":
+        return float(mu)
+    raise ValueError(f"unsupported scheduler time_shift_type {kind!r}; expected 'exponential' or 'linear'")
 
 
 def module_dtype(module: nn.Module) -> torch.dtype:

@@ -9,13 +9,18 @@ shifted by exp(mu), mu from the resolution with diffusers' calculate_shift.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from tiltflow.models.adapters.common import DiffusersAdapter, batch_sigma, module_dtype, named_linear_modules
+from tiltflow.models.adapters.common import (
+    DiffusersAdapter,
+    batch_sigma,
+    module_dtype,
+    named_linear_modules,
+    shift_from_mu,
+)
 
 LORA_PATTERN = (r"(transformer_blocks|single_transformer_blocks)\.\d+\.attn\."
                 r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)")
@@ -63,7 +68,7 @@ class FluxAdapter(DiffusersAdapter):
         elif guidance is not None:
             raise ValueError(f"this FLUX transformer has no guidance embedding; got guidance={guidance}")
         txt = cond["prompt_embeds"]
-        with self.precision.context():
+        with self.precision.context(), self.attention():
             tokens = transformer(hidden_states=self._cast(pack_2x2(x), transformer),
                                  timestep=batch_sigma(sigma, x),  # FLUX convention: sigma, x1000 inside
                                  guidance=g, pooled_projections=self._cast(cond["pooled"], transformer),
@@ -105,7 +110,7 @@ class FluxAdapter(DiffusersAdapter):
         mu = calculate_shift((h // 2) * (w // 2), cfg.get("base_image_seq_len", 256),
                              cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
                              cfg.get("max_shift", 1.15))
-        return _shift_from_mu(mu, cfg)
+        return shift_from_mu(mu, cfg)
 
     def to_pipeline_latents(self, x: Tensor) -> Tensor:
         """FluxPipeline takes (and returns, with output_type='latent') packed latents."""
@@ -127,11 +132,3 @@ class FluxAdapter(DiffusersAdapter):
             kw.update(negative_prompt_embeds=uncond["prompt_embeds"], negative_pooled_prompt_embeds=uncond["pooled"])
         return kw
 
-
-def _shift_from_mu(mu: float, scheduler_config: Any) -> float:
-    kind = scheduler_config.get("time_shift_type", "exponential")
-    if kind == "exponential":
-        return math.exp(mu)
-    if kind == "linear":
-        return float(mu)
-    raise ValueError(f"unsupported scheduler time_shift_type {kind!r}; expected 'exponential' or 'linear'")

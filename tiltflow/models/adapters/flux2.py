@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tiltflow.models.adapters.common import DiffusersAdapter, batch_sigma, named_linear_modules
-from tiltflow.models.adapters.flux import _shift_from_mu
+from tiltflow.models.adapters.common import DiffusersAdapter, batch_sigma, named_linear_modules, shift_from_mu
 
 # Double-stream attention projections, and the single-stream blocks' fused projections (qkv + MLP in,
 # attention + MLP out): without the latter, 20 of klein-4B's 25 blocks would carry no LoRA.
@@ -70,7 +69,7 @@ class Flux2Adapter(DiffusersAdapter):
         txt = cond["prompt_embeds"]
         img_ids, txt_ids = position_ids(b, h, w, txt.shape[1], x.device)
         tokens = x.reshape(b, c, h * w).permute(0, 2, 1)  # (B, h*w, C)
-        with self.precision.context():
+        with self.precision.context(), self.attention():
             out = transformer(hidden_states=self._cast(tokens, transformer),
                               encoder_hidden_states=self._cast(txt, transformer),
                               timestep=batch_sigma(sigma, x), guidance=g,  # FLUX.2 convention: sigma, x1000 inside
@@ -104,7 +103,7 @@ class Flux2Adapter(DiffusersAdapter):
         from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
         _, h, w = self.latent_shape(height, width)
-        return _shift_from_mu(compute_empirical_mu(image_seq_len=h * w, num_steps=num_steps),
+        return shift_from_mu(compute_empirical_mu(image_seq_len=h * w, num_steps=num_steps),
                               self.pipe.scheduler.config)
 
     def _bn_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:

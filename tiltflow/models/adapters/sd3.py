@@ -31,7 +31,7 @@ class SD3Adapter(DiffusersAdapter):
         if guidance is not None:
             raise ValueError("SD3 has no guidance input; CFG is applied by guided_velocity (two passes)")
         timestep = batch_sigma(sigma, x) * 1000.0  # SD3 convention: timestep = 1000 sigma
-        with self.precision.context():
+        with self.precision.context(), self.attention():
             v = transformer(hidden_states=self._cast(x, transformer), timestep=timestep,
                             encoder_hidden_states=self._cast(cond["prompt_embeds"], transformer),
                             pooled_projections=self._cast(cond["pooled"], transformer), return_dict=False)[0]
