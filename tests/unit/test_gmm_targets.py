@@ -53,6 +53,8 @@ def snis(f: torch.Tensor, log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def assert_close_mc(estimate: torch.Tensor, exact: torch.Tensor, se: torch.Tensor) -> None:
     estimate, exact, se = (torch.as_tensor(t, dtype=F64) for t in (estimate, exact, se))
     err = (estimate - exact).abs()
+    # + 1e-12: an entry whose standard error is 0 still carries float64 rounding (a few u times values of at
+    # most ~10 here, < 1e-14); 1e-12 is far below any 5-SE band.
     assert bool((err <= NUM_SE * se + 1e-12).all()), f"|error| {err} > {NUM_SE} x SE {se}"
 
 
@@ -75,12 +77,42 @@ def check_tilt_by_importance_weighting(tilted: GaussianMixture, reward: Reward, 
         assert_close_mc(cov, tilted.covs[k], cov_se)
 
 
+U64 = 2.0**-53  # float64 unit roundoff (eps / 2)
+
+
+def _log_prob_rounding_bound(mix: Target, x: torch.Tensor) -> float:
+    """First-order worst-case float64 rounding of a Gaussian mixture's log_prob on x, any summation order:
+    (2d + 4) kappa u Q_max / 2 for the Mahalanobis forms through covariances of condition <= kappa, plus 10u
+    |log p| for the logsumexp over components. A halfspace-tilted target is its base's log_prob plus
+    beta 1[x in H] - log Z: the base's bound plus 4u (|beta| + |log Z| + |log p_tilde|)."""
+    if isinstance(mix, HalfspaceTiltedTarget):
+        extra = abs(mix.beta) + abs(float(mix.log_normalizer)) + float(mix.log_prob(x).abs().max())
+        return _log_prob_rounding_bound(mix.base, x) + 4 * U64 * extra
+    assert isinstance(mix, GaussianMixture)
+    evals = torch.linalg.eigvalsh(mix.covs)
+    kappa = float((evals[:, -1] / evals[:, 0]).max())
+    prec = torch.linalg.inv(mix.covs)
+    q_max = max(
+        float(torch.einsum("bd,de,be->b", x - mix.means[k], prec[k], x - mix.means[k]).max())
+        for k in range(mix.num_components)
+    )
+    return 0.5 * (2 * mix.dim + 4) * kappa * U64 * q_max + 10 * U64 * float(mix.log_prob(x).abs().max())
+
+
 def check_normalised(target: Target, reward: Reward, beta: float) -> None:
     """log p_tilde - log p - beta r is one constant (-log Z), and E_p[p_tilde / p] = 1."""
     base = base_mixture()
     x, _ = base_samples(200_000, seed=5)
     offset = target.log_prob(x) - base.log_prob(x) - beta * reward(x, None).scores
-    assert float(offset.max() - offset.min()) < 1e-9
+    # float64 rounding, any summation order: each log-density is off by <= (2d + 4) kappa u Q / 2 in its
+    # Gaussian exponents (Q the largest Mahalanobis form over these samples and components) plus ~ 10u |log p|
+    # for logsumexp; beta r by ~ 4u |beta r|. The spread of the offset is at most twice the sum (~ 1e-11 here).
+    spread_tol = 2 * (
+        _log_prob_rounding_bound(target, x)
+        + _log_prob_rounding_bound(base, x)
+        + 4 * U64 * float((beta * reward(x, None).scores).abs().max())
+    )
+    assert float(offset.max() - offset.min()) < spread_tol
     ratio = (target.log_prob(x) - base.log_prob(x)).exp()
     assert_close_mc(ratio.mean(), 1.0, ratio.std() / math.sqrt(x.shape[0]))
 
@@ -104,12 +136,19 @@ def test_quadratic_tilt_matches_importance_weighting(A):
 def test_quadratic_tilt_precision_is_closed_form():
     base, A, beta = base_mixture(), torch.tensor([[1.0, 0.3], [0.3, 0.6]], dtype=F64), 0.8
     tilted = tilt_quadratic(base, A, torch.zeros(2, dtype=F64), beta)
-    assert torch.allclose(torch.linalg.inv(tilted.covs), torch.linalg.inv(base.covs) + beta * A, rtol=1e-10)
+    # three d x d inversions (one inside tilt_quadratic, two here) of matrices of condition <= kappa, each
+    # off by <= ~ (2d + 4) kappa u in norm to first order, plus the sum: normwise tolerance, no rtol.
+    conds = torch.linalg.cond(torch.cat([base.covs, tilted.covs]))
+    want = torch.linalg.inv(base.covs) + beta * A
+    tol = (3 * (2 * 2 + 4) * float(conds.max()) + 2) * U64 * float(want.abs().max())
+    assert torch.allclose(torch.linalg.inv(tilted.covs), want, rtol=0, atol=tol)
 
 
 def test_zero_beta_is_the_identity():
     base = base_mixture()
     for tilted in (tilt_linear(base, [1.0, 2.0], 0.0), tilt_quadratic(base, torch.eye(2, dtype=F64), [0.0, 0.0], 0.0)):
+        # beta = 0 leaves only inversion round trips (~ 1e-15 here); allclose's default rtol=1e-5 is loose,
+        # but a tilt applied at beta = 0 would move the means by O(1)
         assert torch.allclose(tilted.weights, base.weights) and torch.allclose(tilted.means, base.means)
         assert torch.allclose(tilted.covs, base.covs)
 
@@ -155,6 +194,8 @@ def test_halfspace_rejection_sampler_is_exact(beta):
 def test_halfspace_is_exact_for_large_beta_and_limits():
     base = base_mixture()
     target = HalfspaceTiltedTarget(base, [1.0, 1.0], 0.5, 800.0)  # e^800 overflows float64: log space needed
+    # at beta = 800 the tilted mass off the halfspace is ~ e^-800 relative: 1 - E[r] underflows to 0 in log
+    # space, and the normalised K = 3-term sum rounds by <= 4u ~ 1e-15 (1e-12 keeps a margin)
     assert math.isfinite(target.expected_reward()) and abs(target.expected_reward() - 1.0) < 1e-12
     plain = HalfspaceTiltedTarget(base, [1.0, 1.0], 0.5, 0.0)
     assert torch.allclose(plain.mode_weights, base.weights)
@@ -197,6 +238,7 @@ def test_rewards_values_gradients_and_names():
     assert all(isinstance(r, Reward) for r in (lin, quad, half))
     assert (lin.name, quad.name, half.name) == ("linear", "quadratic", "right")
     assert lin.differentiable and quad.differentiable and not half.differentiable
+    # inputs and coefficients are short binary fractions: every value below is exact in float64 on any machine
     assert torch.allclose(lin(x, None).scores, torch.tensor([0.0, -2.5], dtype=F64))
     q = quad(x, None).scores
     assert torch.allclose(q, torch.tensor([-2.0, -(8.0 + 0.25) / 2], dtype=F64))
@@ -226,6 +268,8 @@ def test_sir_recovers_the_halfspace_target():
 
 
 def test_effective_sample_size_hand_cases():
+    # softmax of at most 4 log-weights and two short sums: a few u; pytest's default rel=1e-6 (and the
+    # rel=1e-6 below) is loose, but any wrong normalisation is off by > 10%.
     assert effective_sample_size(torch.zeros(10, dtype=F64)) == pytest.approx(10.0)
     assert effective_sample_size(torch.tensor([0.0, 0.0, -math.inf, -math.inf])) == pytest.approx(2.0)
     assert effective_sample_size(torch.tensor([1000.0, 0.0, 0.0])) == pytest.approx(1.0)
