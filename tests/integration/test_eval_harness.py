@@ -85,6 +85,8 @@ def test_summary_ci_matches_closed_form():
     stats = summarize(results, ["r"])
     s = stats["rewards"]["r"]
     half = 3.182446305284263 * math.sqrt(5 / 3) / 2  # t_{0.975,3} * sd / sqrt(4), sd^2 = 5/3
+    # scipy's t.ppf is accurate to ~1e-14 relative and the sd / sqrt add a few u: rel=1e-9 bounds both
+    # (the scipy-less Cornish-Fisher fallback, ~1e-3, would not pass; scipy is in the test extra)
     assert s["mean"] == 2.5 and s["ci95_halfwidth"] == pytest.approx(half, rel=1e-9)
     assert stats["by_tag"] == {"a": {"r": 1.5}, "b": {"r": 3.5}} and stats["num_images"] == 8
     assert t_quantile_975(3) == pytest.approx(3.182446305284263)

@@ -8,6 +8,8 @@ import torch
 from tiltflow.flow import eps_from_v, few_step_sigmas, forward_kernel, interpolate, time_shift, x0_from_v
 from tiltflow.sampling import NoisePlan, cps_step, gaussian_log_prob, group_noise, sample
 
+# float64 closed forms of a few elementwise operations (rounding ~ 10u ~ 1e-15, no long reductions): the
+# default tolerances (torch rtol 1e-5, pytest rel 1e-6) are loose next to that, and independent of the CPU.
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 

@@ -106,7 +106,7 @@ def check_normalised(target: Target, reward: Reward, beta: float) -> None:
     offset = target.log_prob(x) - base.log_prob(x) - beta * reward(x, None).scores
     # float64 rounding, any summation order: each log-density is off by <= (2d + 4) kappa u Q / 2 in its
     # Gaussian exponents (Q the largest Mahalanobis form over these samples and components) plus ~ 10u |log p|
-    # for logsumexp; beta r by ~ 4u |beta r|. The spread of the offset is at most twice the sum (~ 1e-11 here).
+    # for logsumexp; beta r by ~ 4u |beta r|. The spread of the offset is at most twice the sum (~ 1e-12 here).
     spread_tol = 2 * (
         _log_prob_rounding_bound(target, x)
         + _log_prob_rounding_bound(base, x)
