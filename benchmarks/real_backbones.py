@@ -27,9 +27,11 @@ import torch
 
 from tiltflow.algorithms.ac_dmd import ACDMD
 from tiltflow.algorithms.rtdmd import RTDMD
-from tiltflow.config.schema import FakeConfig, SamplerConfig, Stage1Config, Stage2Config
+from tiltflow.config.schema import FakeConfig, ParallelConfig, SamplerConfig, Stage1Config, Stage2Config
+from tiltflow.distributed import LOCAL
 from tiltflow.models.lora import LoraSettings, build_roles
 from tiltflow.rewards.base import RewardSet
+from tiltflow.training.spine import apply_parallel_plan, build_train_state
 from tiltflow.worlds.diffusers_world import DiffusersTask, MeanBrightness
 
 # Reference settings (METHOD.md 4.4, 5.5): teacher CFG per family, LoRA 32/64, eta 0.9, 4 steps, n_fake 10.
@@ -70,10 +72,12 @@ def bench_one(arch: str, layout: str, args: argparse.Namespace) -> dict[str, Any
     family, cfg_scale = FAMILY[arch]
     cls = adapter_class(family)
     extra = {"guidance": cfg_scale} if family == "flux1" else {}
-    adapter = cls.random(arch, seed=0, device=args.device, text_encoders=False, **extra)
+    adapter = cls.random(arch, seed=0, device=args.device, text_encoders=False,
+                         attention_backend=args.attention_backend, **extra)
     gen_base = adapter.random_transformer(seed=1) if family == "flux2" else None  # the distilled init
-    models = build_roles(adapter, layout=layout, lora=LoraSettings(32, 64.0), generator_base=gen_base,
-                         gradient_checkpointing=args.gradient_checkpointing)
+    models = build_roles(adapter, layout=layout, lora=LoraSettings(32, 64.0), generator_base=gen_base)
+    # The training spine's model preparation (activation checkpointing, then sharding: none on one GPU).
+    apply_parallel_plan(models, ParallelConfig(activation_checkpointing=args.gradient_checkpointing), LOCAL)
     for m in {id(t): t for t in (models.teacher, models.generator, models.fake)}.values():
         m.train()
     res = args.resolution
@@ -88,12 +92,17 @@ def bench_one(arch: str, layout: str, args: argparse.Namespace) -> dict[str, Any
                       fake=dataclasses.replace(fake, lr=3e-6))
     mem = gib(torch.cuda.memory_allocated()) if args.device == "cuda" else None
     out: dict[str, Any] = {"arch": arch, "layout": layout, "model_mem_gib": mem,
+                           "attention_backend": getattr(adapter, "attention_backend", "default"),
                            "trainable_params": sum(p.numel() for p in models.roles().generator_params)}
     roles = models.roles()
-    warm = ACDMD(dataclasses.replace(s1, n_fake=1), sampler, task, roles, seed=0)
+
+    def algo(cls: Any, stage_cfg: Any) -> Any:  # optimisers built as the spine builds them
+        return cls(stage_cfg, sampler, task, roles, build_train_state(stage_cfg, roles), seed=0)
+
+    warm = algo(ACDMD, dataclasses.replace(s1, n_fake=1))
     out["warmup_s"] = timed(functools.partial(warm.step, 0))["time_s"]  # kernels, allocator, cuBLAS handles
-    out["stage1"] = timed(lambda: ACDMD(s1, sampler, task, roles, seed=0).step(1))
-    out["stage2_rollout_batch"] = timed(lambda: RTDMD(s2, sampler, task, roles, seed=0).step(0))
+    out["stage1"] = timed(lambda: algo(ACDMD, s1).step(1))
+    out["stage2_rollout_batch"] = timed(lambda: algo(RTDMD, s2).step(0))
     return out
 
 
@@ -118,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="stage-2 samples per GPU per rollout batch (a group of 24 over 3 GPUs; 16 batches/iter)")
     p.add_argument("--n-fake", type=int, default=10)
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    p.add_argument("--attention-backend", default="auto",
+                   choices=["auto", "default", "cudnn", "flash", "efficient", "math"])
+    p.add_argument("--repeat", type=int, default=1, help="measure each (arch, layout) this many times, interleaved")
     p.add_argument("--device", default="cuda", help="cuda; cpu only for the tiny_* smoke architectures")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -130,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                               "notes": "random weights; stub text embeddings; brightness reward; bf16 autocast, "
                                        "bf16 frozen base, fp32 LoRA; stage2 = one of the 16 rollout batches "
                                        "of a reference iteration", "results": []}
-    for arch in args.arch:
+    for arch in [a for _ in range(args.repeat) for a in args.arch]:
         for layout in args.layouts:
             print(f"== {arch} / {layout}", flush=True)
             try:

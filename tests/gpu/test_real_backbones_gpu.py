@@ -45,13 +45,23 @@ def test_bf16_adapter_matches_pipeline_on_cuda(family):
     assert (ours - theirs).abs().max() < 0.1  # bf16 compute on both sides, different casting points
 
 
+ARCHS = ["sd3_medium", "sd35_medium", "flux1_dev", "flux2_klein_4b", "flux2_klein_9b"]
+
+
 @pytest.mark.slow
-def test_full_size_sd35_iterations(tmp_path):
-    out = tmp_path / "bench.json"
-    rc = _bench_main()(["--arch", "sd35_medium", "--layouts", "shared", "--n-fake", "1", "--stage1-batch", "1",
-                        "--stage2-group", "2", "--out", str(out)])
-    assert rc == 0
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_size_stage1_and_stage2_step(arch, tmp_path):
+    """One stage-1 cycle (10 fake + 1 generator update, batch 4) and one stage-2 rollout batch (a group of 8)
+    of each supported architecture at full size with random weights, 512 px, default settings (shared LoRA
+    layout, activation checkpointing, the adapter's default attention backend). TILTFLOW_GPU_RESULTS names a
+    folder to keep each JSON result in (benchmarks/results/ holds the committed ones)."""
+    import os
+
+    out = Path(os.environ.get("TILTFLOW_GPU_RESULTS", tmp_path)) / f"full_size_{arch}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    assert _bench_main()(["--arch", arch, "--layouts", "shared", "--out", str(out)]) == 0
     row = json.loads(out.read_text())["results"][0]
     assert "error" not in row, row
     for stage in ("stage1", "stage2_rollout_batch"):
-        assert row[stage]["finite"] and row[stage]["peak_mem_gib"] < 75
+        assert row[stage]["finite"], (stage, row)
+        assert row[stage]["peak_mem_gib"] < 139, (stage, row)  # fits one H200

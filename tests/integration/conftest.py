@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tiltflow.config.loader import load_config
-from tiltflow.config.schema import STAGE_PRESETS, RunConfig
+from tiltflow.config.gmm import GMMRunConfig
+from tiltflow.worlds.registry import load_run_config
 
 _COV = [[0.1, 0.0], [0.0, 0.1]]
 
@@ -50,22 +50,22 @@ def tiny_yaml(tmp_path_factory) -> Path:
 def teacher_run(tmp_path_factory, tiny_yaml) -> Path:
     """A neural teacher (50 flow-matching steps) trained once and shared: teacher_run=<this dir>."""
     from tiltflow.worlds.gmm.runs import run_teacher
+    from tiltflow.worlds.gmm.world import build_gmm
 
     out = tmp_path_factory.mktemp("teacher")
-    cfg = load_config(RunConfig, tiny_yaml, [f"run_dir={out}", f"teacher_run={out}"])
-    run_teacher(cfg, progress=False)
+    cfg = load_run_config(tiny_yaml, [f"run_dir={out}", f"teacher_run={out}"])
+    run_teacher(cfg, build_gmm(cfg.problem), progress=False)
     assert (out / "teacher.pt").exists()
     return out
 
 
 @pytest.fixture
 def make_cfg(tiny_yaml, teacher_run):
-    """make_cfg(stage, run_dir, *overrides) -> RunConfig through the public loader (presets included)."""
+    """make_cfg(stage, run_dir, *overrides) -> GMMRunConfig through the public loader (presets included)."""
 
-    def make(stage: str, run_dir: Path, *overrides: str) -> RunConfig:
-        return load_config(RunConfig, tiny_yaml,
-                           [f"stage={stage}", f"run_dir={run_dir}", f"teacher_run={teacher_run}", *overrides],
-                           presets=STAGE_PRESETS, preset_key="stage")
+    def make(stage: str, run_dir: Path, *overrides: str) -> GMMRunConfig:
+        return load_run_config(tiny_yaml, [f"stage={stage}", f"run_dir={run_dir}", f"teacher_run={teacher_run}",
+                                           *overrides])
 
     return make
 

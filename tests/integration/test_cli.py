@@ -99,6 +99,13 @@ def test_train_teacher_stage(tiny_yaml, tmp_path, capsys):
                  "teacher.train_steps=5"]) == 0
     assert (tmp_path / "teacher.pt").is_file()
     assert "teacher written to" in capsys.readouterr().out
+    # A teacher run is a run like the others: plots, final metrics, and `sample --run` samples the teacher.
+    for name in ("config.yaml", "metrics.jsonl", "final_metrics.json"):
+        assert (tmp_path / name).is_file(), name
+    out = tmp_path / "teacher_samples.npy"
+    assert main(["sample", "--run", str(tmp_path), "--num", "7", "--out", str(out)]) == 0
+    assert np.load(out).shape == (7, 2)
+    assert "Euler steps" in capsys.readouterr().out
 
 
 def test_sample_writes_array(trained_run, tmp_path, capsys):
@@ -115,11 +122,12 @@ def test_sample_writes_array(trained_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("prompt", ["2", "-1"])
-def test_sample_out_of_range_prompt(trained_run, tmp_path, prompt):
+def test_sample_out_of_range_prompt(trained_run, tmp_path, prompt, capsys):
     out = tmp_path / "x.npy"
-    with pytest.raises(SystemExit) as info:
-        main(["sample", "--run", str(trained_run), "--num", "5", "--prompt", prompt, "--out", str(out)])
-    assert f"--prompt {prompt} out of range" in str(info.value.code) and "0..1" in str(info.value.code)
+    # A usage error: exit code 2, like argparse's own and every config error (one convention, see --help).
+    assert main(["sample", "--run", str(trained_run), "--num", "5", "--prompt", prompt, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--prompt {prompt} out of range" in err and "0..1" in err
     assert not out.exists()
 
 
@@ -144,13 +152,13 @@ def test_eval_without_run_needs_the_image_options(capsys):
     assert "--reward" in err and "--out" in err and "--run" in err
 
 
-def test_train_non_finite_loss_exits_3(tiny_yaml, teacher_run, tmp_path, monkeypatch, capsys):
+def test_train_non_finite_loss_exits_1(tiny_yaml, teacher_run, tmp_path, monkeypatch, capsys):
     from tiltflow.worlds.gmm import runs
 
     class NaNTeacher:
         def velocity(self, x, sigma, cond):
             return x * float("nan")
 
-    monkeypatch.setattr(runs, "teacher_backbone", lambda cfg, net: NaNTeacher())
-    assert main(["train", "--config", str(tiny_yaml), f"run_dir={tmp_path}", f"teacher_run={teacher_run}"]) == 3
+    monkeypatch.setattr(runs, "teacher_backbone", lambda cfg, gmm, net: NaNTeacher())
+    assert main(["train", "--config", str(tiny_yaml), f"run_dir={tmp_path}", f"teacher_run={teacher_run}"]) == 1
     assert "non-finite generator DM loss" in capsys.readouterr().err

@@ -95,11 +95,14 @@ def test_merged_transformer_export(tmp_path):
 
 @pytest.mark.slow
 def test_world_run_stage1_stage2_export_and_sample(tmp_path):
-    from tiltflow.worlds.diffusers_world import build_models, load_run_config, train
+    from tiltflow.training.spine import train
+    from tiltflow.worlds.diffusers_world import build_models
     from tiltflow.worlds.diffusers_world import sample as world_sample
+    from tiltflow.worlds.registry import load_run_config
 
-    common = ["model.family=sd3", "model.random_weights=true", "model.arch=tiny_sd3", "model.resolution=32",
-              "model.teacher_cfg=3.0", "device=cpu", "prompts=[a red cat, a blue dog]", "lora.rank=4",
+    common = ["world=diffusers", "model.family=sd3", "model.random_weights=true", "model.arch=tiny_sd3",
+              "model.resolution=32", "model.guidance_scale=3.0", "device=cpu", "prompts=[a red cat, a blue dog]",
+              "lora.rank=4",
               "lora.alpha=8", "checkpoint_every=1", "log_every=1"]
     s1 = load_run_config(None, common + ["stage=ac_dmd", f"run_dir={tmp_path}/s1", "stage1.num_iters=1",
                                          "stage1.batch_size=2", "stage1.n_fake=1", "stage1.lr=1e-2",

@@ -23,6 +23,7 @@ from tiltflow.models.adapters.sd3 import SD3Adapter
 from tiltflow.models.export import combine_lora_states
 from tiltflow.models.lora import FAKE, GENERATOR, STAGE1, LoraSettings, build_roles, lora_state
 from tiltflow.rewards.base import RewardSet
+from tiltflow.training.spine import build_train_state
 from tiltflow.worlds.diffusers_world import DiffusersTask, MeanBrightness
 
 FAMILIES = {"sd3": (SD3Adapter, "tiny_sd3", 3.0), "flux1": (FluxAdapter, "tiny_flux1", 1.0),
@@ -123,7 +124,9 @@ def test_gradient_checkpointing_recomputes_with_the_forward_role():
     grads = []
     for checkpointing in (False, True):
         adapter = Flux2Adapter.random("tiny_flux2", seed=0)
-        models = build_roles(adapter, lora=SMALL, gradient_checkpointing=checkpointing)
+        models = build_roles(adapter, lora=SMALL)
+        if checkpointing:
+            models.enable_activation_checkpointing()
         roles = models.roles()
         _perturb(roles.generator_params)
         _perturb(roles.fake_params, seed=1)
@@ -177,6 +180,12 @@ def _stage_configs(adapter):
     return sampler, s1, s2
 
 
+def _algo(cls, stage_cfg, sampler, task, models):
+    """An algorithm with its optimisers built as the training spine builds them."""
+    roles = models.roles()
+    return cls(stage_cfg, sampler, task, roles, build_train_state(stage_cfg, roles), seed=0)
+
+
 def _check_step(algo, models, modules, it: int) -> None:
     roles = models.roles()
     trainable = roles.generator_params + roles.fake_params
@@ -198,7 +207,7 @@ def test_stage1_then_stage2_iteration(family):
     base = gen_base(adapter)
     models = build_roles(adapter, lora=SMALL, generator_base=base)
     modules = [adapter.transformer, adapter.vae] + ([base] if base is not None else [])
-    _check_step(ACDMD(s1, sampler, task, models.roles(), seed=0), models, modules, 0)
+    _check_step(_algo(ACDMD, s1, sampler, task, models), models, modules, 0)
 
     export, _ = combine_lora_states([(lora_state(models.generator, GENERATOR), SMALL.alpha / SMALL.rank)])
     adapter2 = cls.random(arch, seed=0)
@@ -209,7 +218,7 @@ def test_stage1_then_stage2_iteration(family):
     assert FAKE in adapter2.transformer.peft_config
     task2 = DiffusersTask(adapter2, task.prompts, task.rewards, cfg_scale, 32)
     modules2 = [adapter2.transformer, adapter2.vae] + ([base2] if base2 is not None else [])
-    _check_step(RTDMD(s2, sampler, task2, models2.roles(), seed=0), models2, modules2, 0)
+    _check_step(_algo(RTDMD, s2, sampler, task2, models2), models2, modules2, 0)
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
@@ -218,5 +227,5 @@ def test_separate_layout_stage1_iteration(finetune):
     task = DiffusersTask(adapter, ["a red cat", "a blue dog"], RewardSet([MeanBrightness()]), 3.0, 32)
     sampler, s1, _ = _stage_configs(adapter)
     models = build_roles(adapter, layout="separate", finetune=finetune, lora=SMALL)
-    _check_step(ACDMD(s1, sampler, task, models.roles(), seed=0), models,
+    _check_step(_algo(ACDMD, s1, sampler, task, models), models,
                 [adapter.transformer, adapter.vae], 0)

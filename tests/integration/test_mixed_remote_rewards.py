@@ -7,13 +7,14 @@ import torch
 from tiltflow.rewards.base import RewardSet
 from tiltflow.rewards.remote import RemoteReward
 from tiltflow.rewards.server import serving
+from tiltflow.training.spine import train
 from tiltflow.worlds.gmm import runs
 from tiltflow.worlds.gmm.rewards import HalfspaceReward, LinearReward
 
 
 def test_stage2_with_local_differentiable_and_remote_indicator_reward(make_cfg, tmp_path, monkeypatch):
     s1 = tmp_path / "s1"
-    runs.run_stage(make_cfg("ac_dmd", s1), progress=False)
+    train(make_cfg("ac_dmd", s1), progress=False)
     with serving(HalfspaceReward([0.0, 1.0], 0.0)) as server:
         url = getattr(server, "url", None) or f"http://127.0.0.1:{server.server_address[1]}"
         remote = RemoteReward(url, name="halfspace", encoding="npy-float32", timeout_s=10, retries=1)
@@ -29,7 +30,7 @@ def test_stage2_with_local_differentiable_and_remote_indicator_reward(make_cfg, 
         monkeypatch.setattr(runs, "build_rewards", lambda spec: rewards)
         cfg = make_cfg("rtdmd_exact", tmp_path / "s2", f"init_from={s1}")
         before = torch.load(s1 / "final.pt", weights_only=True)["generator"]
-        runs.run_stage(cfg, progress=False)
+        train(cfg, progress=False)
     after = torch.load(tmp_path / "s2" / "final.pt", weights_only=True)["generator_raw"]
     assert any(not diff and names == ["halfspace", "linear"] for diff, names in calls)  # PG sees both
     assert any(diff and names == ["linear"] for diff, names in calls)  # BP sees the differentiable one only

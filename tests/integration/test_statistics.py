@@ -8,11 +8,11 @@ student's towards E_p_tilde[r].
 
 import pytest
 
-from tiltflow.config.loader import load_config
-from tiltflow.config.schema import STAGE_PRESETS, RunConfig
-from tiltflow.worlds.gmm import runs
+from tiltflow.training.spine import train
 from tiltflow.worlds.gmm.evaluate import build_reference
+from tiltflow.worlds.gmm.runs import GMMWorld
 from tiltflow.worlds.gmm.world import build_gmm
+from tiltflow.worlds.registry import load_run_config
 
 _COV = [[0.09, 0.0], [0.0, 0.09]]
 PROBLEM = {
@@ -39,14 +39,14 @@ def test_rtdmd_moves_the_student_to_the_tilted_target(tmp_path):
     path.write_text(yaml.safe_dump(tree))
 
     def cfg(stage, name, *extra):
-        return load_config(RunConfig, path, [f"stage={stage}", f"run_dir={tmp_path / name}",
-                                             f"teacher_run={tmp_path / 'teacher'}", *extra],
-                           presets=STAGE_PRESETS, preset_key="stage")
+        return load_run_config(path, [f"stage={stage}", f"run_dir={tmp_path / name}",
+                                      f"teacher_run={tmp_path / 'teacher'}", *extra])
 
     s1_cfg = cfg("ac_dmd", "s1")
     ref = build_reference(s1_cfg, build_gmm(s1_cfg.problem), None)
-    s1 = runs.run_stage(s1_cfg, reference=ref, progress=False)
-    s2 = runs.run_stage(cfg("rtdmd_exact", "s2", f"init_from={tmp_path / 's1'}"), reference=ref, progress=False)
+    s1 = train(s1_cfg, world=GMMWorld(reference=ref), progress=False)
+    s2 = train(cfg("rtdmd_exact", "s2", f"init_from={tmp_path / 's1'}"), world=GMMWorld(reference=ref),
+               progress=False)
     assert (tmp_path / "s2" / "samples.png").is_file() and (tmp_path / "s2" / "curves.png").is_file()
     assert s2["mode_tv"] <= s1["mode_tv"] - 0.1, (s1, s2)
     assert s2["energy_distance"] <= 0.5 * s1["energy_distance"], (s1, s2)

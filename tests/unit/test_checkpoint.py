@@ -1,4 +1,4 @@
-"""Atomic checkpoints (tiltflow/training/checkpoint.py): a save either fully replaces the previous file or
+"""Atomic checkpoints (tiltflow/storage.py): a save either fully replaces the previous file or
 leaves it untouched with no temporary file behind; loading is weights-only."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiltflow.training import checkpoint
-from tiltflow.training.checkpoint import load, save_atomic
+from tiltflow import storage as checkpoint
+from tiltflow.storage import load, save_atomic
 
 
 class Arbitrary:
@@ -201,7 +201,7 @@ def test_loop_stop_and_resume_equals_straight_run(tmp_path):
 
 
 def test_metrics_log_keeps_records_the_checkpoint_has_seen(tmp_path):
-    from tiltflow.training.loop import MetricsLog
+    from tiltflow.training.logger import MetricsLog
 
     log = MetricsLog(tmp_path / "metrics.jsonl")
     for step in (1, 2, 3):

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tiltflow.config.gmm import GMMRunConfig
 from tiltflow.config.loader import ConfigError, apply_overrides, from_dict, load_config, read_yaml, to_yaml
-from tiltflow.config.schema import STAGE_PRESETS, RunConfig, Stage2Config
+from tiltflow.config.schema import STAGE_PRESETS, Stage2Config
 
 DEFAULT_YAML = Path(__file__).resolve().parents[2] / "tiltflow" / "configs" / "gmm" / "default.yaml"
 
@@ -30,11 +31,11 @@ def base_tree(**top) -> dict:
     return {"problem": copy.deepcopy(PROBLEM), **top}
 
 
-def load(tmp_path: Path, tree: dict, overrides: list[str] = ()) -> RunConfig:
+def load(tmp_path: Path, tree: dict, overrides: list[str] = ()) -> GMMRunConfig:
     """The public path: a YAML file, dotted overrides, stage presets."""
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(tree))
-    return load_config(RunConfig, path, overrides, presets=STAGE_PRESETS, preset_key="stage")
+    return load_config(GMMRunConfig, path, overrides, presets=STAGE_PRESETS, preset_key="stage")
 
 
 def error_of(tmp_path: Path, tree: dict, overrides: list[str] = ()) -> ConfigError:
@@ -239,14 +240,14 @@ def test_malformed_yaml_names_the_file(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("stage: ac_dmd\nstage2: {beta: [1, 2\n")
     with pytest.raises(ConfigError) as info:
-        load_config(RunConfig, path)
+        load_config(GMMRunConfig, path)
     assert str(path) in str(info.value) and "malformed YAML" in str(info.value)
 
 
 def test_missing_file_names_the_file(tmp_path):
     path = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError) as info:
-        load_config(RunConfig, path)
+        load_config(GMMRunConfig, path)
     assert str(path) in str(info.value) and "does not exist" in str(info.value)
 
 
@@ -264,7 +265,7 @@ def test_empty_file_is_an_empty_mapping(tmp_path):
 
 
 def test_default_problem_loads():
-    cfg = load_config(RunConfig, DEFAULT_YAML, presets=STAGE_PRESETS, preset_key="stage")
+    cfg = load_config(GMMRunConfig, DEFAULT_YAML, presets=STAGE_PRESETS, preset_key="stage")
     assert cfg.world == "gmm" and cfg.problem.dim == 2 and len(cfg.problem.prompts) == 3
     assert cfg.stage2.beta == 0.5
 
@@ -314,7 +315,7 @@ def test_scientific_strings_accepted_for_float_fields(tmp_path):
     assert yaml.safe_load("x: 1e-3")["x"] == "1e-3"
     path = tmp_path / "sci.yaml"
     path.write_text(yaml.safe_dump(base_tree()) + "stage2: {lr: 1e-3, ppo_clip: 2e-5}\nteacher: {lr: 5E-4}\n")
-    cfg = load_config(RunConfig, path, ["stage1.lr=3e-4", "stage2.w_bp=1e-6"])
+    cfg = load_config(GMMRunConfig, path, ["stage1.lr=3e-4", "stage2.w_bp=1e-6"])
     assert cfg.stage2.lr == 1e-3 and isinstance(cfg.stage2.lr, float)
     assert cfg.stage2.ppo_clip == 2e-5  # an Optional[float] field
     assert cfg.teacher.lr == 5e-4
@@ -364,14 +365,14 @@ def test_no_preset_for_plain_stages(tmp_path):
 @pytest.mark.parametrize("stage", ["ac_dmd", "rtdmd_exact", "dm_bp"])
 def test_round_trip_through_yaml(tmp_path, stage):
     cfg = load(tmp_path, base_tree(stage=stage), ["stage2.lr=1e-5", "seed=4"])
-    again = from_dict(RunConfig, yaml.safe_load(to_yaml(cfg)))
+    again = from_dict(GMMRunConfig, yaml.safe_load(to_yaml(cfg)))
     assert again == cfg
     assert to_yaml(again) == to_yaml(cfg)
 
 
 def test_round_trip_of_default_problem():
-    cfg = load_config(RunConfig, DEFAULT_YAML)
-    assert from_dict(RunConfig, yaml.safe_load(to_yaml(cfg))) == cfg
+    cfg = load_config(GMMRunConfig, DEFAULT_YAML)
+    assert from_dict(GMMRunConfig, yaml.safe_load(to_yaml(cfg))) == cfg
 
 
 def test_weights_resolve_null_to_beta():

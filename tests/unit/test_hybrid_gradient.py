@@ -12,12 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from tiltflow.algorithms.common import Roles
 from tiltflow.algorithms.rtdmd import RTDMD
 from tiltflow.config.loader import from_dict
 from tiltflow.config.schema import STAGE_PRESETS, SamplerConfig, Stage2Config
 from tiltflow.flow import few_step_sigmas
+from tiltflow.flow.rng import Streams
+from tiltflow.models.roles import Roles
 from tiltflow.rewards import RewardSet
+from tiltflow.training.spine import build_train_state
 from tiltflow.worlds.gmm.rewards import LinearReward, QuadraticReward
 from tiltflow.worlds.gmm.world import GMMTask
 
@@ -63,12 +65,15 @@ def test_hybrid_estimator_is_unbiased(reward):
             "group_size": 8, "num_trained_steps": K - 1, "n_fake": 0}
     cfg = from_dict(Stage2Config, tree)
     fake = AffineVelocity()
-    algo = RTDMD(cfg, SamplerConfig(num_steps=K, eta=ETA), task,
-                 Roles(gen, gen, fake, list(gen.parameters()), list(fake.parameters())), seed=0)
+    roles = Roles(gen, gen, fake, list(gen.parameters()), list(fake.parameters()))
+    algo = RTDMD(cfg, SamplerConfig(num_steps=K, eta=ETA), task, roles, build_train_state(cfg, roles), seed=0)
     task.rewards = RewardSet([_Float64(r)])
     grads = []
     for it in range(300):
-        loss, _ = algo._generator_loss(it, torch.Generator().manual_seed(1000 + it))
+        g = torch.Generator().manual_seed(1000 + it)
+        ro = algo.rollout(it, Streams(g, g))
+        terms = algo.generator_terms(ro, task.rewards(ro.traj.final, ro.batch.prompts), g)
+        loss = sum(w * t.loss for w, t in terms.values())
         grads.append(torch.cat(torch.autograd.grad(loss, [gen.w, gen.b])))
     g = torch.stack(grads)
     est, se = -g.mean(0), g.std(0) / math.sqrt(len(g))

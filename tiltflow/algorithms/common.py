@@ -1,17 +1,19 @@
-"""What the algorithms need from a world: a Task (prompts, conditioning, decoding, rewards) and Roles
-(teacher, generator, fake score and their trainable parameters)."""
+"""What the algorithms share: the Task a world provides (prompts, conditioning, decoding, rewards), the
+checkpointable optimiser state the spine builds for them, and the per-step plumbing (optimiser step,
+finite-loss guard, metrics averaged over micro-batches)."""
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from tiltflow.models.base import Backbone, guided_velocity
+from tiltflow.distributed import Comm
 from tiltflow.models.ema import EMA
 from tiltflow.rewards.base import RewardSet
 
@@ -19,7 +21,7 @@ from tiltflow.rewards.base import RewardSet
 class Task(Protocol):
     sample_shape: tuple[int, ...]
     rewards: RewardSet
-    cfg_scale: float
+    guidance_scale: float  # the teacher's CFG scale (1 = the conditional model alone, one pass)
     device: torch.device
 
     def sample_prompts(self, n: int, generator: torch.Generator) -> list[Any]: ...
@@ -32,35 +34,32 @@ class Task(Protocol):
 
 
 @dataclass
-class Roles:
-    teacher: Backbone
-    generator: Backbone
-    fake: Backbone
-    generator_params: list[nn.Parameter]
-    fake_params: list[nn.Parameter]
+class Batch:
+    """Prompts and their conditioning; `uncond` only when the teacher uses CFG."""
+
+    prompts: list[Any]
+    cond: Any
+    uncond: Any
+
+    @staticmethod
+    def draw(task: Task, n: int, generator: torch.Generator) -> Batch:
+        return Batch.of(task, task.sample_prompts(n, generator))
+
+    @staticmethod
+    def of(task: Task, prompts: list[Any]) -> Batch:
+        uncond = task.encode_uncond(len(prompts)) if task.guidance_scale != 1.0 else None
+        return Batch(prompts, task.encode(prompts), uncond)
 
 
-def step_generator(seed: int, step: int, salt: str = "") -> torch.Generator:
-    """A torch.Generator seeded from (seed, step, salt), so a resumed run redraws the same numbers."""
-    digest = hashlib.sha256(f"{seed}/{step}/{salt}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-
-
-def randn(shape: Sequence[int], generator: torch.Generator, like: Tensor | None = None,
-          device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
-    if like is not None:
-        device, dtype = like.device, like.dtype
-    return torch.randn(tuple(shape), generator=generator, dtype=dtype).to(device)
-
-
-def teacher_velocity(task: Task, roles: Roles, x: Tensor, sigma: Tensor, cond: Any, uncond: Any) -> Tensor:
-    return guided_velocity(roles.teacher, x, sigma, cond, uncond, task.cfg_scale)
+def randn(shape: Sequence[int], generator: torch.Generator, like: Tensor) -> Tensor:
+    """Gaussian noise from a CPU generator, moved to `like`'s device and dtype (the same numbers on any device)."""
+    return torch.randn(tuple(shape), generator=generator, dtype=like.dtype).to(like.device)
 
 
 @dataclass
 class TrainState:
     """The checkpointable optimiser state of a two-network algorithm: generator and fake-score
-    optimisers and the generator EMA."""
+    optimisers and the generator EMA. Built by the spine (tiltflow.training.spine), after sharding."""
 
     gen_opt: torch.optim.Optimizer
     fake_opt: torch.optim.Optimizer
@@ -76,6 +75,14 @@ class TrainState:
         self.ema.load_state_dict(state["ema"])
 
 
+GradSync = Callable[[bool], AbstractContextManager]
+
+
+def always_sync(enabled: bool) -> AbstractContextManager:
+    """The default gradient-sync hook: a single process has nothing to synchronise."""
+    return contextlib.nullcontext()
+
+
 def optimizer_step(opt: torch.optim.Optimizer, loss: Tensor, params: list[nn.Parameter], clip: float) -> float:
     """zero_grad, backward, clip the gradient norm, step; returns the norm before clipping."""
     opt.zero_grad(set_to_none=True)
@@ -85,7 +92,48 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: Tensor, params: list[nn.Par
     return norm
 
 
-def check_finite(name: str, value: Tensor, step: int) -> None:
-    if not bool(torch.isfinite(value).all()):
-        raise FloatingPointError(f"non-finite {name} = {float(value.detach())} at step {step}; stopping "
-                                 "(the last checkpoint is left intact)")
+def check_finite(terms: Mapping[str, Tensor], step: int, comm: Comm) -> None:
+    """One check (one host sync) for every loss term of an update; every rank raises together when any
+    rank sees a non-finite value, so no rank waits forever in a collective."""
+    values = torch.stack([t.detach().float().reshape(()) for t in terms.values()])
+    finite = torch.isfinite(values)
+    if comm.any(not bool(finite.all())):
+        bad = [f"{name} = {v}" for name, v, ok in zip(terms, values.tolist(), finite.tolist()) if not ok]
+        what = ", ".join(bad) if bad else "loss on another rank"
+        raise FloatingPointError(f"non-finite {what} at step {step}; stopping (the last checkpoint is left intact)")
+
+
+class MeanMetrics:
+    """Metrics over the micro-batches (and repeated updates) of one step: means, except worst cases
+    (names ending in '_max' or containing '_max_'), which keep the maximum."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, metrics: Mapping[str, float]) -> None:
+        for k, v in metrics.items():
+            v = float(v)
+            if k.endswith("_max") or "_max_" in k:
+                self.sums[k] = max(self.sums.get(k, v), v)
+                self.counts[k] = 1
+            else:
+                self.sums[k] = self.sums.get(k, 0.0) + v
+                self.counts[k] = self.counts.get(k, 0) + 1
+
+    def result(self) -> dict[str, float]:
+        return {k: s / self.counts[k] for k, s in self.sums.items()}
+
+
+class Phases:
+    """The phase an algorithm is in (rollout, fake update, generator update), so that a device fault
+    raised inside a step can say where it happened."""
+
+    def __init__(self) -> None:
+        self.current = "setup"
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        before, self.current = self.current, name
+        yield
+        self.current = before

@@ -22,6 +22,10 @@ class ConfigError(ValueError):
         self.path = path
 
 
+class UsageError(ValueError):
+    """A command-line argument that cannot work, named with what was expected (exit code 2)."""
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -151,19 +155,42 @@ def apply_overrides(tree: dict, overrides: Sequence[str]) -> dict:
     return tree
 
 
-def read_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("", f"config file {str(p)!r} does not exist")
+def _parse_yaml(p: Path) -> dict:
     try:
         data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError("", f"malformed YAML in {str(p)!r}: {e}") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError("", f"malformed YAML in {str(p)!r}{where}: {e.problem or e.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError("", f"cannot read {str(p)!r} as YAML: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError("", f"{str(p)!r} must hold a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML mapping. A top-level `base:` (a path, or a list of paths, relative to this file) names files
+    this one extends: they are merged first, in order, and this file's keys win."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("", f"config file {str(p)!r} does not exist")
+    if p.resolve() in _seen:
+        raise ConfigError("base", f"{str(p)!r} extends itself through 'base'")
+    data = _parse_yaml(p)
+    bases = data.pop("base", None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError("base", f"in {str(p)!r}: got {bases!r}, expected a path or a list of paths")
+    merged: dict = {}
+    for b in bases:
+        merged = deep_merge(merged, read_yaml(p.parent / b, (*_seen, p.resolve())))
+    return deep_merge(merged, data)
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -180,10 +207,16 @@ def load_config(cls: type, path: str | Path | None, overrides: Sequence[str] = (
                 presets: dict[str, dict] | None = None, preset_key: str | None = None) -> Any:
     """File, then overrides; if `preset_key` names a field whose value selects a preset, the preset is
     applied first (file and overrides win over it)."""
+    return from_dict(cls, user_tree(path, overrides, presets, preset_key))
+
+
+def user_tree(path: str | Path | None, overrides: Sequence[str] = (), presets: dict[str, dict] | None = None,
+              preset_key: str | None = None) -> dict:
+    """The config tree before typing: file (with its bases), overrides, and the selected preset under them."""
     tree = read_yaml(path) if path is not None else {}
     user = apply_overrides(dict(tree), overrides)
     if presets is not None and preset_key is not None and preset_key in user:
         name = user[preset_key]
-        if name in presets:
+        if isinstance(name, str) and name in presets:
             user = deep_merge(presets[name], user)
-    return from_dict(cls, user)
+    return user

@@ -1,4 +1,6 @@
-"""The run config: nested strict dataclasses (see configs/gmm/*.yaml for annotated examples).
+"""The run config's shared part: what every world's run has (stage, seed, run directory, sampler, the two
+stages' hyperparameters, logging, parallelism). Each world's config subclasses RunConfig and adds its own
+fields (tiltflow/config/gmm.py, tiltflow/config/diffusers.py).
 
 A `stage` selects the trainer and a preset of settings (STAGE_PRESETS); the file and dotted overrides
 are applied on top of the preset, and the resolved config is saved with every run.
@@ -10,124 +12,24 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-
 from tiltflow.config.loader import ConfigError
 
 
-def _check(cond: bool, path: str, msg: str) -> None:
+def require(cond: bool, path: str, msg: str) -> None:
     if not cond:
         raise ConfigError(path, msg)
 
 
-def _join(path: str, name: str) -> str:
+def join_path(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _check_lr(lr: float, path: str) -> None:
-    _check(math.isfinite(lr) and lr > 0, path, f"got {lr}, expected a finite value > 0")
+def require_lr(lr: float, path: str) -> None:
+    require(math.isfinite(lr) and lr > 0, path, f"got {lr}, expected a finite value > 0")
 
 
-def _check_ema_decay(decay: float, path: str) -> None:
-    _check(0 <= decay < 1, path, f"got {decay}, expected a value in [0, 1)")
-
-
-@dataclass
-class PromptSpec:
-    """One prompt (condition) of the analytic world: a Gaussian mixture in R^dim."""
-
-    weights: list[float] = field(default_factory=list)
-    means: list[list[float]] = field(default_factory=list)
-    covs: list[list[list[float]]] = field(default_factory=list)
-
-    def validate(self, path: str) -> None:
-        k = len(self.weights)
-        _check(k > 0, _join(path, "weights"), "need at least one mixture component")
-        _check(all(w > 0 for w in self.weights), _join(path, "weights"), f"got {self.weights}, expected all > 0")
-        _check(len(self.means) == k, _join(path, "means"),
-               f"got {len(self.means)} means, expected {k} (one per weight)")
-        _check(len(self.covs) == k, _join(path, "covs"), f"got {len(self.covs)} covariances, expected {k}")
-        for i, c in enumerate(self.covs):
-            p = f"{_join(path, 'covs')}[{i}]"
-            try:
-                t = torch.tensor(c, dtype=torch.float64)
-            except ValueError:  # ragged rows
-                raise ConfigError(p, f"got {c}, expected a square matrix") from None
-            _check(t.ndim == 2 and t.shape[0] == t.shape[1], p, f"got shape {tuple(t.shape)}, expected square")
-            _check(bool(torch.allclose(t, t.T)), p, "covariance is not symmetric")
-            _check(bool(torch.linalg.eigvalsh(t).min() > 0), p, f"covariance {c} is not positive definite")
-
-
-@dataclass
-class RewardSpec:
-    """linear: r = a.x; quadratic: r = -(x-b).A(x-b)/2; halfspace: r = 1[a.x >= c] (not differentiable)."""
-
-    type: Literal["linear", "quadratic", "halfspace"] = "linear"
-    weight: float = 1.0
-    a: list[float] | None = None
-    A: list[list[float]] | None = None
-    b: list[float] | None = None
-    c: float = 0.0
-
-    def validate(self, path: str) -> None:
-        if self.type in ("linear", "halfspace"):
-            _check(self.a is not None, _join(path, "a"), f"reward type {self.type!r} needs a vector 'a'")
-        if self.type == "quadratic":
-            _check(self.A is not None and self.b is not None, path, "quadratic reward needs 'A' and 'b'")
-            t = torch.tensor(self.A, dtype=torch.float64)
-            _check(bool(torch.allclose(t, t.T)) and bool(torch.linalg.eigvalsh(t).min() >= 0),
-                   _join(path, "A"), "must be symmetric positive semi-definite")
-
-
-@dataclass
-class ProblemSpec:
-    dim: int = 2
-    prompts: list[PromptSpec] = field(default_factory=list)
-    rewards: list[RewardSpec] = field(default_factory=list)
-
-    def validate(self, path: str) -> None:
-        _check(self.dim >= 1, _join(path, "dim"), f"got {self.dim}, expected >= 1")
-        _check(len(self.prompts) >= 1, _join(path, "prompts"), "need at least one prompt")
-        for i, p in enumerate(self.prompts):
-            pp = f"{_join(path, 'prompts')}[{i}]"
-            for j, m in enumerate(p.means):
-                _check(len(m) == self.dim, f"{pp}.means[{j}]", f"got length {len(m)}, expected dim = {self.dim}")
-            for j, c in enumerate(p.covs):
-                _check(len(c) == self.dim, f"{pp}.covs[{j}]", f"got {len(c)} rows, expected dim = {self.dim}")
-        _check(len(self.rewards) >= 1, _join(path, "rewards"), "need at least one reward")
-        for i, r in enumerate(self.rewards):
-            rp = f"{_join(path, 'rewards')}[{i}]"
-            for name in ("a", "b"):
-                vec = getattr(r, name)
-                if vec is not None:
-                    _check(len(vec) == self.dim, f"{rp}.{name}", f"got length {len(vec)}, expected dim = {self.dim}")
-            if r.A is not None:
-                shape = (len(r.A), *{len(row) for row in r.A})
-                _check(shape == (self.dim, self.dim), f"{rp}.A",
-                       f"got shape {shape}, expected (dim, dim) with dim = {self.dim}")
-
-
-@dataclass
-class ModelConfig:
-    hidden: int = 256
-    depth: int = 4
-    embed: int = 64
-
-
-@dataclass
-class TeacherConfig:
-    kind: Literal["neural", "analytic"] = "neural"
-    cfg_scale: float = 1.0
-    train_steps: int = 4000
-    batch_size: int = 2048
-    lr: float = 2e-3
-    cond_dropout: float = 0.1
-    sample_steps: int = 64  # many-step teacher sampler (Euler, eta = 0)
-
-    def validate(self, path: str) -> None:
-        _check(self.cfg_scale >= 0, _join(path, "cfg_scale"), f"got {self.cfg_scale}, expected >= 0")
-        _check_lr(self.lr, _join(path, "lr"))
-        _check(0 <= self.cond_dropout < 1, _join(path, "cond_dropout"), "expected a value in [0, 1)")
+def require_ema_decay(decay: float, path: str) -> None:
+    require(0 <= decay < 1, path, f"got {decay}, expected a value in [0, 1)")
 
 
 @dataclass
@@ -137,9 +39,9 @@ class SamplerConfig:
     eta: float = 0.9
 
     def validate(self, path: str) -> None:
-        _check(self.num_steps >= 2, _join(path, "num_steps"), f"got {self.num_steps}, expected >= 2")
-        _check(self.shift > 0, _join(path, "shift"), f"got {self.shift}, expected > 0")
-        _check(0 <= self.eta <= 1, _join(path, "eta"), f"got {self.eta}, expected a value in [0, 1]")
+        require(self.num_steps >= 2, join_path(path, "num_steps"), f"got {self.num_steps}, expected >= 2")
+        require(self.shift > 0, join_path(path, "shift"), f"got {self.shift}, expected > 0")
+        require(0 <= self.eta <= 1, join_path(path, "eta"), f"got {self.eta}, expected a value in [0, 1]")
 
 
 @dataclass
@@ -153,7 +55,7 @@ class FakeConfig:
     consistency_two_sample: bool = True
 
     def validate(self, path: str) -> None:
-        _check_lr(self.lr, _join(path, "lr"))
+        require_lr(self.lr, join_path(path, "lr"))
 
 
 @dataclass
@@ -163,7 +65,8 @@ class Stage1Config:
     num_iters: int = 1500
     batch_size: int = 1024
     lr: float = 3e-4
-    n_fake: int = 5
+    weight_decay: float = 0.0  # METHOD.md 4.4: AdamW without weight decay
+    n_fake: int = 5  # fake-score updates per generator update (METHOD.md 4.4, reference 10)
     ema_decay: float = 0.99
     grad_clip: float = 1.0
     subinterval: bool = True
@@ -173,11 +76,11 @@ class Stage1Config:
     fake: FakeConfig = field(default_factory=FakeConfig)
 
     def validate(self, path: str) -> None:
-        _check(self.num_iters >= 0, _join(path, "num_iters"), "expected >= 0")
-        _check(self.n_fake >= 1, _join(path, "n_fake"), f"got {self.n_fake}, expected >= 1")
-        _check_lr(self.lr, _join(path, "lr"))
-        _check_ema_decay(self.ema_decay, _join(path, "ema_decay"))
-        _check(0 < self.tau_min < self.tau_max <= 1, path, f"need 0 < tau_min < tau_max <= 1, got "
+        require(self.num_iters >= 0, join_path(path, "num_iters"), "expected >= 0")
+        require(self.n_fake >= 1, join_path(path, "n_fake"), f"got {self.n_fake}, expected >= 1")
+        require_lr(self.lr, join_path(path, "lr"))
+        require_ema_decay(self.ema_decay, join_path(path, "ema_decay"))
+        require(0 < self.tau_min < self.tau_max <= 1, path, f"need 0 < tau_min < tau_max <= 1, got "
                f"{self.tau_min}, {self.tau_max}")
 
 
@@ -209,6 +112,9 @@ class Stage2Config:
     dm_reduction: Literal["mean", "sum"] = "mean"
     dm_tau_min: float = 0.02
     dm_tau_max: float = 0.98
+    # Fake-score updates per generator update (one optimiser step, after `accumulation` rollout batches),
+    # on the rollouts' final samples (METHOD.md 5.5, reference 1). They are spread over the rollout batches:
+    # batch m of A gets n_fake // A updates, plus one if m < n_fake % A.
     n_fake: int = 1
     lr: float = 3e-6
     weight_decay: float = 1e-4
@@ -218,68 +124,98 @@ class Stage2Config:
     fake: FakeConfig = field(default_factory=FakeConfig)
 
     def validate(self, path: str) -> None:
-        _check(self.beta > 0, _join(path, "beta"), f"got {self.beta}, expected > 0")
-        _check(self.group_size >= 2, _join(path, "group_size"),
+        require(self.beta > 0, join_path(path, "beta"), f"got {self.beta}, expected > 0")
+        require(self.group_size >= 2, join_path(path, "group_size"),
                f"got {self.group_size}, expected >= 2 (group-relative advantages need a group; with std "
                "normalisation a group of 1 has no spread)")
-        _check(self.num_prompts >= 1, _join(path, "num_prompts"), "expected >= 1")
-        _check(self.accumulation >= 1, _join(path, "accumulation"), f"got {self.accumulation}, expected >= 1")
-        _check(self.ema_every >= 1, _join(path, "ema_every"), f"got {self.ema_every}, expected >= 1")
-        _check_lr(self.lr, _join(path, "lr"))
-        _check_ema_decay(self.ema_decay, _join(path, "ema_decay"))
-        _check(self.dm_depth >= 0, _join(path, "dm_depth"), f"got {self.dm_depth}, expected >= 0 (0 = whole chain)")
-        _check(self.num_trained_steps >= 0, _join(path, "num_trained_steps"),
+        require(self.num_prompts >= 1, join_path(path, "num_prompts"), "expected >= 1")
+        require(self.accumulation >= 1, join_path(path, "accumulation"), f"got {self.accumulation}, expected >= 1")
+        require(self.n_fake >= 0, join_path(path, "n_fake"), f"got {self.n_fake}, expected >= 0")
+        require(self.ema_every >= 1, join_path(path, "ema_every"), f"got {self.ema_every}, expected >= 1")
+        require_lr(self.lr, join_path(path, "lr"))
+        require_ema_decay(self.ema_decay, join_path(path, "ema_decay"))
+        require(self.dm_depth >= 0, join_path(path, "dm_depth"),
+                f"got {self.dm_depth}, expected >= 0 (0 = whole chain)")
+        require(self.num_trained_steps >= 0, join_path(path, "num_trained_steps"),
                f"got {self.num_trained_steps}, expected >= 0 (0 = every stochastic step)")
-        _check(0 < self.dm_tau_min < self.dm_tau_max <= 1, path,
+        require(0 < self.dm_tau_min < self.dm_tau_max <= 1, path,
                f"need 0 < dm_tau_min < dm_tau_max <= 1, got {self.dm_tau_min}, {self.dm_tau_max}")
         for name in ("w_dm", "w_pg", "w_bp"):
             w = getattr(self, name)
-            _check(w is None or w >= 0, _join(path, name), f"got {w}, expected >= 0 or null (= beta)")
+            require(w is None or w >= 0, join_path(path, name), f"got {w}, expected >= 0 or null (= beta)")
 
     def weights(self) -> tuple[float, float, float]:
         """(w_dm, w_pg, w_bp) with null resolved to beta."""
         return (self.w_dm, self.beta if self.w_pg is None else self.w_pg, self.beta if self.w_bp is None else self.w_bp)
 
 
+
+
 @dataclass
-class EvalConfig:
-    num_samples: int = 4000
-    every: int = 100
-    reference_pool: int = 200000
-    curve_samples: int = 1000
-    plots: bool = True  # samples.png and curves.png in every stage's run directory
+class LoggingConfig:
+    """metrics.jsonl is always written; TensorBoard and Weights & Biases are optional extras."""
+
+    tensorboard: bool = False  # needs `pip install tensorboard`; events go to <run_dir>/tensorboard
+    wandb: bool = False  # needs `pip install wandb`; set WANDB_MODE=offline to log without a server
+    wandb_project: str = "tiltflow"
+    progress_every_s: float = 30.0  # off a terminal (no progress bar): one progress line this often
+
+    def validate(self, path: str) -> None:
+        require(self.progress_every_s > 0, join_path(path, "progress_every_s"),
+                f"got {self.progress_every_s}, expected > 0")
+
+
+@dataclass
+class ParallelConfig:
+    """How the spine prepares the models before the optimisers are built (tiltflow.training.spine)."""
+
+    activation_checkpointing: bool = False  # recompute each transformer block in the backward
+
+
+STAGE1_STAGES = ("ac_dmd", "dmd2")
+STAGE2_STAGES = ("rtdmd", "rtdmd_exact", "grpo_only", "bp_only", "dm_bp")
+# "teacher" trains a world's own teacher (worlds whose teacher is not a pretrained model).
+STAGES = ("teacher", *STAGE1_STAGES, *STAGE2_STAGES)
+Stage = Literal["teacher", "ac_dmd", "dmd2", "rtdmd", "rtdmd_exact", "grpo_only", "bp_only", "dm_bp"]
 
 
 @dataclass
 class RunConfig:
-    stage: Literal["teacher", "ac_dmd", "dmd2", "rtdmd", "rtdmd_exact", "grpo_only", "bp_only", "dm_bp"] = "ac_dmd"
-    world: Literal["gmm"] = "gmm"
+    """Fields every world's run config has. A world subclasses this and adds its own fields."""
+
+    stage: Stage = "ac_dmd"
+    world: str = "gmm"
     seed: int = 0
     run_dir: str = "runs/default"
-    init_from: str | None = None  # a run directory whose final checkpoint initialises this stage
-    teacher_run: str | None = None  # a run directory holding the trained neural teacher
+    init_from: str | None = None  # stage 2: the stage-1 run directory whose final weights start this stage
     device: str = "cpu"
     checkpoint_every: int = 200
     log_every: int = 25
-    problem: ProblemSpec = field(default_factory=ProblemSpec)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self, path: str) -> None:
         for name in ("checkpoint_every", "log_every"):
-            _check(getattr(self, name) >= 1, name, f"got {getattr(self, name)}, expected >= 1")
+            require(getattr(self, name) >= 1, name, f"got {getattr(self, name)}, expected >= 1")
         if self.stage in STAGE2_STAGES:
             k, s2 = self.sampler.num_steps, self.stage2
-            _check(s2.num_trained_steps <= k - 1, "stage2.num_trained_steps",
+            require(s2.num_trained_steps <= k - 1, "stage2.num_trained_steps",
                    f"got {s2.num_trained_steps}, expected <= sampler.num_steps - 1 = {k - 1} (the stochastic steps)")
-            _check(s2.dm_depth <= k, "stage2.dm_depth", f"got {s2.dm_depth}, expected <= sampler.num_steps = {k}")
+            require(s2.dm_depth <= k, "stage2.dm_depth", f"got {s2.dm_depth}, expected <= sampler.num_steps = {k}")
         if self.stage2.mode == "exact" and self.stage in ("rtdmd", "rtdmd_exact"):
-            _check(self.stage2.advantage == "raw", "stage2.advantage", "exact mode needs 'raw' advantages")
-            _check(self.stage2.ppo_clip is None, "stage2.ppo_clip", "exact mode uses no clipping (null)")
+            require(self.stage2.advantage == "raw", "stage2.advantage", "exact mode needs 'raw' advantages")
+            require(self.stage2.ppo_clip is None, "stage2.ppo_clip", "exact mode uses no clipping (null)")
+
+    def check_reward_bp(self, differentiable: bool, rewards_path: str) -> None:
+        """A stage-2 run with w_bp > 0 needs a differentiable reward (the pathwise term has nothing to
+        back-propagate otherwise): an error at config load, naming both settings."""
+        if self.stage in STAGE2_STAGES and self.stage2.weights()[2] > 0 and not differentiable:
+            w_bp = self.stage2.w_bp if self.stage2.w_bp is not None else f"null (= beta = {self.stage2.beta})"
+            raise ConfigError("stage2.w_bp", f"got {w_bp} > 0, but no reward in '{rewards_path}' is "
+                              "differentiable; set stage2.w_bp=0 or add a differentiable reward")
 
 
 # Stage presets: applied before the file and the overrides (which win). Baselines of METHOD.md 6.
@@ -293,5 +229,3 @@ STAGE_PRESETS: dict[str, dict] = {
     "bp_only": {"stage2": {"w_dm": 0.0, "w_pg": 0.0}},
     "dm_bp": {"stage2": {"w_pg": 0.0}},
 }
-STAGE1_STAGES = ("ac_dmd", "dmd2")
-STAGE2_STAGES = ("rtdmd", "rtdmd_exact", "grpo_only", "bp_only", "dm_bp")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 
-def _bcast(s: Tensor | float, like: Tensor) -> Tensor | float:
+def bcast(s: Tensor | float, like: Tensor) -> Tensor | float:
     """Reshape a per-sample (B,) sigma so that it broadcasts against a (B, ...) tensor."""
     if isinstance(s, Tensor) and s.ndim == 1 and like.ndim > 1:
         return s.view(-1, *([1] * (like.ndim - 1)))
@@ -20,23 +20,23 @@ def _bcast(s: Tensor | float, like: Tensor) -> Tensor | float:
 
 def interpolate(x0: Tensor, eps: Tensor, sigma: Tensor | float) -> Tensor:
     """x_sigma = (1 - sigma) * x0 + sigma * eps."""
-    s = _bcast(sigma, x0)
+    s = bcast(sigma, x0)
     return (1 - s) * x0 + s * eps
 
 
 def x0_from_v(x: Tensor, v: Tensor, sigma: Tensor | float) -> Tensor:
     """x0_hat = x - sigma * v."""
-    return x - _bcast(sigma, x) * v
+    return x - bcast(sigma, x) * v
 
 
 def eps_from_v(x: Tensor, v: Tensor, sigma: Tensor | float) -> Tensor:
     """eps_hat = x + (1 - sigma) * v."""
-    return x + (1 - _bcast(sigma, x)) * v
+    return x + (1 - bcast(sigma, x)) * v
 
 
 def v_from_x0(x: Tensor, x0: Tensor, sigma: Tensor | float) -> Tensor:
     """Inverse of x0_from_v: v = (x - x0) / sigma (sigma > 0)."""
-    return (x - x0) / _bcast(sigma, x)
+    return (x - x0) / bcast(sigma, x)
 
 
 def time_shift(sigma: Tensor | float, shift: float) -> Tensor | float:

@@ -12,27 +12,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tiltflow.flow.conventions import _bcast, forward_kernel
+from tiltflow.flow.conventions import bcast, forward_kernel
 from tiltflow.losses.output import LossOutput
 
 
 def renoise(x_s: Tensor, s: float, tau: Tensor, noise: Tensor) -> Tensor:
     """x_tau = a x_s + sigma_ts n, the forward kernel from level s to tau (per-sample tau (B,))."""
     a, sigma_ts = forward_kernel(s, tau)
-    return _bcast(a, x_s) * x_s + _bcast(sigma_ts, x_s) * noise
+    return bcast(a, x_s) * x_s + bcast(sigma_ts, x_s) * noise
 
 
 def dmd_direction_normalized(x_s: Tensor, x_real: Tensor, x_fake: Tensor, eps: float = 1e-8) -> Tensor:
     """(x_fake - x_real) / mean|x_s - x_real|, the mean taken per sample over non-batch dims (detached)."""
     norm = (x_s - x_real).abs().flatten(1).mean(1).clamp_min(eps)
-    return ((x_fake - x_real) / _bcast(norm, x_s)).detach()
+    return ((x_fake - x_real) / bcast(norm, x_s)).detach()
 
 
 def dmd_direction_kl(v_real: Tensor, v_fake: Tensor, tau: Tensor, s: float) -> Tensor:
     """a (1 - tau) / tau (v_real - v_fake): the gradient of KL(p_theta,tau || p_tau) with respect to x_s."""
     a, _ = forward_kernel(s, tau)
     scale = a * (1 - tau) / tau
-    return (_bcast(scale, v_real) * (v_real - v_fake)).detach()
+    return (bcast(scale, v_real) * (v_real - v_fake)).detach()
 
 
 def dmd_surrogate(x_s: Tensor, direction: Tensor, reduction: str = "mean") -> LossOutput:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tiltflow.flow.conventions import _bcast, forward_kernel
+from tiltflow.flow.conventions import bcast, forward_kernel
 from tiltflow.losses.output import LossOutput
 
 WEIGHTINGS = ("none", "clamped")
@@ -19,7 +19,7 @@ WEIGHTINGS = ("none", "clamped")
 def ambient_target(x_s: Tensor, s: float, tau: Tensor, noise: Tensor) -> Tensor:
     _, sigma_ts = forward_kernel(s, tau)
     coef = (tau + (1 - tau) * s**2 / (1 - s) ** 2) / sigma_ts
-    return -x_s / (1 - s) + _bcast(coef, x_s) * noise
+    return -x_s / (1 - s) + bcast(coef, x_s) * noise
 
 
 def fake_weight(sigma_ts: Tensor, kind: str = "none", c: float = 10.0) -> Tensor:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -25,6 +26,19 @@ class EMA:
     def copy_to(self, params: Iterable[nn.Parameter]) -> None:
         for s, p in zip(self.shadow, params):
             p.copy_(s.to(p.dtype))
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The EMA weights in the live parameters for the duration (evaluation, export), then the raw
+        weights back, bitwise."""
+        raw = [p.detach().clone() for p in self.params]
+        self.copy_to(self.params)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, r in zip(self.params, raw):
+                    p.copy_(r)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": [s.clone() for s in self.shadow]}

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tiltflow.models.roles import Roles
+
 GENERATOR, FAKE, STAGE1 = "generator", "fake", "generator_stage1"
 LAYOUTS, FINETUNES = ("shared", "separate"), ("lora", "full")
 
@@ -92,6 +94,7 @@ class AdapterSwitch:
     def __init__(self, transformer: nn.Module, trainable: Sequence[nn.Parameter]):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
+        self.transformer = transformer
         self.layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
         ids = {id(p) for p in trainable}
         self.lora_params = [(p, id(p) in ids) for n, p in transformer.named_parameters() if "lora_" in n]
@@ -162,10 +165,7 @@ class RoleModels:
     fake_role: RoleBackbone
     switches: list[AdapterSwitch] = field(default_factory=list)
 
-    def roles(self) -> Any:
-        """The algorithms' Roles (imported here so that models/ does not import algorithms/ at load)."""
-        from tiltflow.algorithms.common import Roles
-
+    def roles(self) -> Roles:
         return Roles(teacher=self.teacher_role, generator=self.generator_role, fake=self.fake_role,
                      generator_params=[p for _, p in self.generator_named],
                      fake_params=[p for _, p in self.fake_named])
@@ -184,6 +184,13 @@ class RoleModels:
                 raise KeyError(f"state lacks {len(missing)} {role} parameters, e.g. {missing[:2]}")
             for n, p in named:
                 p.copy_(state[f"{role}/{n}"].to(p.device, p.dtype))
+
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each transformer block in the backward; the recomputation runs the role (adapters)
+        that ran the forward, whatever role is active later."""
+        for module in {id(m): m for m in (self.generator, self.fake)}.values():
+            switch = next((sw for sw in self.switches if sw.transformer is module), None)
+            module.enable_gradient_checkpointing(switch.checkpoint_fn() if switch else None)
 
     def generator_weights(self) -> dict[str, Tensor]:
         """What initialises a stage-2 generator: the LoRA state (lora) or the full state dict (full)."""
@@ -218,8 +225,8 @@ def _full_copy(module: nn.Module, state: dict[str, Tensor] | None = None) -> tup
 
 def build_roles(adapter: Any, *, layout: str = "shared", finetune: str = "lora",
                 lora: LoraSettings | None = None, generator_base: nn.Module | None = None,
-                stage1_generator: dict[str, Tensor] | None = None, student_guidance: float | None = None,
-                gradient_checkpointing: bool = False) -> RoleModels:
+                stage1_generator: dict[str, Tensor] | None = None, student_guidance: float | None = None
+                ) -> RoleModels:
     """Roles over `adapter.transformer` (the teacher, never modified). `generator_base` (FLUX.2: the
     distilled model) initialises the generator instead of the teacher; `stage1_generator` starts a
     stage-2 generator: a scale-1 LoRA state (alpha = rank, as export writes it), or the full weights
@@ -247,13 +254,10 @@ def build_roles(adapter: Any, *, layout: str = "shared", finetune: str = "lora",
         gen_names, gen_named = _prepare(gen, settings, targets, stage1_generator, merge=not shared_gen)
         fake_named = add_lora(fake, FAKE, settings, targets)
     switches: dict[int, AdapterSwitch] = {}
-    for module in {id(m): m for m in (gen, fake)}.values():
-        if finetune == "lora":
-            trainable = [p for _, p in gen_named + fake_named]
+    if finetune == "lora":
+        trainable = [p for _, p in gen_named + fake_named]
+        for module in {id(m): m for m in (gen, fake)}.values():
             switches[id(module)] = AdapterSwitch(module, trainable)
-        if gradient_checkpointing:
-            sw = switches.get(id(module))
-            module.enable_gradient_checkpointing(sw.checkpoint_fn() if sw else None)
     fake_adapters: tuple[str, ...] = (FAKE,) if finetune == "lora" else ()
     return RoleModels(
         layout, finetune, base, gen, fake, gen_names, gen_named, fake_named,

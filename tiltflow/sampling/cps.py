@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tiltflow.flow.conventions import _bcast, eps_from_v, x0_from_v
+from tiltflow.flow.conventions import bcast, eps_from_v, x0_from_v
 
 REDUCTIONS = ("sum", "mean")
 
@@ -66,13 +66,13 @@ def cps_step(
     x0_hat = x0_from_v(x, v, sigma)
     eps_hat = eps_from_v(x, v, sigma)
     c_eps, std = cps_coefficients(sigma_next, eta)
-    sn = _bcast(sigma_next, x)
-    mean = (1 - sn) * x0_hat + _bcast(c_eps, x) * eps_hat
+    sn = bcast(sigma_next, x)
+    mean = (1 - sn) * x0_hat + bcast(c_eps, x) * eps_hat
     std_b = torch.as_tensor(std, dtype=x.dtype, device=x.device).expand(x.shape[0]).clone()
     if bool((std_b > 0).any()):
         if noise is None:
             raise ValueError("cps_step: a stochastic step (eta > 0, sigma_next > 0) needs `noise`")
-        x_next = mean + _bcast(std_b, x) * noise
+        x_next = mean + bcast(std_b, x) * noise
         log_prob = gaussian_log_prob(x_next.detach(), mean, std_b, reduction)
     else:
         x_next = mean

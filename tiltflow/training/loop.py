@@ -1,9 +1,9 @@
-"""The training loop every stage runs: resume-by-default, atomic checkpoints, metrics.jsonl, a
-progress bar, evaluation hooks and a finite-loss guard (the algorithms raise on non-finite losses)."""
+"""The training loop every stage runs: resume-by-default, atomic checkpoints, logging, a progress bar on a
+terminal and a progress line at a fixed interval elsewhere, and evaluation hooks."""
 
 from __future__ import annotations
 
-import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +12,8 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from tiltflow.training.checkpoint import load, save_atomic
+from tiltflow.storage import load, save_atomic
+from tiltflow.training.logger import Logger
 
 
 class Algorithm(Protocol):
@@ -25,43 +26,56 @@ class Algorithm(Protocol):
 
 @dataclass
 class LoopHooks:
-    """Model state (the trainable modules) and an optional evaluation called every `eval_every` steps."""
+    """Model state (the trainable modules), an optional evaluation called every `eval_every` steps and
+    `describe_fault(err)`, which turns a device fault inside a step into an error that says where it was."""
 
     model_state: Callable[[], dict]
     load_model_state: Callable[[dict], None]
     evaluate: Callable[[int], dict[str, float]] | None = None
+    describe_fault: Callable[[BaseException, int], BaseException | None] | None = None
 
 
-class MetricsLog:
-    def __init__(self, path: Path):
-        self.path = path
+class ProgressLine:
+    """Off a terminal (a log file, CI) there is no progress bar: print step, elapsed time and an estimate
+    of what is left every `every_s` seconds instead."""
 
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+    def __init__(self, desc: str, start: int, end: int, every_s: float, stream: Any = None):
+        self.desc, self.start, self.end, self.every_s = desc, start, end, every_s
+        self.stream = stream or sys.stderr
+        self.t0 = self.last = time.time()
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop records from steps that the restored checkpoint has not seen (a record's step,
-        like the checkpoint's, counts completed iterations: the checkpoint of step s has seen record s)."""
-        if not self.path.exists():
+    def update(self, done: int) -> None:
+        now = time.time()
+        if now - self.last < self.every_s and done < self.end:
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", -1) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        self.last = now
+        elapsed = now - self.t0
+        rate = (done - self.start) / max(elapsed, 1e-9)
+        left = (self.end - done) / rate if rate > 0 else float("nan")
+        print(f"[{self.desc}] step {done}/{self.end} ({100 * done / max(self.end, 1):.0f}%), "
+              f"{_duration(elapsed)} elapsed, ~{_duration(left)} left", file=self.stream, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
 
 
 def run_loop(algo: Algorithm, hooks: LoopHooks, *, run_dir: Path, num_iters: int, checkpoint_every: int,
-             log_every: int, eval_every: int, desc: str, progress: bool = True, stop_at: int | None = None) -> int:
+             log_every: int, eval_every: int, desc: str, progress: bool = True, stop_at: int | None = None,
+             logger: Logger | None = None, progress_every_s: float = 30.0) -> int:
     """Run iterations until num_iters (or stop_at). Returns the number of completed iterations."""
     ckpt_path = run_dir / "checkpoint.pt"
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    log = logger or Logger(run_dir)
     start = 0
     if ckpt_path.exists():
         state = load(ckpt_path)
         hooks.load_model_state(state["model"])
         algo.load_state_dict(state["algo"])
         start = int(state["step"])
-        log.truncate_after(start)
+        log.resume_at(start)
     end = num_iters if stop_at is None else min(stop_at, num_iters)
 
     def save(step: int) -> None:
@@ -69,8 +83,15 @@ def run_loop(algo: Algorithm, hooks: LoopHooks, *, run_dir: Path, num_iters: int
 
     t0 = time.time()
     bar = tqdm(range(start, end), desc=desc, disable=None if progress else True, dynamic_ncols=True, leave=False)
+    line = ProgressLine(desc, start, end, progress_every_s) if progress and bar.disable else None
     for it in bar:
-        metrics = algo.step(it)
+        try:
+            metrics = algo.step(it)
+        except (RuntimeError, FloatingPointError) as err:
+            described = hooks.describe_fault(err, it) if hooks.describe_fault else None
+            if described is None:
+                raise
+            raise described from err
         done = it + 1
         if hooks.evaluate is not None and eval_every > 0 and (done % eval_every == 0 or done == num_iters):
             metrics.update(hooks.evaluate(done))
@@ -79,4 +100,6 @@ def run_loop(algo: Algorithm, hooks: LoopHooks, *, run_dir: Path, num_iters: int
             bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:3]})
         if done % checkpoint_every == 0 or done == end:
             save(done)
+        if line is not None:
+            line.update(done)
     return end

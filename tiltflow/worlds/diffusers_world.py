@@ -1,11 +1,11 @@
-"""The real-backbone world (WORLDS.md section 3): a Task over a diffusers adapter, the run config, and the
-`train` / `sample` entry points that `tiltflow train|sample --config configs/<family>/*.yaml` calls.
+"""The real-backbone world (WORLDS.md section 3) for the training spine: a Task over a diffusers adapter,
+the LoRA role models, the final export, and sampling a finished run (`tiltflow sample --config ...`).
 
-Stage 1 (AC-DMD, METHOD.md 4) and stage 2 (RTDMD, METHOD.md 5) run the same algorithm classes as the
-analytic world; only the backbone, the prompts and the rewards change. A run directory holds
-config.yaml, resolved.json (derived values such as the sampler shift), metrics.jsonl, checkpoint.pt
-(resumed by default), final.safetensors (EMA generator + fake weights) and export_lora/ (a LoRA that
-stock diffusers pipelines load with `load_lora_weights`).
+Stage 1 (AC-DMD, METHOD.md 4) and stage 2 (RTDMD, METHOD.md 5) run the same algorithms as the analytic
+world; only the backbone, the prompts and the rewards change. A run directory holds config.yaml,
+resolved.json (derived values such as the sampler shift), metrics.jsonl, checkpoint.pt (resumed by
+default), final.safetensors (EMA generator + fake weights) and export_lora/ (a LoRA that stock diffusers
+pipelines load with `load_lora_weights`).
 """
 
 from __future__ import annotations
@@ -13,115 +13,18 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from tiltflow.config.loader import ConfigError, load_config, to_yaml
-from tiltflow.config.schema import STAGE1_STAGES, STAGE_PRESETS, SamplerConfig, Stage1Config, Stage2Config
+from tiltflow.config.diffusers import DiffusersRunConfig, ModelSpec, RewardChoice
+from tiltflow.config.loader import ConfigError
+from tiltflow.config.schema import STAGE1_STAGES, SamplerConfig
+from tiltflow.models.ema import EMA
 from tiltflow.rewards.base import RewardOutput, RewardSet
-
-FAMILIES = ("sd3", "flux1", "flux2")
-STAGES = ("ac_dmd", "dmd2", "rtdmd", "rtdmd_exact", "grpo_only", "bp_only", "dm_bp")
-
-
-@dataclass
-class ModelSpec:
-    """Which backbone: a hub id or local folder (`source`), or an architecture with random weights."""
-
-    family: Literal["sd3", "flux1", "flux2"] = "sd3"
-    source: str = ""
-    generator_init: str | None = None  # FLUX.2: the step-distilled model ("random" with random_weights)
-    random_weights: bool = False
-    arch: str | None = None  # with random_weights: tiltflow/models/arch/<arch>.json
-    resolution: int = 512
-    base_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    autocast: bool = True
-    max_sequence_length: int | None = None  # null = the family's (SD3 256, FLUX 512)
-    embed_cache_dir: str | None = None
-    teacher_cfg: float = 4.5  # standard CFG scale; FLUX.1-dev: the guidance input (one pass)
-    student_guidance: float | None = None  # FLUX.1-dev: guidance input of generator and fake (null = teacher_cfg)
-    family_shift: bool = True  # the sampler's shift is the family's (SD3: 3; FLUX: exp(mu) at this resolution)
-    gradient_checkpointing: bool = False
-
-    def validate(self, path: str) -> None:
-        if self.random_weights:
-            if not self.arch:
-                raise ConfigError(f"{path}.arch", "random_weights needs an architecture name (e.g. sd35_medium)")
-        elif not self.source:
-            raise ConfigError(f"{path}.source", "give a hub id or local folder, or set random_weights: true")
-        if self.resolution % 16:
-            raise ConfigError(f"{path}.resolution", f"got {self.resolution}, expected a multiple of 16")
-        if self.teacher_cfg < 0:
-            raise ConfigError(f"{path}.teacher_cfg", f"got {self.teacher_cfg}, expected >= 0")
-
-
-@dataclass
-class LoraSpec:
-    layout: Literal["shared", "separate"] = "shared"
-    finetune: Literal["lora", "full"] = "lora"
-    rank: int = 32
-    alpha: float = 64.0
-
-    def validate(self, path: str) -> None:
-        if self.layout == "shared" and self.finetune == "full":
-            raise ConfigError(f"{path}.finetune", "full fine-tuning needs layout: separate")
-        if self.rank < 1:
-            raise ConfigError(f"{path}.rank", f"got {self.rank}, expected >= 1")
-
-
-@dataclass
-class RewardChoice:
-    """A reward by name: 'brightness' (a differentiable stub) or any name tiltflow.rewards.registry knows."""
-
-    name: str = "brightness"
-    weight: float = 1.0
-    options: Any = None  # keyword arguments of the reward's factory (a mapping)
-
-
-@dataclass
-class SampleSpec:
-    batch_size: int = 4
-    num_per_prompt: int = 1
-    seed: int = 0
-    eta: float | None = None  # null = sampler.eta
-    weights: Literal["final", "base"] = "final"  # "base": the untrained generator init (a 4-step baseline)
-
-
-@dataclass
-class DiffusersRunConfig:
-    world: Literal["diffusers"] = "diffusers"
-    stage: Literal["ac_dmd", "dmd2", "rtdmd", "rtdmd_exact", "grpo_only", "bp_only", "dm_bp"] = "ac_dmd"
-    seed: int = 0
-    run_dir: str = "runs/diffusers"
-    init_from: str | None = None  # stage 2: the stage-1 run directory (its final.safetensors)
-    device: str = "cuda"
-    checkpoint_every: int = 100
-    log_every: int = 1
-    model: ModelSpec = field(default_factory=ModelSpec)
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    prompts: list[str] = field(default_factory=list)
-    prompt_file: str | None = None
-    rewards: list[RewardChoice] = field(default_factory=lambda: [RewardChoice()])
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    stage1: Stage1Config = field(default_factory=Stage1Config)
-    stage2: Stage2Config = field(default_factory=Stage2Config)
-    sample: SampleSpec = field(default_factory=SampleSpec)
-
-    def validate(self, path: str) -> None:
-        if not self.prompts and not self.prompt_file:
-            raise ConfigError("prompts", "give prompts (a list) or prompt_file (one prompt per line)")
-        if self.model.family_shift and self.sampler.shift != 1.0:
-            raise ConfigError("sampler.shift", f"got {self.sampler.shift} while model.family_shift is true (the "
-                              "family's own shift is used); set model.family_shift: false to use sampler.shift")
-
-
-def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DiffusersRunConfig:
-    """Strict load: file, dotted overrides, stage presets (e.g. dmd2, grpo_only) applied first."""
-    return load_config(DiffusersRunConfig, path, overrides, presets=STAGE_PRESETS, preset_key="stage")
+from tiltflow.worlds.base import WorldSetup
 
 
 # ---- rewards ------------------------------------------------------------------------------------------
@@ -169,11 +72,12 @@ def read_prompts(cfg: DiffusersRunConfig) -> list[str]:
 class DiffusersTask:
     """What ACDMD / RTDMD need from a world, over one adapter (algorithms.common.Task)."""
 
-    def __init__(self, adapter: Any, prompts: Sequence[str], rewards: RewardSet, cfg_scale: float, resolution: int):
+    def __init__(self, adapter: Any, prompts: Sequence[str], rewards: RewardSet, guidance_scale: float,
+                 resolution: int):
         self.adapter = adapter
         self.prompts = list(prompts)
         self.rewards = rewards
-        self.cfg_scale = cfg_scale
+        self.guidance_scale = guidance_scale
         self.device = adapter.device
         self.sample_shape = tuple(adapter.latent_shape(resolution, resolution))
 
@@ -202,11 +106,11 @@ def build_adapter(spec: ModelSpec, device: str | torch.device, seed: int = 0) ->
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", "got 'cuda' but no CUDA device is visible; set device: cpu")
     kw: dict[str, Any] = {"device": dev, "base_dtype": spec.base_dtype, "autocast": spec.autocast,
-                          "embed_cache_dir": spec.embed_cache_dir}
+                          "embed_cache_dir": spec.embed_cache_dir, "attention_backend": spec.attention_backend}
     if spec.max_sequence_length:
         kw["max_sequence_length"] = spec.max_sequence_length
     if spec.family == "flux1":
-        kw["guidance"] = spec.teacher_cfg
+        kw["guidance"] = spec.guidance_scale
     if spec.random_weights:
         return cls.random(spec.arch, seed=seed, **kw)
     return cls.from_pretrained(spec.source, **kw)
@@ -257,8 +161,7 @@ def build_models(cfg: DiffusersRunConfig, init_state: dict[str, Tensor] | None) 
     models = build_roles(adapter, layout=cfg.lora.layout, finetune=cfg.lora.finetune,
                          lora=LoraSettings(cfg.lora.rank, cfg.lora.alpha),
                          generator_base=build_generator_base(cfg.model, adapter, cfg.seed),
-                         stage1_generator=stage1, student_guidance=cfg.model.student_guidance,
-                         gradient_checkpointing=cfg.model.gradient_checkpointing)
+                         stage1_generator=stage1, student_guidance=cfg.model.student_guidance)
     if init_state is not None:
         models.load_trainable_state(init_state, roles=("fake",))
     return adapter, models
@@ -302,37 +205,48 @@ def save_final(cfg: DiffusersRunConfig, adapter: Any, models: Any, init_state: d
     return run_dir / "final.safetensors"
 
 
-def train(cfg: DiffusersRunConfig, progress: bool = True) -> dict[str, float]:
-    """Run stage 1 (ac_dmd, dmd2) or stage 2 (rtdmd and its baselines) into cfg.run_dir (resumes)."""
-    from tiltflow.algorithms.ac_dmd import ACDMD
-    from tiltflow.algorithms.rtdmd import RTDMD
-    from tiltflow.flow.conventions import few_step_sigmas
-    from tiltflow.training.loop import LoopHooks, run_loop
+def teacher_guidance_scale(spec: ModelSpec) -> float:
+    """The CFG scale of the teacher's velocity: FLUX.1-dev takes its guidance as an input (one pass)."""
+    return 1.0 if spec.family == "flux1" else spec.guidance_scale
 
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    stage1 = cfg.stage in STAGE1_STAGES
-    init_state = _read_final(cfg.init_from)[0] if (not stage1 and cfg.init_from) else None
-    adapter, models = build_models(cfg, init_state)
-    sampler = resolved_sampler(cfg, adapter)
-    cfg_scale = 1.0 if cfg.model.family == "flux1" else cfg.model.teacher_cfg  # FLUX.1: guidance input
-    task = DiffusersTask(adapter, read_prompts(cfg), build_rewards(cfg.rewards, adapter.device), cfg_scale,
-                         cfg.model.resolution)
-    resolved = {"sampler_shift": sampler.shift, "sigmas": few_step_sigmas(sampler.num_steps, sampler.shift),
-                "sample_shape": list(task.sample_shape), "teacher_cfg_passes": 2 if cfg_scale != 1.0 else 1}
-    (run_dir / "resolved.json").write_text(json.dumps(resolved, indent=1) + "\n")
-    roles = models.roles()
-    algo: Any = (ACDMD(cfg.stage1, sampler, task, roles, cfg.seed) if stage1
-                 else RTDMD(cfg.stage2, sampler, task, roles, cfg.seed))
-    hooks = LoopHooks(model_state=models.trainable_state, load_model_state=models.load_trainable_state)
-    num_iters = cfg.stage1.num_iters if stage1 else cfg.stage2.num_iters
-    run_loop(algo, hooks, run_dir=run_dir, num_iters=num_iters, checkpoint_every=cfg.checkpoint_every,
-             log_every=cfg.log_every, eval_every=0, desc=f"{cfg.model.family} {cfg.stage}", progress=progress)
-    algo.ema.copy_to(roles.generator_params)  # the final generator is the EMA one
-    save_final(cfg, adapter, models, init_state)
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-    return json.loads(lines[-1]) if lines else {}
+
+class DiffusersWorld:
+    """`world: diffusers`: SD3, SD3.5, FLUX.1-dev and FLUX.2-klein through their diffusers adapters."""
+
+    name = "diffusers"
+    config_class = DiffusersRunConfig
+
+    def build(self, cfg: DiffusersRunConfig, *, progress: bool = True) -> WorldSetup:
+        from tiltflow.flow.conventions import few_step_sigmas
+
+        stage1 = cfg.stage in STAGE1_STAGES
+        init_state = _read_final(cfg.init_from)[0] if (not stage1 and cfg.init_from) else None
+        adapter, models = build_models(cfg, init_state)
+        sampler = resolved_sampler(cfg, adapter)
+        scale = teacher_guidance_scale(cfg.model)
+        task = DiffusersTask(adapter, read_prompts(cfg), build_rewards(cfg.rewards, adapter.device), scale,
+                             cfg.model.resolution)
+        resolved = {"sampler_shift": sampler.shift, "sigmas": few_step_sigmas(sampler.num_steps, sampler.shift),
+                    "sample_shape": list(task.sample_shape), "teacher_cfg_passes": 2 if scale != 1.0 else 1}
+        run_dir = Path(cfg.run_dir)
+        (run_dir / "resolved.json").write_text(json.dumps(resolved, indent=1) + "\n")
+
+        def finish(ema: EMA) -> dict[str, Any]:
+            ema.copy_to(ema.params)  # the final generator is the EMA one
+            save_final(cfg, adapter, models, init_state)
+            lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+            return json.loads(lines[-1]) if lines else {}
+
+        description = {"model": cfg.model.arch or cfg.model.source, "family": cfg.model.family}
+        backend = getattr(adapter, "attention_backend", None)
+        if backend is not None:
+            description["attention backend"] = str(backend)
+        return WorldSetup(task, models, sampler, finish, description=description)
+
+    def sample(self, cfg: DiffusersRunConfig, *, texts: Sequence[str], out: Path) -> str:
+        """`tiltflow sample --config configs/<family>/sample.yaml --out DIR`: PNGs, index.jsonl, grid.png."""
+        paths = sample(cfg, list(texts) or read_prompts(cfg), out)
+        return f"wrote {len(paths)} images, index.jsonl and a captioned grid.png to {out}"
 
 
 @torch.no_grad()
@@ -374,24 +288,3 @@ def sample(cfg: DiffusersRunConfig, prompts: Sequence[str], out_dir: str | Path)
 
     write_grid([str(p) for p in paths[:64]], out / "grid.png", captions=todo[:64])
     return paths
-
-
-def cli_train(config: str | Path | None, overrides: Sequence[str], dry_run: bool = False) -> int:
-    """`tiltflow train --config configs/<family>/<stage>.yaml [key=value ...]`."""
-    cfg = load_run_config(config, overrides)
-    if dry_run:
-        print(to_yaml(cfg), end="")
-        return 0
-    metrics = train(cfg)
-    print(f"{cfg.stage} finished in {cfg.run_dir}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                                   if isinstance(v, float)))
-    return 0
-
-
-def cli_sample(config: str | Path | None, overrides: Sequence[str], prompts: Sequence[str],
-               out_dir: str | Path) -> int:
-    """`tiltflow sample --config configs/<family>/sample.yaml --out DIR [--prompt P ...]`."""
-    cfg = load_run_config(config, overrides)
-    paths = sample(cfg, list(prompts) or read_prompts(cfg), out_dir)
-    print(f"wrote {len(paths)} images, index.jsonl and a captioned grid.png to {out_dir}")
-    return 0

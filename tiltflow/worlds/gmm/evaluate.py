@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tiltflow.algorithms.common import step_generator
-from tiltflow.config.schema import RunConfig
+from tiltflow.config.gmm import GMMRunConfig
 from tiltflow.flow.conventions import few_step_sigmas
+from tiltflow.flow.rng import step_generator
 from tiltflow.models.base import Backbone
 from tiltflow.rewards.base import RewardSet
 from tiltflow.sampling import NoisePlan, sample
@@ -74,7 +74,7 @@ def _exact_or_sir(target: Target | None, pool: Tensor, log_w: Tensor, n: int, g:
     return sir_resample(pool, log_w, n, g)[0]
 
 
-def build_reference(cfg: RunConfig, gmm: ConditionalGMM, teacher: Backbone | None, seed: int = 12345) -> Reference:
+def build_reference(cfg: GMMRunConfig, gmm: ConditionalGMM, teacher: Backbone | None, seed: int = 12345) -> Reference:
     """Reference samples of p and p_tilde per prompt (see the module docstring)."""
     n, beta = cfg.eval.num_samples, cfg.stage2.beta
     rewards = build_rewards(cfg.problem)
@@ -93,8 +93,7 @@ def build_reference(cfg: RunConfig, gmm: ConditionalGMM, teacher: Backbone | Non
             weights = tgt.mode_weights if tgt is not None else sir_mode_weights(assign(pool), log_w, k)
             exact_t, exact_w = None, None
         else:
-            sig = [1.0 - i / cfg.teacher.sample_steps for i in range(cfg.teacher.sample_steps)] + [0.0]
-            pool = generate_for_prompt(teacher, c, cfg.eval.reference_pool, sig, seed, gmm.dim)
+            pool = generate_for_prompt(teacher, c, cfg.eval.reference_pool, teacher_sigmas(cfg), seed, gmm.dim)
             log_w = _tilt_log_weights(rewards, pool, c, beta)
             base = pool[:n]
             t1, _ = sir_resample(pool, log_w, n, g)
@@ -163,6 +162,12 @@ def evaluate(samples: list[Tensor], ref: Reference, *, with_kl: bool = True) -> 
     return out
 
 
-def few_step_generate(backbone: Backbone, cfg: RunConfig, num_prompts: int, n: int, seed: int = 999) -> list[Tensor]:
+def teacher_sigmas(cfg: GMMRunConfig) -> list[float]:
+    """The many-step teacher sampler's grid: teacher.sample_steps uniform Euler steps from 1 to 0."""
+    n = cfg.teacher.sample_steps
+    return [1.0 - i / n for i in range(n)] + [0.0]
+
+
+def few_step_generate(backbone: Backbone, cfg: GMMRunConfig, num_prompts: int, n: int, seed: int = 999) -> list[Tensor]:
     sigmas = few_step_sigmas(cfg.sampler.num_steps, cfg.sampler.shift)
     return generate(backbone, num_prompts, n, sigmas, cfg.sampler.eta, seed, cfg.problem.dim)

@@ -154,19 +154,40 @@ def scatter_over_density(
     return path
 
 
-def _grouped_figure(row_titles: Sequence[str], ncols: int, panel_size: float) -> tuple[Any, list[Any], list[list[Any]]]:
-    """A figure with one titled row (a subfigure) of ncols panels per row title."""
+def _grouped_figure(
+    row_titles: Sequence[str], ncols: int, panel_size: float
+) -> tuple[Any, list[Any], list[list[Any]], Any]:
+    """A figure with one titled row (a subfigure) of ncols panels per row title, and a last, short
+    subfigure for the shared legend (returned last)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(panel_size * ncols, (panel_size + 0.4) * len(row_titles) + 0.6), layout="constrained")
+    legend_height = 1.0
+    row_height = panel_size + 0.4
+    fig = Figure(figsize=(panel_size * ncols, row_height * len(row_titles) + legend_height), layout="constrained")
     FigureCanvasAgg(fig)
-    subfigs = fig.subfigures(len(row_titles), 1, squeeze=False)[:, 0]
+    ratios = [row_height] * len(row_titles) + [legend_height]
+    subfigs = fig.subfigures(len(row_titles) + 1, 1, height_ratios=ratios, squeeze=False)[:, 0]
     row_axes = []
     for sub, title in zip(subfigs, row_titles):
         sub.suptitle(title, fontsize=10, fontweight="bold")
         row_axes.append([sub.add_subplot(1, ncols, i + 1) for i in range(ncols)])
-    return fig, [ax for row in row_axes for ax in row], row_axes
+    return fig, [ax for row in row_axes for ax in row], row_axes, subfigs[-1]
+
+
+def _overlap_notes(
+    curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], methods: Sequence[str], metric: str
+) -> list[str]:
+    """'a is hidden under b (equal values)' for methods whose curve coincides with one drawn later."""
+    notes = []
+    for i, a in enumerate(methods):
+        pa = curves[a].get(metric)
+        for b in methods[i + 1 :]:
+            pb = curves[b].get(metric)
+            if pa and pb and len(pa) == len(pb) and np.allclose(np.asarray(pa), np.asarray(pb), rtol=1e-3, atol=1e-6):
+                notes.append(f"{a} is hidden under {b} (equal values)")
+                break
+    return notes
 
 
 def _plot_clipped(
@@ -175,7 +196,7 @@ def _plot_clipped(
     """Draw one curve; with ylim, values beyond it are drawn on the frame's edge as triangles (a dotted line
     between them) so the method stays visible, and a note like "grpo_only above, up to 3.1e+04" is returned."""
     if ylim is None:
-        ax.plot(steps, values, label=label, color=color, linewidth=1.2)
+        ax.plot(steps, values, label=label, color=color, linewidth=1.2, marker="o", markersize=2.5)
         return None
     lo, hi = ylim
     finite = np.isfinite(values)
@@ -183,12 +204,20 @@ def _plot_clipped(
     shown = np.clip(np.where(finite, values, np.where(values > 0, hi, lo)), lo, hi)
     shown = np.where(np.isnan(values), np.nan, shown)
     inside = np.where(above | below, np.nan, shown)
-    ax.plot(steps, inside, label=label, color=color, linewidth=1.2)
+    if np.isfinite(inside).any():
+        ax.plot(steps, inside, label=label, color=color, linewidth=1.2, marker="o", markersize=2.5)
+    else:  # every value is off the axis: a legend entry only (an all-NaN line upsets the layout engine)
+        ax.plot([], [], label=label, color=color, linewidth=1.2, marker="o", markersize=2.5)
     if not (above.any() or below.any() or np.isnan(values).any()):
         return None
     ax.plot(steps, shown, color=color, linewidth=1.0, linestyle=":")
-    ax.plot(steps[above], shown[above], linestyle="none", marker="^", markersize=4, color=color, clip_on=False)
-    ax.plot(steps[below], shown[below], linestyle="none", marker="v", markersize=4, color=color, clip_on=False)
+    inset = 0.02 * (hi - lo)  # triangles just inside the frame, so they are drawn whole
+    ax.plot(
+        steps[above], np.full(int(above.sum()), hi - inset), linestyle="none", marker="^", markersize=4, color=color
+    )
+    ax.plot(
+        steps[below], np.full(int(below.sum()), lo + inset), linestyle="none", marker="v", markersize=4, color=color
+    )
     parts = []
     if above.any():
         parts.append(f"above, up to {np.max(values[above]):.3g}")
@@ -234,11 +263,11 @@ def metric_curves(
         rows = [(name, methods) for name, methods in rows if methods]
         if not rows:
             raise ValueError("metric_curves: no group holds a method that has curves")
-        fig, axes, row_axes = _grouped_figure([name for name, _ in rows], len(metrics), panel_size)
+        fig, axes, row_axes, legend_holder = _grouped_figure([name for name, _ in rows], len(metrics), panel_size)
     else:
         rows = [(None, list(curves))]
         fig, axes = _new_figure(len(metrics), ncols, panel_size)
-        row_axes = [axes]
+        row_axes, legend_holder = [axes], None
     for (_, methods), row in zip(rows, row_axes):
         for ax, metric in zip(row, metrics):
             title, ylabel = metric_label(metric)
@@ -253,31 +282,24 @@ def metric_curves(
                     steps, values = (np.asarray(v, dtype=float) for v in zip(*points))
                     note = _plot_clipped(ax, steps, values, ylim, colors[method], method)
                     if note:
-                        notes.append(note)
+                        notes.append(f"off the axis (triangles): {note}")
             if references and metric in references:
                 ax.axhline(references[metric], color="k", linestyle="--", linewidth=0.8, label="reference")
             if ylim is not None:  # keep diverging runs from flattening the others
                 ax.set_ylim(*ylim)
-            if notes:
-                ax.text(
-                    0.02,
-                    0.02,
-                    "off the axis (triangles on the edge):\n" + "\n".join(notes),
-                    transform=ax.transAxes,
-                    ha="left",
-                    va="bottom",
-                    fontsize=6.5,
-                    bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.6", "pad": 2},
-                )
+            notes += _overlap_notes(curves, methods, metric)
             ax.set_title(title, fontsize=9)
-            ax.set_xlabel(xlabel, fontsize=8)
+            # notes go under the x label, outside the data area, so they never cover a line
+            ax.set_xlabel("\n".join([xlabel, *notes]), fontsize=8)
             ax.set_ylabel(ylabel, fontsize=8)
             ax.tick_params(labelsize=7)
     seen: dict[str, Any] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(label, handle)
-    if seen:
+    if seen and legend_holder is not None:
+        legend_holder.legend(list(seen.values()), list(seen), loc="center", ncols=min(len(seen), 6), fontsize=8)
+    elif seen:
         fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncols=min(len(seen), 5), fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,8 @@ def _curves(out: Path, methods: list[str], summary: dict[str, float]) -> str | N
             for k in CURVE_KEYS:
                 if k in rec:
                     per.setdefault(k, []).append((rec["step"], rec[k]))
-        curves[name] = per
+        if per:  # the teacher's own run logs training losses only
+            curves[name] = per
     if not curves:
         return None
     groups = _stage_groups(out, curves)

@@ -1,54 +1,178 @@
-"""Running one stage of the analytic world into a run directory: teacher, stage 1 or stage 2.
+"""The gmm world for the training spine (WORLDS.md 1): the neural teacher's own stage, the role MLPs of
+stages 1 and 2, evaluation against the reward-tilted target, and sampling and evaluating finished runs.
 
-A run directory holds config.yaml (resolved), metrics.jsonl, checkpoint.pt (training state, resumed
-by default) and final.pt (teacher.pt for the teacher stage): plain state dicts, loaded weights-only.
+A run directory holds config.yaml (resolved), metrics.jsonl, checkpoint.pt (training state, resumed by
+default), final.pt (teacher.pt for the teacher stage), final_metrics.json, samples.png and curves.png:
+plain state dicts, loaded weights-only.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from tiltflow.algorithms.ac_dmd import ACDMD
-from tiltflow.algorithms.common import Roles
-from tiltflow.algorithms.rtdmd import RTDMD
-from tiltflow.config.loader import to_yaml
-from tiltflow.config.schema import STAGE1_STAGES, RunConfig
+from tiltflow.config.gmm import GMMRunConfig
+from tiltflow.config.loader import ConfigError, UsageError, to_yaml
 from tiltflow.models.base import Backbone
+from tiltflow.models.ema import EMA
 from tiltflow.models.mlp import VelocityMLP
-from tiltflow.training.checkpoint import load, save_atomic
-from tiltflow.training.loop import LoopHooks, run_loop
-from tiltflow.worlds.gmm.evaluate import Reference, build_reference, evaluate, few_step_generate
+from tiltflow.models.roles import Roles
+from tiltflow.storage import load, save_atomic
+from tiltflow.worlds.base import WorldSetup
+from tiltflow.worlds.gmm.evaluate import (
+    Reference,
+    build_reference,
+    evaluate,
+    few_step_generate,
+    generate,
+    teacher_sigmas,
+)
+from tiltflow.worlds.gmm.mixture import ConditionalGMM
 from tiltflow.worlds.gmm.teacher import make_mlp, train_teacher
 from tiltflow.worlds.gmm.world import AnalyticBackbone, GMMTask, build_gmm, build_rewards
 
-
-def prepare_run_dir(cfg: RunConfig) -> Path:
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    return run_dir
+CURVE_KEYS = ("reward_mean", "mode_tv", "energy_distance", "energy_to_base")
 
 
-def teacher_dir(cfg: RunConfig) -> Path:
+@dataclass
+class MLPModels:
+    """The gmm roles: a frozen teacher (analytic or neural) and fully trained generator and fake MLPs."""
+
+    teacher: Backbone
+    generator: VelocityMLP
+    fake: VelocityMLP
+
+    def roles(self) -> Roles:
+        return Roles(self.teacher, self.generator, self.fake, list(self.generator.parameters()),
+                     list(self.fake.parameters()))
+
+    def trainable_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.state_dict(), "fake": self.fake.state_dict()}
+
+    def load_trainable_state(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.fake.load_state_dict(state["fake"])
+
+    def enable_activation_checkpointing(self) -> None:
+        raise ConfigError("parallel.activation_checkpointing", "the gmm world's MLPs are too small to need it")
+
+
+class GMMWorld:
+    """`world: gmm`. A world built with a `reference` reuses it (the demo builds it once for all methods)."""
+
+    name = "gmm"
+    config_class = GMMRunConfig
+
+    def __init__(self, reference: Reference | None = None):
+        self.reference = reference
+
+    def train_teacher(self, cfg: GMMRunConfig, *, progress: bool = True) -> dict[str, Any]:
+        """The `teacher` stage: flow matching into cfg.run_dir (teacher.pt), with samples.png and curves.png."""
+        cfg = copy.deepcopy(cfg)
+        cfg.teacher_run = cfg.run_dir
+        gmm = build_gmm(cfg.problem)
+        net = run_teacher(cfg, gmm, progress)
+        reference = build_reference(cfg, gmm, net)
+        samples = generate(net, gmm.num_prompts, cfg.eval.num_samples, teacher_sigmas(cfg), 0.0, 7, gmm.dim)
+        final = evaluate(samples, reference)
+        run_dir = Path(cfg.run_dir)
+        (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        if cfg.eval.plots:
+            write_run_plots(run_dir, cfg, samples, reference, f"teacher ({cfg.teacher.sample_steps} Euler steps)")
+        return final
+
+    def build(self, cfg: GMMRunConfig, *, progress: bool = True) -> WorldSetup:
+        gmm = build_gmm(cfg.problem)
+        teacher_net = run_teacher(cfg, gmm, progress)
+        teacher = teacher_backbone(cfg, gmm, teacher_net)
+        gen, fake = copy.deepcopy(teacher_net), copy.deepcopy(teacher_net)
+        if cfg.init_from:  # stage 2 starts from the stage-1 run's EMA generator and its fake
+            state = load(Path(cfg.init_from) / "final.pt")
+            gen.load_state_dict(state["generator"])
+            fake.load_state_dict(state["fake"])
+        models = MLPModels(teacher, gen.requires_grad_(True).train(), fake.requires_grad_(True).train())
+        task = GMMTask(gmm.num_prompts, gmm.dim, build_rewards(cfg.problem), cfg.teacher.guidance_scale,
+                       torch.device(cfg.device))
+        reference = self.reference if self.reference is not None else build_reference(cfg, gmm, teacher_net)
+
+        def evaluate_now(step: int) -> dict[str, float]:
+            samples = few_step_generate(gen, cfg, gmm.num_prompts, cfg.eval.curve_samples, seed=step)
+            m = evaluate(samples, reference, with_kl=False)
+            return {f"eval_{k}": m[k] for k in CURVE_KEYS}
+
+        def finish(ema: EMA) -> dict[str, Any]:
+            raw = {k: v.clone() for k, v in gen.state_dict().items()}
+            with ema.applied():
+                final_gen = {k: v.clone() for k, v in gen.state_dict().items()}
+                samples = few_step_generate(gen, cfg, gmm.num_prompts, cfg.eval.num_samples)
+            run_dir = Path(cfg.run_dir)
+            save_atomic({"generator": final_gen, "generator_raw": raw, "fake": fake.state_dict()}, run_dir / "final.pt")
+            final = evaluate(samples, reference)
+            (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+            if cfg.eval.plots:
+                write_run_plots(run_dir, cfg, samples, reference, cfg.stage)
+            return final
+
+        return WorldSetup(task, models, cfg.sampler, finish, evaluate_now, cfg.eval.every,
+                          {"model": f"gmm MLP {cfg.model.hidden}x{cfg.model.depth}"})
+
+    def sample(self, cfg: GMMRunConfig, *, num: int, prompt: int, seed: int, out: Path) -> str:
+        """`tiltflow sample --run DIR`: (num, dim) samples of one prompt as .npy; a teacher run samples the
+        teacher with its many-step Euler sampler, a stage run its EMA generator in sampler.num_steps CPS steps."""
+        gmm = build_gmm(cfg.problem)
+        if not 0 <= prompt < gmm.num_prompts:
+            raise UsageError(f"--prompt {prompt} out of range: this problem has prompts 0..{gmm.num_prompts - 1}")
+        net, how = load_run_model(cfg, gmm)
+        if cfg.stage == "teacher":
+            x = generate(net, gmm.num_prompts, num, teacher_sigmas(cfg), 0.0, seed, gmm.dim)[prompt]
+        else:
+            x = few_step_generate(net, cfg, gmm.num_prompts, num, seed=seed)[prompt]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, x.numpy())
+        return f"wrote {tuple(x.shape)} samples of prompt {prompt} ({how}) to {out}"
+
+    def evaluate_run(self, cfg: GMMRunConfig, *, num: int, seed: int) -> dict[str, Any]:
+        """`tiltflow eval --run DIR`: metrics of `num` fresh samples per prompt against the reference, and
+        what was compared (so that the numbers can be told apart from results.json's)."""
+        gmm = build_gmm(cfg.problem)
+        net, how = load_run_model(cfg, gmm)
+        teacher = load_teacher_net(cfg, gmm) if cfg.teacher.kind == "neural" else None
+        cfg = copy.deepcopy(cfg)
+        cfg.eval.num_samples = num
+        if cfg.stage == "teacher":
+            samples = generate(net, gmm.num_prompts, num, teacher_sigmas(cfg), 0.0, seed, gmm.dim)
+        else:
+            samples = few_step_generate(net, cfg, gmm.num_prompts, num, seed=seed)
+        metrics = evaluate(samples, build_reference(cfg, gmm, teacher))
+        target = ("the SIR tilt of the neural teacher's own samples" if cfg.teacher.kind == "neural"
+                  else "the exact analytic p_tilde")
+        return {"samples": f"{num} per prompt from {how}, seed {seed}",
+                "reference": f"{num} samples per prompt of {target} (pool {cfg.eval.reference_pool}, seed 12345)",
+                "metrics": metrics}
+
+
+# ---- the neural teacher ---------------------------------------------------------------------------------
+def teacher_dir(cfg: GMMRunConfig) -> Path:
     return Path(cfg.teacher_run) if cfg.teacher_run else Path(cfg.run_dir) / "teacher"
 
 
-def run_teacher(cfg: RunConfig, progress: bool = True) -> VelocityMLP:
+def run_teacher(cfg: GMMRunConfig, gmm: ConditionalGMM, progress: bool = True) -> VelocityMLP:
     """Train the neural teacher into teacher_dir(cfg) (or load it if teacher.pt exists)."""
     out = teacher_dir(cfg)
     path = out / "teacher.pt"
     if path.exists():
-        return load_teacher_net(cfg)
+        return load_teacher_net(cfg, gmm)
     out.mkdir(parents=True, exist_ok=True)
     tcfg = copy.deepcopy(cfg)
-    tcfg.stage, tcfg.run_dir = "teacher", str(out)
+    tcfg.stage, tcfg.run_dir, tcfg.teacher_run, tcfg.init_from = "teacher", str(out), str(out), None
     (out / "config.yaml").write_text(to_yaml(tcfg))
-    model, curve = train_teacher(build_gmm(cfg.problem), cfg.teacher, cfg.model, cfg.seed, progress)
+    model, curve = train_teacher(gmm, cfg.teacher, cfg.model, cfg.seed, progress)
     with (out / "metrics.jsonl").open("w") as f:
         for step, loss in curve:
             f.write(json.dumps({"step": step, "teacher_fm_loss": loss}) + "\n")
@@ -56,100 +180,58 @@ def run_teacher(cfg: RunConfig, progress: bool = True) -> VelocityMLP:
     return model
 
 
-def load_teacher_net(cfg: RunConfig) -> VelocityMLP:
+def teacher_backbone(cfg: GMMRunConfig, gmm: ConditionalGMM, net: VelocityMLP) -> Backbone:
+    """The teacher the stages distil: the exact GMM velocity (teacher.kind: analytic) or the trained MLP."""
+    return AnalyticBackbone(gmm) if cfg.teacher.kind == "analytic" else net
+
+
+def load_teacher_net(cfg: GMMRunConfig, gmm: ConditionalGMM) -> VelocityMLP:
     path = teacher_dir(cfg) / "teacher.pt"
     if not path.exists():
         raise FileNotFoundError(f"no trained teacher at {str(path)!r}: run `tiltflow train` with stage=teacher "
                                 "first, or point teacher_run at a run directory that holds teacher.pt")
-    gmm = build_gmm(cfg.problem)
     model = make_mlp(gmm.dim, gmm.num_prompts, cfg.model)
     model.load_state_dict(load(path)["model"])
     return model.requires_grad_(False).eval()
 
 
-def teacher_backbone(cfg: RunConfig, net: VelocityMLP) -> Backbone:
-    return AnalyticBackbone(build_gmm(cfg.problem)) if cfg.teacher.kind == "analytic" else net
-
-
-def load_generator(run_dir: str | Path) -> tuple[VelocityMLP, RunConfig]:
-    """The EMA generator of a finished stage run."""
-    from tiltflow.config.loader import from_dict, read_yaml
-
-    run_dir = Path(run_dir)
-    cfg = from_dict(RunConfig, read_yaml(run_dir / "config.yaml"))
+def load_run_model(cfg: GMMRunConfig, gmm: ConditionalGMM) -> tuple[VelocityMLP, str]:
+    """The network a finished run produced: the teacher of a teacher run, else the EMA generator."""
+    run_dir = Path(cfg.run_dir)
+    if cfg.stage == "teacher":
+        return load_teacher_net(cfg, gmm), f"the teacher in {run_dir}, {cfg.teacher.sample_steps} Euler steps"
     final = run_dir / "final.pt"
     if not final.exists():
-        raise FileNotFoundError(f"{str(final)!r} does not exist: is {str(run_dir)!r} a finished stage-1/2 run?")
-    state = load(final)
-    gmm = build_gmm(cfg.problem)
+        raise FileNotFoundError(f"{str(final)!r} does not exist: {str(run_dir)!r} is not a finished stage run "
+                                "(a teacher run holds teacher.pt; a stage-1/2 run writes final.pt when it ends)")
     net = make_mlp(gmm.dim, gmm.num_prompts, cfg.model)
-    net.load_state_dict(state["generator"])
-    return net.requires_grad_(False).eval(), cfg
+    net.load_state_dict(load(final)["generator"])
+    return net.requires_grad_(False).eval(), (f"the EMA generator of {run_dir}, {cfg.sampler.num_steps} CPS "
+                                              f"steps, eta {cfg.sampler.eta}")
 
 
-def _init_nets(cfg: RunConfig, teacher_net: VelocityMLP) -> tuple[VelocityMLP, VelocityMLP]:
-    gen, fake = copy.deepcopy(teacher_net), copy.deepcopy(teacher_net)
-    if cfg.init_from:
-        state = load(Path(cfg.init_from) / "final.pt")
-        gen.load_state_dict(state["generator"])
-        fake.load_state_dict(state["fake"])
-    return gen.requires_grad_(True).train(), fake.requires_grad_(True).train()
+def load_generator(run_dir: str | Path) -> tuple[VelocityMLP, GMMRunConfig]:
+    """The EMA generator (or, for a teacher run, the teacher) of a finished run, and its config."""
+    from tiltflow.config.loader import from_dict, read_yaml
+
+    cfg = from_dict(GMMRunConfig, read_yaml(Path(run_dir) / "config.yaml"))
+    cfg.run_dir = str(run_dir)
+    return load_run_model(cfg, build_gmm(cfg.problem))[0], cfg
 
 
-def run_stage(cfg: RunConfig, reference: Reference | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train stage 1 (ac_dmd, dmd2) or stage 2 (rtdmd and baselines); returns the final metrics."""
-    run_dir = prepare_run_dir(cfg)
-    teacher_net = run_teacher(cfg, progress)
-    teacher = teacher_backbone(cfg, teacher_net)
-    gmm = build_gmm(cfg.problem)
-    gen, fake = _init_nets(cfg, teacher_net)
-    roles = Roles(teacher, gen, fake, [p for p in gen.parameters()], [p for p in fake.parameters()])
-    task = GMMTask(gmm.num_prompts, gmm.dim, build_rewards(cfg.problem), cfg.teacher.cfg_scale,
-                   torch.device(cfg.device))
-    stage1 = cfg.stage in STAGE1_STAGES
-    algo: Any = (ACDMD(cfg.stage1, cfg.sampler, task, roles, cfg.seed) if stage1
-                 else RTDMD(cfg.stage2, cfg.sampler, task, roles, cfg.seed))
-    num_iters = cfg.stage1.num_iters if stage1 else cfg.stage2.num_iters
-    if reference is None:
-        reference = build_reference(cfg, gmm, teacher_net)
-    ema_gen = copy.deepcopy(gen).requires_grad_(False)
-
-    def ema_model() -> VelocityMLP:
-        algo.ema.copy_to(list(ema_gen.parameters()))
-        return ema_gen
-
-    def evaluate_now(step: int) -> dict[str, float]:
-        samples = few_step_generate(ema_model(), cfg, gmm.num_prompts, cfg.eval.curve_samples, seed=step)
-        m = evaluate(samples, reference, with_kl=False)
-        return {f"eval_{k}": m[k] for k in ("reward_mean", "mode_tv", "energy_distance", "energy_to_base")}
-
-    hooks = LoopHooks(model_state=lambda: {"generator": gen.state_dict(), "fake": fake.state_dict()},
-                      load_model_state=lambda s: (gen.load_state_dict(s["generator"]), fake.load_state_dict(s["fake"])),
-                      evaluate=evaluate_now)
-    run_loop(algo, hooks, run_dir=run_dir, num_iters=num_iters, checkpoint_every=cfg.checkpoint_every,
-             log_every=cfg.log_every, eval_every=cfg.eval.every, desc=cfg.stage, progress=progress)
-    save_atomic({"generator": ema_model().state_dict(), "generator_raw": gen.state_dict(),
-                 "fake": fake.state_dict()}, run_dir / "final.pt")
-    samples = few_step_generate(ema_model(), cfg, gmm.num_prompts, cfg.eval.num_samples)
-    final = evaluate(samples, reference)
-    (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
-    if cfg.eval.plots:
-        write_run_plots(run_dir, cfg, samples, reference)
-    return final
-
-
-def write_run_plots(run_dir: Path, cfg: RunConfig, samples: list[torch.Tensor], reference: Reference) -> None:
+def write_run_plots(run_dir: Path, cfg: GMMRunConfig, samples: list[torch.Tensor], reference: Reference,
+                    label: str) -> None:
     """samples.png (final samples next to p_tilde, per prompt) and curves.png (metrics.jsonl over steps)."""
     from tiltflow.worlds.gmm.plots import metric_curves, scatter_over_density
 
     panels = []
     for c, (x, ref) in enumerate(zip(samples, reference.prompts)):
-        panels += [(f"prompt {c}: p_tilde", ref.target.numpy()), (f"prompt {c}: {cfg.stage}", x.numpy())]
+        panels += [(f"prompt {c}: p_tilde", ref.target.numpy()), (f"prompt {c}: {label}", x.numpy())]
     pts = torch.cat([r.target for r in reference.prompts])
     lo, hi = pts.quantile(0.005, dim=0) - 0.5, pts.quantile(0.995, dim=0) + 0.5
     extent = (float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1]))
     scatter_over_density(run_dir / "samples.png", panels, None, extent, ncols=2,
-                         title=f"{cfg.stage}: final samples (dims 0, 1)")
+                         title=f"{label}: final samples (dims 0, 1)")
     curves: dict[str, list[tuple[float, float]]] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)

@@ -8,9 +8,9 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from tiltflow.algorithms.common import step_generator
-from tiltflow.config.schema import ModelConfig, TeacherConfig
+from tiltflow.config.gmm import ModelConfig, TeacherConfig
 from tiltflow.flow.conventions import interpolate
+from tiltflow.flow.rng import step_generator
 from tiltflow.models.mlp import VelocityMLP
 from tiltflow.worlds.gmm.mixture import ConditionalGMM
 

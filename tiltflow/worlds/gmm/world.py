@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tiltflow.config.schema import ProblemSpec, RewardSpec
+from tiltflow.config.gmm import ProblemSpec, RewardSpec
 from tiltflow.rewards.base import RewardSet
 from tiltflow.worlds.gmm.mixture import ConditionalGMM, GaussianMixture
 from tiltflow.worlds.gmm.rewards import HalfspaceReward, LinearReward, QuadraticReward
@@ -67,7 +67,7 @@ class GMMTask:
     num_prompts: int
     dim: int
     rewards: RewardSet
-    cfg_scale: float = 1.0
+    guidance_scale: float = 1.0
     device: torch.device = torch.device("cpu")
 
     @property

@@ -1,5 +1,5 @@
-"""The two building blocks both stages share: the generator's DM term on a sample x_s at level s
-(METHOD.md 4.1 steps 2-5) and one fake-score update on such samples (4.2 + 4.3)."""
+"""Distribution matching, the part both stages share: the generator's DM loss on a sample x_s at level s
+(METHOD.md 4.1 steps 2-5) and the fake score's loss on such samples (4.2 ambient DSM + 4.3 consistency)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tiltflow.algorithms.common import Roles, Task, randn, teacher_velocity
-from tiltflow.flow.conventions import _bcast, forward_kernel
+from tiltflow.algorithms.common import Batch, randn
+from tiltflow.config.schema import FakeConfig
+from tiltflow.flow.conventions import bcast, forward_kernel
 from tiltflow.losses import (
     LossOutput,
     ambient_target,
@@ -26,6 +27,8 @@ from tiltflow.losses import (
     renoise,
 )
 from tiltflow.losses.dmd import sample_tau
+from tiltflow.models.base import guided_velocity
+from tiltflow.models.roles import Roles
 from tiltflow.sampling.cps import cps_step
 
 
@@ -40,25 +43,58 @@ class TauRange:
                           generator=generator, device=device)
 
 
-def dm_term(task: Task, roles: Roles, x_s: Tensor, s: float, cond: Any, uncond: Any, *, taus: TauRange,
-            eta: float, scaling: str, generator: torch.Generator, reduction: str = "mean") -> LossOutput:
+@dataclass
+class DMSettings:
+    """How the generator's DM loss is formed: tau range, CPS eta of the map back, the teacher's CFG scale,
+    the direction's scaling (normalized | kl | fisher) and its reduction over dimensions (mean | sum)."""
+
+    taus: TauRange
+    eta: float
+    guidance_scale: float
+    scaling: str = "normalized"
+    reduction: str = "mean"
+
+
+@dataclass
+class FakeSettings:
+    """The fake score's objective (METHOD.md 4.2-4.3)."""
+
+    taus: TauRange
+    eta: float
+    weighting: str
+    gamma: float
+    delta_max: float
+    two_sample: bool
+
+    @staticmethod
+    def of(cfg: FakeConfig, taus: TauRange, eta: float) -> FakeSettings:
+        return FakeSettings(taus, eta, cfg.weighting, cfg.consistency_gamma, cfg.consistency_delta_max,
+                            cfg.consistency_two_sample)
+
+
+def teacher_velocity(roles: Roles, x: Tensor, tau: Tensor, batch: Batch, guidance_scale: float) -> Tensor:
+    return guided_velocity(roles.teacher, x, tau, batch.cond, batch.uncond, guidance_scale)
+
+
+def dm_loss(roles: Roles, x_s: Tensor, s: float, batch: Batch, dm: DMSettings,
+            generator: torch.Generator) -> LossOutput:
     """DMD on x_s (with gradient) at level s: renoise to tau, compare teacher and fake, map back."""
-    if scaling == "fisher":
-        return fisher_dm_term(task, roles, x_s, s, cond, uncond, taus=taus, generator=generator)
+    if dm.scaling == "fisher":
+        return fisher_dm_loss(roles, x_s, s, batch, dm, generator)
     b = x_s.shape[0]
-    tau = taus.draw(s, b, generator, x_s.device).to(x_s.dtype)
+    tau = dm.taus.draw(s, b, generator, x_s.device).to(x_s.dtype)
     x_tau = renoise(x_s.detach(), s, tau, randn(x_s.shape, generator, like=x_s))
     with torch.no_grad():
-        v_real = teacher_velocity(task, roles, x_tau, tau, cond, uncond)
-        v_fake = roles.fake.velocity(x_tau, tau, cond)
-    if scaling == "kl":
+        v_real = teacher_velocity(roles, x_tau, tau, batch, dm.guidance_scale)
+        v_fake = roles.fake.velocity(x_tau, tau, batch.cond)
+    if dm.scaling == "kl":
         return dmd_surrogate(x_s, dmd_direction_kl(v_real, v_fake, tau, s), reduction="sum")
-    if scaling != "normalized":
-        raise ValueError(f"dm scaling must be 'normalized', 'kl' or 'fisher', got {scaling!r}")
+    if dm.scaling != "normalized":
+        raise ValueError(f"dm scaling must be 'normalized', 'kl' or 'fisher', got {dm.scaling!r}")
     z = randn(x_s.shape, generator, like=x_s)  # shared by both maps back to s
-    x_real = cps_step(x_tau, v_real, tau, s, eta=eta, noise=z).x_next
-    x_fake = cps_step(x_tau, v_fake, tau, s, eta=eta, noise=z).x_next
-    return dmd_surrogate(x_s, dmd_direction_normalized(x_s.detach(), x_real, x_fake), reduction=reduction)
+    x_real = cps_step(x_tau, v_real, tau, s, eta=dm.eta, noise=z).x_next
+    x_fake = cps_step(x_tau, v_fake, tau, s, eta=dm.eta, noise=z).x_next
+    return dmd_surrogate(x_s, dmd_direction_normalized(x_s.detach(), x_real, x_fake), reduction=dm.reduction)
 
 
 @contextlib.contextmanager
@@ -74,7 +110,7 @@ def frozen(params: list[torch.nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-def fisher_dm_term(task: Task, roles: Roles, x0: Tensor, s: float, cond: Any, uncond: Any, *, taus: TauRange,
+def fisher_dm_loss(roles: Roles, x0: Tensor, s: float, batch: Batch, dm: DMSettings,
                    generator: torch.Generator) -> LossOutput:
     """grad KL(p_theta,a || p_a) with a = taus.tau_min as a tau-integral of Fisher divergences (scaling
     "fisher"): tau is drawn with density p(tau) ~ 1 / tau^2 on [tau_min, tau_max] and weighted by
@@ -83,43 +119,44 @@ def fisher_dm_term(task: Task, roles: Roles, x0: Tensor, s: float, cond: Any, un
     between modes at small tau, which is what makes the single-level "kl" scaling unusable."""
     if s != 0.0:
         raise ValueError("the fisher DM scaling is defined at s = 0 (stage 2's last-step DM term)")
-    lo, hi = taus.tau_min, taus.tau_max
+    lo, hi = dm.taus.tau_min, dm.taus.tau_max
     u = torch.rand(x0.shape[0], generator=generator).to(x0.device, x0.dtype)
     tau = 1.0 / (1.0 / lo - u * (1.0 / lo - 1.0 / hi))  # inverse CDF of p(tau) = tau^-2 / (1/lo - 1/hi)
     weight = (1 - tau) * (1.0 / lo - 1.0 / hi) / tau
     x_tau = renoise(x0, 0.0, tau, randn(x0.shape, generator, like=x0))
     with frozen(roles.fake_params):
-        u_real = x_tau - _bcast(tau, x_tau) * teacher_velocity(task, roles, x_tau, tau, cond, uncond)
-        u_fake = x_tau - _bcast(tau, x_tau) * roles.fake.velocity(x_tau, tau, cond)
+        u_real = x_tau - bcast(tau, x_tau) * teacher_velocity(roles, x_tau, tau, batch, dm.guidance_scale)
+        u_fake = x_tau - bcast(tau, x_tau) * roles.fake.velocity(x_tau, tau, batch.cond)
     return fisher_dm_surrogate(x0, u_real, u_fake, weight)
 
 
-def fake_loss(roles: Roles, x_s: Tensor, s: float, cond: Any, *, taus: TauRange, eta: float, weighting: str,
-              gamma: float, delta_max: float, two_sample: bool, generator: torch.Generator) -> LossOutput:
+def fake_loss(roles: Roles, x_s: Tensor, s: float, cond: Any, fake: FakeSettings,
+              generator: torch.Generator) -> LossOutput:
     """Ambient DSM on x_s (detached) at level s, plus gamma times the consistency regulariser."""
     x_s = x_s.detach()
     b = x_s.shape[0]
-    tau = taus.draw(s, b, generator, x_s.device).to(x_s.dtype)
+    tau = fake.taus.draw(s, b, generator, x_s.device).to(x_s.dtype)
     n = randn(x_s.shape, generator, like=x_s)
     _, sigma_ts = forward_kernel(s, tau)
     x_tau = renoise(x_s, s, tau, n)
     v_pred = roles.fake.velocity(x_tau, tau, cond)
-    out = fake_score_loss(v_pred, ambient_target(x_s, s, tau, n), fake_weight(sigma_ts, weighting))
-    if gamma <= 0:
+    out = fake_score_loss(v_pred, ambient_target(x_s, s, tau, n), fake_weight(sigma_ts, fake.weighting))
+    if fake.gamma <= 0:
         return out
     # Consistency (4.3): two independent CPS transitions tau -> tau' with the fake's detached velocity.
-    dt = delta_max * (1.0 - torch.rand(b, generator=generator)).to(x_s.device, x_s.dtype)
+    two_sample = fake.two_sample
+    dt = fake.delta_max * (1.0 - torch.rand(b, generator=generator)).to(x_s.device, x_s.dtype)
     tau_next = (tau - dt).clamp_min(0.0)
     v0 = v_pred.detach()
-    xs_next = [cps_step(x_tau, v0, tau, tau_next, eta=eta, noise=randn(x_s.shape, generator, like=x_s)).x_next
+    xs_next = [cps_step(x_tau, v0, tau, tau_next, eta=fake.eta, noise=randn(x_s.shape, generator, like=x_s)).x_next
                for _ in range(2 if two_sample else 1)]
     x_cat = torch.cat(xs_next)
     tau_cat = tau_next.repeat(len(xs_next))
-    h_next = x_cat - _bcast(tau_cat, x_cat) * roles.fake.velocity(x_cat, tau_cat, _repeat_cond(cond, len(xs_next)))
-    h0 = x_tau - _bcast(tau, x_tau) * v_pred
+    h_next = x_cat - bcast(tau_cat, x_cat) * roles.fake.velocity(x_cat, tau_cat, _repeat_cond(cond, len(xs_next)))
+    h0 = x_tau - bcast(tau, x_tau) * v_pred
     hs = h_next.chunk(len(xs_next))
     cons = consistency_loss(h0, hs[0], hs[1] if two_sample else None, two_sample=two_sample)
-    return LossOutput(out.loss + gamma * cons.loss, {**out.metrics, **cons.metrics})
+    return LossOutput(out.loss + fake.gamma * cons.loss, {**out.metrics, **cons.metrics})
 
 
 def _repeat_cond(cond: Any, times: int) -> Any:

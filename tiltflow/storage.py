@@ -1,4 +1,5 @@
-"""Atomic checkpoints: write to a temporary file in the same folder, fsync, then rename.
+"""Atomic, weights-only file I/O for checkpoints and final weights: write to a temporary file in the same
+folder, fsync, then rename, so a file is either the old one or the new one, never half-written.
 
 Loading uses torch.load(weights_only=True): a checkpoint holds tensors, numbers, strings and dicts only.
 """

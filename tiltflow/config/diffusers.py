@@ -1,0 +1,117 @@
+"""The real-backbone world's run config (WORLDS.md 3): which diffusers model, its LoRA roles, prompts,
+rewards and sampling settings, on top of the shared RunConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from tiltflow.config.loader import ConfigError
+from tiltflow.config.schema import RunConfig
+
+FAMILIES = ("sd3", "flux1", "flux2")
+
+
+@dataclass
+class ModelSpec:
+    """Which backbone: a hub id or local folder (`source`), or an architecture with random weights."""
+
+    family: Literal["sd3", "flux1", "flux2"] = "sd3"
+    source: str = ""
+    generator_init: str | None = None  # FLUX.2: the step-distilled model ("random" with random_weights)
+    random_weights: bool = False
+    arch: str | None = None  # with random_weights: tiltflow/models/arch/<arch>.json
+    resolution: int = 512
+    base_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    autocast: bool = True
+    max_sequence_length: int | None = None  # null = the family's (SD3 256, FLUX 512)
+    embed_cache_dir: str | None = None
+    guidance_scale: float = 4.5  # the teacher's standard CFG scale; FLUX.1-dev: its guidance input (one pass)
+    student_guidance: float | None = None  # FLUX.1-dev: guidance input of generator and fake (null = guidance_scale)
+    family_shift: bool = True  # the sampler's shift is the family's (SD3: 3; FLUX: exp(mu) at this resolution)
+    # Scaled-dot-product attention kernel: auto (the fastest that works for the family here: FLUX.1-dev
+    # never gets cuDNN, whose backward fails on torch 2.11 / cuDNN 9.19), default, cudnn, flash, efficient, math.
+    attention_backend: Literal["auto", "default", "cudnn", "flash", "efficient", "math"] = "auto"
+
+    def validate(self, path: str) -> None:
+        if self.random_weights:
+            if not self.arch:
+                raise ConfigError(f"{path}.arch", "random_weights needs an architecture name (e.g. sd35_medium)")
+        elif not self.source:
+            raise ConfigError(f"{path}.source", "give a hub id or local folder, or set random_weights: true")
+        if self.resolution % 16:
+            raise ConfigError(f"{path}.resolution", f"got {self.resolution}, expected a multiple of 16")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"{path}.guidance_scale", f"got {self.guidance_scale}, expected >= 0")
+
+
+@dataclass
+class LoraSpec:
+    layout: Literal["shared", "separate"] = "shared"
+    finetune: Literal["lora", "full"] = "lora"
+    rank: int = 32
+    alpha: float = 64.0
+
+    def validate(self, path: str) -> None:
+        if self.layout == "shared" and self.finetune == "full":
+            raise ConfigError(f"{path}.finetune", "full fine-tuning needs layout: separate")
+        if self.rank < 1:
+            raise ConfigError(f"{path}.rank", f"got {self.rank}, expected >= 1")
+
+
+@dataclass
+class RewardChoice:
+    """A reward by name: 'brightness' (a differentiable stub) or any name tiltflow.rewards.registry knows."""
+
+    name: str = "brightness"
+    weight: float = 1.0
+    options: Any = None  # keyword arguments of the reward's factory (a mapping)
+
+
+@dataclass
+class SampleSpec:
+    batch_size: int = 4
+    num_per_prompt: int = 1
+    seed: int = 0
+    eta: float | None = None  # null = sampler.eta
+    weights: Literal["final", "base"] = "final"  # "base": the untrained generator init (a 4-step baseline)
+
+
+
+# Differentiability of the rewards the registry knows by name (None: a user factory, known once built).
+_DIFFERENTIABLE = {"brightness": True, "clip_score": True, "pickscore": True, "hpsv2": True, "aesthetic": True,
+                   "imagereward": False, "remote": False}
+
+
+def reward_differentiable(name: str) -> bool | None:
+    return _DIFFERENTIABLE.get(name)
+
+
+@dataclass
+class DiffusersRunConfig(RunConfig):
+    world: Literal["diffusers"] = "diffusers"
+    run_dir: str = "runs/diffusers"
+    device: str = "cuda"
+    checkpoint_every: int = 100
+    log_every: int = 1
+    model: ModelSpec = field(default_factory=ModelSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    prompts: list[str] = field(default_factory=list)
+    prompt_file: str | None = None
+    rewards: list[RewardChoice] = field(default_factory=lambda: [RewardChoice()])
+    sample: SampleSpec = field(default_factory=SampleSpec)
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
+        if self.stage == "teacher":
+            raise ConfigError("stage", "the diffusers world has no teacher stage: its teacher is the pretrained "
+                              "model.source; choose one of ac_dmd, dmd2, rtdmd, rtdmd_exact, grpo_only, bp_only, dm_bp")
+        if not self.prompts and not self.prompt_file:
+            raise ConfigError("prompts", "give prompts (a list) or prompt_file (one prompt per line)")
+        if self.model.family_shift and self.sampler.shift != 1.0:
+            raise ConfigError("sampler.shift", f"got {self.sampler.shift} while model.family_shift is true (the "
+                              "family's own shift is used); set model.family_shift: false to use sampler.shift")
+        # A reward whose differentiability is unknown here (a user factory) is checked when it is built.
+        known = [reward_differentiable(c.name) for c in self.rewards]
+        if all(k is not None for k in known):
+            self.check_reward_bp(any(known), "rewards")

@@ -1,0 +1,66 @@
+"""Collectives the algorithms use, behind one small interface: a single process (LocalComm) or
+torch.distributed (TorchComm, any backend: gloo on CPU, NCCL on GPUs)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+class Comm(Protocol):
+    rank: int
+    world_size: int
+
+    def all_gather(self, x: Tensor) -> Tensor:
+        """Concatenate every rank's x along dim 0, in rank order (equal shapes on every rank)."""
+        ...
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if the flag is true on any rank (so all ranks stop together)."""
+        ...
+
+
+class LocalComm:
+    rank, world_size = 0, 1
+
+    def all_gather(self, x: Tensor) -> Tensor:
+        return x
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+
+class TorchComm:
+    """torch.distributed's default process group (initialised by the caller, e.g. under torchrun)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("TorchComm needs an initialised process group (torch.distributed.init_process_group)")
+        self._dist = dist
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        # NCCL reduces device tensors only; gloo reduces CPU tensors.
+        self._device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+
+    def all_gather(self, x: Tensor) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        self._dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    def any(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self._device)
+        self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+
+LOCAL = LocalComm()
+
+
+def current_comm() -> Comm:
+    """TorchComm when a process group is initialised, else the single-process LocalComm."""
+    import torch.distributed as dist
+
+    return TorchComm() if dist.is_available() and dist.is_initialized() else LOCAL

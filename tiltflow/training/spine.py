@@ -1,0 +1,100 @@
+"""The training spine: `train(cfg)` runs any stage of any world, in the order torchtitan uses:
+
+    world models -> activation checkpointing -> (compile) -> shard -> optimisers -> algorithm -> loop
+
+A world (tiltflow.worlds.base.World) builds what is specific to it: its Task, its role models, its
+evaluation and what it saves at the end. Everything else is here, once, for every world.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tiltflow.algorithms.ac_dmd import ACDMD
+from tiltflow.algorithms.common import GradSync, TrainState, always_sync
+from tiltflow.algorithms.rtdmd import RTDMD
+from tiltflow.config.loader import ConfigError, to_dict
+from tiltflow.config.schema import STAGE1_STAGES, ParallelConfig, RunConfig, Stage1Config, Stage2Config
+from tiltflow.distributed import Comm, current_comm
+from tiltflow.models.ema import EMA
+from tiltflow.models.roles import Roles
+from tiltflow.training.logger import Logger
+from tiltflow.training.loop import LoopHooks, run_loop
+from tiltflow.worlds.base import TrainModels, WorldSetup, prepare_run_dir
+from tiltflow.worlds.registry import get_world
+
+# Messages of faults raised by the device (CUDA, cuDNN, cuBLAS) rather than by tiltflow's own checks.
+_DEVICE_FAULT_MARKERS = ("CUDA", "cuDNN", "CUDNN", "CUBLAS", "cublas", "illegal memory", "mha_graph", "NCCL")
+
+
+def train(cfg: RunConfig, *, world: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Run cfg.stage of cfg.world into cfg.run_dir (resuming from its checkpoint); returns the final metrics.
+    `world` overrides the registry's (e.g. a gmm world holding a reference built once for a demo)."""
+    world = world if world is not None else get_world(cfg.world)()
+    run_dir = prepare_run_dir(cfg)
+    if cfg.stage == "teacher":
+        if not hasattr(world, "train_teacher"):
+            raise ConfigError("stage", f"the {cfg.world} world has no teacher stage (its teacher is pretrained)")
+        return world.train_teacher(cfg, progress=progress)
+    setup = world.build(cfg, progress=progress)
+    comm = current_comm()
+    grad_sync = apply_parallel_plan(setup.models, cfg.parallel, comm)
+    roles = setup.models.roles()
+    stage1 = cfg.stage in STAGE1_STAGES
+    state = build_train_state(cfg.stage1 if stage1 else cfg.stage2, roles)
+    algo: Any = (ACDMD(cfg.stage1, setup.sampler, setup.task, roles, state, seed=cfg.seed, comm=comm) if stage1
+                 else RTDMD(cfg.stage2, setup.sampler, setup.task, roles, state, seed=cfg.seed, comm=comm,
+                            grad_sync=grad_sync))
+    logger = Logger(run_dir, cfg.logging, f"{cfg.world}/{cfg.stage}", to_dict(cfg))
+
+    def evaluate(step: int) -> dict[str, float]:
+        assert setup.evaluate is not None
+        with state.ema.applied():
+            return setup.evaluate(step)
+
+    hooks = LoopHooks(model_state=setup.models.trainable_state, load_model_state=setup.models.load_trainable_state,
+                      evaluate=evaluate if setup.evaluate is not None else None,
+                      describe_fault=lambda err, it: describe_device_fault(err, it, algo.phase.current, setup))
+    try:
+        run_loop(algo, hooks, run_dir=run_dir, num_iters=(cfg.stage1 if stage1 else cfg.stage2).num_iters,
+                 checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, eval_every=setup.eval_every,
+                 desc=f"{cfg.world} {cfg.stage}", progress=progress, logger=logger,
+                 progress_every_s=cfg.logging.progress_every_s)
+    finally:
+        logger.close()
+    return setup.finish(state.ema)
+
+
+def apply_parallel_plan(models: TrainModels, cfg: ParallelConfig, comm: Comm) -> GradSync:
+    """Prepare the models in torchtitan's order: activation checkpointing, then compile, then sharding.
+    Returns the gradient-sync hook the algorithm calls in its accumulation loop.
+
+    One process keeps whole models and has nothing to synchronise; FSDP2 (fully_shard per block, then the
+    root, and set_requires_gradient_sync as the hook) plugs in here."""
+    if cfg.activation_checkpointing:
+        models.enable_activation_checkpointing()
+    if comm.world_size > 1:
+        raise NotImplementedError("several ranks need a sharding plan (FSDP2), which this version lacks; run "
+                                  "one process per job")
+    return always_sync
+
+
+def build_train_state(cfg: Stage1Config | Stage2Config, roles: Roles) -> TrainState:
+    """AdamW for the generator and the fake score, and the generator's EMA (METHOD.md 4.4, 5.5). Built
+    after sharding, so the optimisers hold the sharded parameters."""
+    return TrainState(torch.optim.AdamW(roles.generator_params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+                      torch.optim.AdamW(roles.fake_params, lr=cfg.fake.lr, weight_decay=0.0),
+                      EMA(roles.generator_params, cfg.ema_decay))
+
+
+def describe_device_fault(err: BaseException, step: int, phase: str, setup: WorldSetup) -> BaseException | None:
+    """A device fault (CUDA, cuDNN, cuBLAS) inside a step, restated with the model, the phase and the
+    attention backend, so it does not look like a tiltflow bug with no context. Other errors: None."""
+    text = f"{type(err).__name__}: {err}"
+    if not any(m in text for m in _DEVICE_FAULT_MARKERS) and type(err).__name__ != "AcceleratorError":
+        return None
+    context = ", ".join(f"{k} {v}" for k, v in setup.description.items())
+    return RuntimeError(f"device fault at step {step} during the {phase}" + (f" ({context})" if context else "")
+                        + f": {text.splitlines()[0] if text else ''}")

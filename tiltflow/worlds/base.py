@@ -1,0 +1,66 @@
+"""What a world gives the training spine (tiltflow.training.spine): its Task, its role models, how to
+evaluate the generator during training and what to save at the end. Everything else (optimisers, the
+parallel plan, the loop, checkpoints, logging) is the spine's, the same for every world."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from tiltflow.config.schema import RunConfig, SamplerConfig
+from tiltflow.models.ema import EMA
+from tiltflow.models.roles import Roles
+
+
+class TrainModels(Protocol):
+    """The modules behind the roles: what a checkpoint holds of them, and how to prepare them."""
+
+    def roles(self) -> Roles: ...
+
+    def trainable_state(self) -> dict[str, Any]: ...
+
+    def load_trainable_state(self, state: dict[str, Any]) -> None: ...
+
+    def enable_activation_checkpointing(self) -> None: ...
+
+
+@dataclass
+class WorldSetup:
+    """One stage's world-specific pieces.
+
+    task: prompts, conditioning, decoding and rewards (tiltflow.algorithms.common.Task).
+    evaluate(step): metrics of the generator, called with the EMA weights in place.
+    finish(ema): save the final weights (and plots) into the run directory; returns final metrics.
+    """
+
+    task: Any
+    models: TrainModels
+    sampler: SamplerConfig  # resolved (e.g. the family's time shift)
+    finish: Callable[[EMA], dict[str, Any]]
+    evaluate: Callable[[int], dict[str, float]] | None = None
+    eval_every: int = 0  # steps between evaluations (0: none during training)
+    description: dict[str, str] = field(default_factory=dict)  # named in error messages: model, attention...
+
+
+class World(Protocol):
+    """A world: its config class and how to build one stage. `train_teacher` is for worlds whose teacher
+    is trained here (not a pretrained model); it writes into cfg.run_dir and returns its metrics."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[RunConfig]]
+
+    def build(self, cfg: Any, *, progress: bool = True) -> WorldSetup: ...
+
+    def train_teacher(self, cfg: Any, *, progress: bool = True) -> dict[str, Any]: ...
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    """Create the run directory and write the resolved config into it."""
+    from tiltflow.config.loader import to_yaml
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return run_dir
