@@ -176,16 +176,31 @@ def _grouped_figure(
 
 
 def _overlap_notes(
-    curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], methods: Sequence[str], metric: str
+    curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
+    methods: Sequence[str],
+    metric: str,
+    ylim: tuple[float, float] | None,
 ) -> list[str]:
-    """'a is hidden under b (equal values)' for methods whose curve coincides with one drawn later."""
+    """'a: under b' for a method whose drawn curve (clipped to ylim) lies within 1% of the axis span of a
+    curve drawn after it at every step, so that the reader knows where the hidden line is."""
+    drawn = {}
+    for m in methods:
+        pts = curves[m].get(metric)
+        if pts:
+            arr = np.asarray(pts, dtype=float)
+            drawn[m] = (arr[:, 0], arr[:, 1] if ylim is None else np.clip(arr[:, 1], *ylim))
+    if not drawn:
+        return []
+    values = np.concatenate([v for _, v in drawn.values()])
+    lo, hi = ylim if ylim is not None else (np.nanmin(values), np.nanmax(values))
+    tol = 0.01 * max(hi - lo, 1e-12)
+    order = list(drawn)
     notes = []
-    for i, a in enumerate(methods):
-        pa = curves[a].get(metric)
-        for b in methods[i + 1 :]:
-            pb = curves[b].get(metric)
-            if pa and pb and len(pa) == len(pb) and np.allclose(np.asarray(pa), np.asarray(pb), rtol=1e-3, atol=1e-6):
-                notes.append(f"{a} is hidden under {b} (equal values)")
+    for i, a in enumerate(order):
+        for b in order[i + 1 :]:
+            (sa, va), (sb, vb) = drawn[a], drawn[b]
+            if sa.shape == sb.shape and np.array_equal(sa, sb) and np.all(np.abs(va - vb) <= tol):
+                notes.append(f"{a}: under {b}")
                 break
     return notes
 
@@ -220,9 +235,9 @@ def _plot_clipped(
     )
     parts = []
     if above.any():
-        parts.append(f"above, up to {np.max(values[above]):.3g}")
+        parts.append(f"up to {np.max(values[above]):.3g}")
     if below.any():
-        parts.append(f"below, down to {np.min(values[below]):.3g}")
+        parts.append(f"down to {np.min(values[below]):.3g}")
     if np.isnan(values).any():
         parts.append(f"{int(np.isnan(values).sum())} NaN")
     return f"{label}: " + "; ".join(parts)
@@ -282,15 +297,20 @@ def metric_curves(
                     steps, values = (np.asarray(v, dtype=float) for v in zip(*points))
                     note = _plot_clipped(ax, steps, values, ylim, colors[method], method)
                     if note:
-                        notes.append(f"off the axis (triangles): {note}")
+                        notes.append(note)
             if references and metric in references:
                 ax.axhline(references[metric], color="k", linestyle="--", linewidth=0.8, label="reference")
             if ylim is not None:  # keep diverging runs from flattening the others
                 ax.set_ylim(*ylim)
-            notes += _overlap_notes(curves, methods, metric)
+            hidden = _overlap_notes(curves, methods, metric, ylim)
+            lines = [xlabel]
+            if notes:
+                lines += ["off the axis (triangles):", *notes]
+            if hidden:
+                lines += ["hidden by an equal curve:", *hidden]
             ax.set_title(title, fontsize=9)
             # notes go under the x label, outside the data area, so they never cover a line
-            ax.set_xlabel("\n".join([xlabel, *notes]), fontsize=8)
+            ax.set_xlabel("\n".join(lines), fontsize=8)
             ax.set_ylabel(ylabel, fontsize=8)
             ax.tick_params(labelsize=7)
     seen: dict[str, Any] = {}
