@@ -71,7 +71,7 @@ def _outside_note(ax: Any, samples: np.ndarray, extent: Sequence[float], min_fra
     n = xy.shape[0]
     if n == 0 or (n - int(inside.sum())) / n < min_fraction:
         return
-    lines = [f"{100 * (n - int(inside.sum())) / n:.0f}% of samples outside the frame"]
+    lines = [f"{100 * (n - int(inside.sum())) / n:.1f}% of samples outside the frame"]  # .1f: 99.6 is not 100
     if out_finite.any():
         gone = xy[out_finite]
         mean, sd = gone.mean(axis=0), gone.std(axis=0)
