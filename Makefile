@@ -22,9 +22,11 @@ $(VENV)/.test: $(VENV)/.core
 demo: $(VENV)/.core
 	$(VENV)/bin/tiltflow demo --out runs/demo
 
+# pytest exits 5 when it collected no tests: say so, and do not fail on it (a real failure still fails).
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check tiltflow tests
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
 
 test-fast: $(VENV)/.test
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"

@@ -162,3 +162,23 @@ def test_train_non_finite_loss_exits_1(tiny_yaml, teacher_run, tmp_path, monkeyp
     monkeypatch.setattr(runs, "teacher_backbone", lambda cfg, gmm, net: NaNTeacher())
     assert main(["train", "--config", str(tiny_yaml), f"run_dir={tmp_path}", f"teacher_run={teacher_run}"]) == 1
     assert "non-finite generator DM loss" in capsys.readouterr().err
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: ac_dmd\nseed: a: b\n")  # "mapping values are not allowed here", line 2
+    assert main(["train", "--config", str(bad), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, no traceback
+    assert str(bad) in err[0] and "line 2" in err[0] and "<unicode string>" not in err[0]
+
+
+def test_missing_run_directory_is_a_usage_error(tmp_path, capsys):
+    assert main(["sample", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x.npy")]) == 2
+    assert "no config.yaml there" in capsys.readouterr().err
+
+
+def test_help_states_the_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "exit codes: 0 success, 2 usage/config/input error, 1 failure while running" in capsys.readouterr().out

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from tiltflow.storage import load, save_atomic
+from tiltflow.training.checkpointing import Checkpointer, FileCheckpointer
 from tiltflow.training.logger import Logger
 
 
@@ -65,13 +65,14 @@ def _duration(seconds: float) -> str:
 
 def run_loop(algo: Algorithm, hooks: LoopHooks, *, run_dir: Path, num_iters: int, checkpoint_every: int,
              log_every: int, eval_every: int, desc: str, progress: bool = True, stop_at: int | None = None,
-             logger: Logger | None = None, progress_every_s: float = 30.0) -> int:
+             logger: Logger | None = None, progress_every_s: float = 30.0,
+             checkpointer: Checkpointer | None = None) -> int:
     """Run iterations until num_iters (or stop_at). Returns the number of completed iterations."""
-    ckpt_path = run_dir / "checkpoint.pt"
+    ckpt = checkpointer or FileCheckpointer(run_dir)
     log = logger or Logger(run_dir)
     start = 0
-    if ckpt_path.exists():
-        state = load(ckpt_path)
+    if ckpt.exists():
+        state = ckpt.load()
         hooks.load_model_state(state["model"])
         algo.load_state_dict(state["algo"])
         start = int(state["step"])
@@ -79,7 +80,7 @@ def run_loop(algo: Algorithm, hooks: LoopHooks, *, run_dir: Path, num_iters: int
     end = num_iters if stop_at is None else min(stop_at, num_iters)
 
     def save(step: int) -> None:
-        save_atomic({"step": step, "model": hooks.model_state(), "algo": algo.state_dict()}, ckpt_path)
+        ckpt.save({"step": step, "model": hooks.model_state(), "algo": algo.state_dict()})
 
     t0 = time.time()
     bar = tqdm(range(start, end), desc=desc, disable=None if progress else True, dynamic_ncols=True, leave=False)
