@@ -173,13 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from tiltflow.eval.prompts import PromptFileError
+    from tiltflow.rewards.base import RewardError
+    from tiltflow.rewards.remote import RemoteRewardError
+    from tiltflow.training.checkpointing import CheckpointError
+
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, UsageError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, UsageError, FileNotFoundError, PromptFileError, RewardError) as e:
+        print(f"error: {e}", file=sys.stderr)  # the user's input: one line, no traceback
         return 2
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FloatingPointError, CheckpointError, RemoteRewardError) as e:
+        print(f"error: {e}", file=sys.stderr)  # a failure while running, already explained
         return 1
 
 

@@ -2,16 +2,35 @@
 folder, fsync, then rename, so a file is either the old one or the new one, never half-written.
 
 Loading uses torch.load(weights_only=True): a checkpoint holds tensors, numbers, strings and dicts only.
+
+`fault_point` lets the reliability tests (tests/reliability) stop a process at a chosen place, e.g. inside a
+checkpoint write, so that a `kill -9` lands there every time; it does nothing unless TILTFLOW_FAULT is set.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+FAULT_ENV = "TILTFLOW_FAULT"
+
+
+def fault_point(where: str, step: int | None = None) -> None:
+    """Test hook: when TILTFLOW_FAULT is `where` or `where@step`, announce it on stderr and sleep (the test
+    kills the process there). Places: checkpoint_write (temporary file written, not yet renamed),
+    optimizer_step (inside an iteration, after its first optimiser step), after_loop (last checkpoint written,
+    final weights not yet)."""
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted or wanted not in (where, f"{where}@{step}"):
+        return
+    print(f"tiltflow fault point: paused at {where} (step {step}), pid {os.getpid()}", file=sys.stderr, flush=True)
+    time.sleep(float(os.environ.get("TILTFLOW_FAULT_PAUSE_S", "60")))
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -23,11 +42,26 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("checkpoint_write", obj.get("step") if isinstance(obj, dict) else None)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself survives a power cut
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory handles: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

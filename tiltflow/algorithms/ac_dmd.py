@@ -12,12 +12,12 @@ from torch import Tensor
 
 from tiltflow.algorithms.common import (
     Batch,
+    FiniteGuard,
     MeanMetrics,
     Phases,
     Task,
     TrainState,
-    check_finite,
-    optimizer_step,
+    backward_clipped,
 )
 from tiltflow.algorithms.dm import DMSettings, FakeSettings, TauRange, dm_loss, fake_loss
 from tiltflow.config.schema import SamplerConfig, Stage1Config
@@ -38,6 +38,7 @@ class ACDMD:
         self.dm = DMSettings(taus, sampler.eta, task.guidance_scale)
         self.fake = FakeSettings.of(cfg.fake, taus, sampler.eta)
         self.phase = Phases()
+        self.guard = FiniteGuard(comm)  # on_nonfinite: the loop configures it from the run config
 
     def rollout(self, k: int, batch: Batch, g: torch.Generator, with_grad: bool) -> tuple[Tensor, float]:
         """Roll out steps 0..k (step k with gradient if asked); return (x_s, s) per the stage's variant."""
@@ -61,18 +62,23 @@ class ACDMD:
                 with torch.no_grad():
                     x_s, s = self.rollout(k, batch, g, with_grad=False)
                 out = fake_loss(self.roles, x_s, s, batch.cond, self.fake, g)
-                check_finite({"fake-score loss": out.loss}, it, self.comm)
-                optimizer_step(self.state.fake_opt, out.loss, self.roles.fake_params, cfg.grad_clip)
+                norm = backward_clipped(self.state.fake_opt, out.loss, self.roles.fake_params, cfg.grad_clip)
+                if self.guard.ok(it, "fake-score update", {"fake-score loss": out.loss, "fake-score gradient norm":
+                                                           norm}, self.roles.fake_params):
+                    self.state.fake_opt.step()
             metrics.add(out.metrics)
         with self.phase("generator update"):
             batch = Batch.draw(self.task, cfg.batch_size, g)
             k = int(torch.randint(K, (1,), generator=g))
             x_s, s = self.rollout(k, batch, g, with_grad=True)
             out = dm_loss(self.roles, x_s, s, batch, self.dm, g)
-            check_finite({"generator DM loss": out.loss}, it, self.comm)
-            grad_norm = optimizer_step(self.state.gen_opt, out.loss, self.roles.generator_params, cfg.grad_clip)
-            self.state.ema.update()
-        metrics.add({**out.metrics, "gen_dm_loss": float(out.loss.detach()), "gen_grad_norm": grad_norm})
+            grad_norm = backward_clipped(self.state.gen_opt, out.loss, self.roles.generator_params, cfg.grad_clip)
+            if self.guard.ok(it, "generator update", {"generator DM loss": out.loss, "generator gradient norm":
+                                                      grad_norm}, self.roles.generator_params):
+                self.state.gen_opt.step()
+                self.state.ema.update()
+        metrics.add({**out.metrics, "gen_dm_loss": float(out.loss.detach()), "gen_grad_norm": float(grad_norm),
+                     **self.guard.metrics()})
         return metrics.result()
 
     def state_dict(self) -> dict:

@@ -5,6 +5,7 @@ finite-loss guard, metrics averaged over micro-batches)."""
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -19,6 +20,11 @@ from tiltflow.rewards.base import RewardSet
 
 
 class Task(Protocol):
+    """What an algorithm needs of a world. Optional, looked up with getattr where a world can offer it:
+    linear_reward() -> Tensor | None, the vector a when the total reward of decode(x) is a.x (the
+    linear-shift estimator of the tilted denoiser, METHOD.md 5.6). A teacher backbone may likewise offer
+    posterior_sampler(cond) -> PosteriorSampler, its exact p(x0 | x_tau) (tiltflow.algorithms.rtdmd)."""
+
     sample_shape: tuple[int, ...]
     rewards: RewardSet
     guidance_scale: float  # the teacher's CFG scale (1 = the conditional model alone, one pass)
@@ -83,6 +89,14 @@ def always_sync(enabled: bool) -> AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def backward_clipped(opt: torch.optim.Optimizer, loss: Tensor, params: list[nn.Parameter], clip: float) -> Tensor:
+    """zero_grad, backward, clip the gradient norm; returns the norm before clipping (non-finite: a bad
+    gradient, which the caller's FiniteGuard catches before the optimiser step)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    return torch.nn.utils.clip_grad_norm_(params, clip)
+
+
 def optimizer_step(opt: torch.optim.Optimizer, loss: Tensor, params: list[nn.Parameter], clip: float) -> float:
     """zero_grad, backward, clip the gradient norm, step; returns the norm before clipping."""
     opt.zero_grad(set_to_none=True)
@@ -101,6 +115,67 @@ def check_finite(terms: Mapping[str, Tensor], step: int, comm: Comm) -> None:
         bad = [f"{name} = {v}" for name, v, ok in zip(terms, values.tolist(), finite.tolist()) if not ok]
         what = ", ".join(bad) if bad else "loss on another rank"
         raise FloatingPointError(f"non-finite {what} at step {step}; stopping (the last checkpoint is left intact)")
+
+
+class FiniteGuard:
+    """The finite-value guard of every update: one check (one host sync, agreed over ranks through `comm`)
+    of its loss terms, rewards and gradient norms. on_nonfinite = "stop" raises FloatingPointError naming the
+    step and the offending values; "skip" tells the caller to skip the update (no optimiser step, no EMA
+    update) and counts it, and raises once more than `max_skipped` updates were skipped."""
+
+    def __init__(self, comm: Comm, on_nonfinite: str = "stop", max_skipped: int = 0):
+        self.comm = comm
+        self.configure(on_nonfinite, max_skipped)
+        self.skipped = 0  # updates skipped so far in the run (checkpointed by the loop)
+
+    def configure(self, on_nonfinite: str, max_skipped: int) -> None:
+        if on_nonfinite not in ("stop", "skip") or max_skipped < 0:
+            raise ValueError(f"need on_nonfinite in ('stop', 'skip') and max_skipped >= 0, got {on_nonfinite!r}, "
+                             f"{max_skipped}")
+        self.on_nonfinite, self.max_skipped = on_nonfinite, max_skipped
+
+    def ok(self, step: int, update: str, values: Mapping[str, Tensor | float],
+           grads: Sequence[nn.Parameter] | None = None) -> bool:
+        """True when every value (a scalar, or a tensor such as a batch of rewards) is finite on every rank.
+        `grads`: the update's parameters, searched for the non-finite gradients on failure only."""
+        flags = torch.stack([torch.isfinite(torch.as_tensor(v).detach()).all() for v in values.values()])
+        if not self.comm.any(not bool(flags.all())):
+            return True
+        bad = [name for name, ok in zip(values, flags.tolist()) if not ok]
+        what = ", ".join(f"{name} = {_first_bad(values[name])}" for name in bad) or "values on another rank"
+        details = [_where_bad(name, values[name]) for name in bad if torch.as_tensor(values[name]).numel() > 1]
+        details += _bad_gradients(grads) if grads is not None else []
+        where = f"non-finite {what} at step {step} in the {update}" + (f" ({'; '.join(details)})" if details else "")
+        if self.on_nonfinite == "stop":
+            raise FloatingPointError(f"{where}; stopping (on_nonfinite = stop; the last checkpoint is intact)")
+        self.skipped += 1
+        if self.skipped > self.max_skipped:
+            raise FloatingPointError(f"{where}; {self.skipped} updates skipped, more than max_skipped_updates = "
+                                     f"{self.max_skipped}; stopping (the last checkpoint is intact)")
+        print(f"warning: {where}; update skipped ({self.skipped} of at most {self.max_skipped})",
+              file=sys.stderr, flush=True)
+        return False
+
+    def metrics(self) -> dict[str, float]:
+        """`skipped_updates` (the run's total so far) when skipping is on."""
+        return {"skipped_updates": float(self.skipped)} if self.on_nonfinite == "skip" else {}
+
+
+def _first_bad(value: Tensor | float) -> float:
+    t = torch.as_tensor(value).detach().flatten()
+    return float(t[~torch.isfinite(t)][0])
+
+
+def _where_bad(name: str, value: Tensor) -> str:
+    bad = (~torch.isfinite(value.detach().flatten())).nonzero().flatten().tolist()
+    return f"{name}: {len(bad)} of {value.numel()} entries, first at index {bad[0]}"
+
+
+def _bad_gradients(params: Sequence[nn.Parameter]) -> list[str]:
+    """Which parameters hold a non-finite gradient, by position and shape (searched on failure only)."""
+    bad = [f"#{i} {tuple(p.shape)}" for i, p in enumerate(params)
+           if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    return [f"non-finite gradients in {len(bad)} of {len(params)} parameters: {', '.join(bad[:4])}"] if bad else []
 
 
 class MeanMetrics:

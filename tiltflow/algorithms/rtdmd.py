@@ -16,14 +16,14 @@ from torch import Tensor
 
 from tiltflow.algorithms.common import (
     Batch,
+    FiniteGuard,
     GradSync,
     MeanMetrics,
     Phases,
     Task,
     TrainState,
     always_sync,
-    check_finite,
-    optimizer_step,
+    backward_clipped,
 )
 from tiltflow.algorithms.dm import DMSettings, FakeSettings, TauRange, dm_loss, fake_loss
 from tiltflow.config.schema import SamplerConfig, Stage2Config
@@ -52,6 +52,12 @@ class Rollout:
 TERM_NAMES = {"pg": "policy-gradient loss", "bp": "reward back-propagation loss", "dm": "distribution-matching loss"}
 
 
+def _watch(watched: dict[str, list[Tensor]], values: dict[str, Tensor]) -> None:
+    """Collect an update's values (detached, flattened) for its one finite check."""
+    for name, v in values.items():
+        watched.setdefault(name, []).append(v.detach().reshape(-1))
+
+
 def fake_updates_in(microbatch: int, n_fake: int, accumulation: int) -> int:
     """n_fake updates per generator update spread over the micro-batches: n_fake // A each, one more for
     the first n_fake % A."""
@@ -77,12 +83,14 @@ class RTDMD:
         self.dm_depth = cfg.dm_depth or K
         self.num_trained = cfg.num_trained_steps or K - 1
         self.phase = Phases()
+        self.guard = FiniteGuard(comm)  # on_nonfinite: the loop configures it from the run config
 
     def step(self, it: int) -> dict[str, float]:
         cfg, A = self.cfg, self.cfg.accumulation
         rng = streams(self.seed, it, "stage2", self.comm.rank, self.comm.world_size)
         metrics = MeanMetrics()
         self.state.gen_opt.zero_grad(set_to_none=True)
+        watched: dict[str, list[Tensor]] = {}  # loss terms and rewards of every micro-batch, checked once
         for m in range(A):
             with self.phase("rollout"):
                 ro = self.rollout(it, rng)
@@ -94,7 +102,8 @@ class RTDMD:
                     metrics.add(self.fake_update(ro, rng.local, it))
             with self.phase("generator update"), self.grad_sync(m == A - 1):  # sync on the last micro-batch
                 terms = self.generator_terms(ro, scores, rng.local)
-                check_finite({TERM_NAMES[name]: t.loss for name, (_, t) in terms.items()}, it, self.comm)
+                _watch(watched, {TERM_NAMES[name]: t.loss for name, (_, t) in terms.items()})
+                _watch(watched, {f"reward {k} scores": v for k, v in scores.per_reward.items()})
                 loss = sum(w * t.loss for w, t in terms.values())
                 if isinstance(loss, Tensor) and loss.requires_grad:
                     (loss / A).backward()
@@ -102,10 +111,13 @@ class RTDMD:
                 metrics.add({**t.metrics, f"{name}_loss": float(t.loss.detach())})
         with self.phase("generator update"):
             grad_norm = torch.nn.utils.clip_grad_norm_(self.roles.generator_params, cfg.grad_clip)
-            self.state.gen_opt.step()
-            if (it + 1) % cfg.ema_every == 0:
-                self.state.ema.update()
-        metrics.add({"gen_grad_norm": float(grad_norm)})
+            checked = {k: torch.cat(v) for k, v in watched.items()}
+            if self.guard.ok(it, "generator update", {**checked, "generator gradient norm": grad_norm},
+                             self.roles.generator_params):
+                self.state.gen_opt.step()
+                if (it + 1) % cfg.ema_every == 0:
+                    self.state.ema.update()
+        metrics.add({"gen_grad_norm": float(grad_norm), **self.guard.metrics()})
         return metrics.result()
 
     def rollout(self, it: int, rng: Streams) -> Rollout:
@@ -128,8 +140,10 @@ class RTDMD:
     def fake_update(self, ro: Rollout, g: torch.Generator, it: int) -> dict[str, float]:
         """One fake-score update on the rollout's final samples (s = 0 target, METHOD.md 5.5)."""
         out = fake_loss(self.roles, ro.traj.final, 0.0, ro.batch.cond, self.fake, g)
-        check_finite({"fake-score loss": out.loss}, it, self.comm)
-        optimizer_step(self.state.fake_opt, out.loss, self.roles.fake_params, self.cfg.grad_clip)
+        norm = backward_clipped(self.state.fake_opt, out.loss, self.roles.fake_params, self.cfg.grad_clip)
+        if self.guard.ok(it, "fake-score update", {"fake-score loss": out.loss, "fake-score gradient norm": norm},
+                         self.roles.fake_params):
+            self.state.fake_opt.step()
         return out.metrics
 
     def generator_terms(self, ro: Rollout, scores: RewardSetOutput, g: torch.Generator

@@ -190,6 +190,11 @@ class RunConfig:
     init_from: str | None = None  # stage 2: the stage-1 run directory whose final weights start this stage
     device: str = "cpu"
     checkpoint_every: int = 200
+    checkpoint_keep: int = 1  # checkpoints kept: checkpoint.pt, plus checkpoint-step<N>.pt for the newest N-1 before it
+    checkpoint_retries: int = 0  # a failed checkpoint write (disk full, no permission): retries, then the run stops
+    checkpoint_retry_wait_s: float = 10.0
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss, gradient or reward: stop, or skip that update
+    max_skipped_updates: int = 10  # with on_nonfinite: skip, the run stops once more updates than this are skipped
     log_every: int = 25
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
@@ -198,8 +203,12 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self, path: str) -> None:
-        for name in ("checkpoint_every", "log_every"):
+        for name in ("checkpoint_every", "log_every", "checkpoint_keep"):
             require(getattr(self, name) >= 1, name, f"got {getattr(self, name)}, expected >= 1")
+        for name in ("checkpoint_retries", "max_skipped_updates"):
+            require(getattr(self, name) >= 0, name, f"got {getattr(self, name)}, expected >= 0")
+        require(math.isfinite(self.checkpoint_retry_wait_s) and self.checkpoint_retry_wait_s >= 0,
+                "checkpoint_retry_wait_s", f"got {self.checkpoint_retry_wait_s}, expected a finite value >= 0")
         if self.stage in STAGE2_STAGES:
             k, s2 = self.sampler.num_steps, self.stage2
             require(s2.num_trained_steps <= k - 1, "stage2.num_trained_steps",

@@ -15,6 +15,10 @@ import torch
 from torch import Tensor
 
 
+class RewardError(ValueError):
+    """A reward returned something other than one floating-point score per sample (a bug in the reward)."""
+
+
 @dataclass
 class RewardOutput:
     scores: Tensor  # (B,)
@@ -68,10 +72,7 @@ class RewardSet:
         for reward, w in zip(self.rewards, self.weights):
             if only_differentiable and not reward.differentiable:
                 continue
-            scores = reward(samples, prompts).scores
-            if scores.shape != (samples.shape[0],):
-                raise ValueError(f"reward {reward.name!r} returned shape {tuple(scores.shape)}, "
-                                 f"expected ({samples.shape[0]},)")
+            scores = check_scores(reward(samples, prompts), reward.name, samples.shape[0])
             per[reward.name] = scores
             total = w * scores if total is None else total + w * scores
             if reward.differentiable:
@@ -79,3 +80,17 @@ class RewardSet:
         if total is None:
             total = torch.zeros(samples.shape[0], device=samples.device)
         return RewardSetOutput(total=total, per_reward=per, differentiable_total=diff_total)
+
+
+def check_scores(output: Any, name: str, batch_size: int) -> Tensor:
+    """The scores of a reward's output, or RewardError saying what it returned instead of a floating-point
+    (B,) tensor. Non-finite scores are the training step's FiniteGuard's to report (with the step)."""
+    scores = getattr(output, "scores", None)
+    if not isinstance(scores, Tensor):
+        raise RewardError(f"reward {name!r} returned {type(output).__name__} with scores of type "
+                          f"{type(scores).__name__}, expected a RewardOutput holding a tensor of shape ({batch_size},)")
+    if scores.shape != (batch_size,):
+        raise RewardError(f"reward {name!r} returned scores of shape {tuple(scores.shape)}, expected ({batch_size},)")
+    if not scores.is_floating_point():
+        raise RewardError(f"reward {name!r} returned scores of dtype {scores.dtype}, expected a floating-point dtype")
+    return scores

@@ -3,15 +3,19 @@ terminal and a progress line at a fixed interval elsewhere, and evaluation hooks
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from tqdm.auto import tqdm
 
+from tiltflow.storage import FAULT_ENV, fault_point
 from tiltflow.training.checkpointing import Checkpointer, FileCheckpointer
 from tiltflow.training.logger import Logger
 
@@ -33,6 +37,15 @@ class LoopHooks:
     load_model_state: Callable[[dict], None]
     evaluate: Callable[[int], dict[str, float]] | None = None
     describe_fault: Callable[[BaseException, int], BaseException | None] | None = None
+
+
+@dataclass
+class NonFinite:
+    """What the algorithm's FiniteGuard does with a NaN/inf loss, gradient or reward (run config
+    on_nonfinite, max_skipped_updates)."""
+
+    on_nonfinite: str = "stop"
+    max_skipped_updates: int = 10
 
 
 class ProgressLine:
@@ -66,28 +79,36 @@ def _duration(seconds: float) -> str:
 def run_loop(algo: Algorithm, hooks: LoopHooks, *, run_dir: Path, num_iters: int, checkpoint_every: int,
              log_every: int, eval_every: int, desc: str, progress: bool = True, stop_at: int | None = None,
              logger: Logger | None = None, progress_every_s: float = 30.0,
-             checkpointer: Checkpointer | None = None) -> int:
+             checkpointer: Checkpointer | None = None, nonfinite: NonFinite | None = None) -> int:
     """Run iterations until num_iters (or stop_at). Returns the number of completed iterations."""
     ckpt = checkpointer or FileCheckpointer(run_dir)
     log = logger or Logger(run_dir)
+    guard = getattr(algo, "guard", None)  # the algorithms' FiniteGuard (a bare test algorithm has none)
+    if nonfinite is not None and guard is not None:
+        guard.configure(nonfinite.on_nonfinite, nonfinite.max_skipped_updates)
     start = 0
     if ckpt.exists():
         state = ckpt.load()
         hooks.load_model_state(state["model"])
         algo.load_state_dict(state["algo"])
         start = int(state["step"])
+        if guard is not None:
+            guard.skipped = int(state.get("skipped_updates", 0))
         log.resume_at(start)
+        print(f"[{desc}] resumed from {ckpt.describe()} at step {start}", file=sys.stderr, flush=True)
     end = num_iters if stop_at is None else min(stop_at, num_iters)
 
     def save(step: int) -> None:
-        ckpt.save({"step": step, "model": hooks.model_state(), "algo": algo.state_dict()})
+        ckpt.save({"step": step, "model": hooks.model_state(), "algo": algo.state_dict(),
+                   **({"skipped_updates": guard.skipped} if guard is not None else {})})
 
     t0 = time.time()
     bar = tqdm(range(start, end), desc=desc, disable=None if progress else True, dynamic_ncols=True, leave=False)
     line = ProgressLine(desc, start, end, progress_every_s) if progress and bar.disable else None
     for it in bar:
         try:
-            metrics = algo.step(it)
+            with _pause_in_optimizer_step(it):
+                metrics = algo.step(it)
         except (RuntimeError, FloatingPointError) as err:
             described = hooks.describe_fault(err, it) if hooks.describe_fault else None
             if described is None:
@@ -103,4 +124,26 @@ def run_loop(algo: Algorithm, hooks: LoopHooks, *, run_dir: Path, num_iters: int
             save(done)
         if line is not None:
             line.update(done)
+    fault_point("after_loop", end)
     return end
+
+
+@contextlib.contextmanager
+def _pause_in_optimizer_step(it: int) -> Iterator[None]:
+    """Test hook (TILTFLOW_FAULT=optimizer_step@<it>): pause after the first optimiser step of iteration
+    `it`, with the iteration half done, so that a kill lands inside it."""
+    if os.environ.get(FAULT_ENV, "").partition("@")[0] != "optimizer_step":
+        yield
+        return
+    fired = []
+
+    def hook(opt: Any, args: Any, kwargs: Any) -> None:
+        if not fired:
+            fired.append(True)
+            fault_point("optimizer_step", it)
+
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

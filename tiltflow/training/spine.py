@@ -20,8 +20,9 @@ from tiltflow.config.schema import STAGE1_STAGES, ParallelConfig, RunConfig, Sta
 from tiltflow.distributed import Comm, current_comm
 from tiltflow.models.ema import EMA
 from tiltflow.models.roles import Roles
+from tiltflow.training.checkpointing import FileCheckpointer
 from tiltflow.training.logger import Logger
-from tiltflow.training.loop import LoopHooks, run_loop
+from tiltflow.training.loop import LoopHooks, NonFinite, run_loop
 from tiltflow.worlds.base import TrainModels, WorldSetup, prepare_run_dir
 from tiltflow.worlds.registry import get_world
 
@@ -61,7 +62,10 @@ def train(cfg: RunConfig, *, world: Any = None, progress: bool = True) -> dict[s
         run_loop(algo, hooks, run_dir=run_dir, num_iters=(cfg.stage1 if stage1 else cfg.stage2).num_iters,
                  checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, eval_every=setup.eval_every,
                  desc=f"{cfg.world} {cfg.stage}", progress=progress, logger=logger,
-                 progress_every_s=cfg.logging.progress_every_s)
+                 progress_every_s=cfg.logging.progress_every_s,
+                 checkpointer=FileCheckpointer(run_dir, keep=cfg.checkpoint_keep, retries=cfg.checkpoint_retries,
+                                               retry_wait_s=cfg.checkpoint_retry_wait_s),
+                 nonfinite=NonFinite(cfg.on_nonfinite, cfg.max_skipped_updates))
     finally:
         logger.close()
     return setup.finish(state.ema)
