@@ -175,8 +175,7 @@ def _bad_gradients(params: Sequence[nn.Parameter]) -> list[str]:
     """Which parameters hold a non-finite gradient, by position and shape (searched on failure only)."""
     bad = [f"#{i} {tuple(p.shape)}" for i, p in enumerate(params)
            if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-    listed = ", ".join(bad[:4]) + (", ..." if len(bad) > 4 else "")
-    return [f"non-finite gradients in {len(bad)} of {len(params)} parameters: {listed}"] if bad else []
+    return [f"non-finite gradients in {len(bad)} of {len(params)} parameters: {', '.join(bad[:4])}"] if bad else []
 
 
 class MeanMetrics:

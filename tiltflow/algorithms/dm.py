@@ -1,10 +1,11 @@
 """Distribution matching, the part both stages share: the generator's DM loss on a sample x_s at level s
-(METHOD.md 4.1 steps 2-5) and the fake score's loss on such samples (4.2 ambient DSM + 4.3 consistency)."""
+(METHOD.md 4.1 steps 2-5), toward the teacher or toward the diffused tilted target (5.6), and the fake
+score's loss on such samples (4.2 ambient DSM + 4.3 consistency)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,14 @@ from tiltflow.losses import (
     renoise,
 )
 from tiltflow.losses.dmd import sample_tau
+from tiltflow.losses.tilted import (
+    PosteriorSampler,
+    ReverseSamplerPosterior,
+    shifted_velocity,
+    split_snis_velocity,
+    tilted_direction,
+    tilted_direction_normalized,
+)
 from tiltflow.models.base import guided_velocity
 from tiltflow.models.roles import Roles
 from tiltflow.sampling.cps import cps_step
@@ -43,16 +52,48 @@ class TauRange:
                           generator=generator, device=device)
 
 
+TILT_ESTIMATORS = ("linear_shift", "split_snis", "shifted_proposal")
+
+
+@dataclass
+class TiltSettings:
+    """What DM toward the diffused tilted target p_tilde_tau needs (METHOD.md 5.6): the estimator of the
+    tilted denoiser D~, beta, the reward of clean samples, and where posterior draws come from.
+
+    reward(x0 (N, *S), prompts (N)) -> r (N,); linear_a: a with r = a.x (linear_shift only);
+    exact_posterior(cond) -> the teacher's exact posterior sampler, or None: the teacher's DDPM ancestral
+    reverse sampler (posterior_steps steps, CFG included) is used instead.
+    """
+
+    estimator: str
+    beta: float
+    num_pairs: int = 4
+    posterior_steps: int = 32
+    reward: Callable[[Tensor, list[Any]], Tensor] | None = None
+    linear_a: Tensor | None = None
+    exact_posterior: Callable[[Any], PosteriorSampler] | None = None
+
+    def __post_init__(self) -> None:
+        if self.estimator not in TILT_ESTIMATORS:
+            raise ValueError(f"tilt estimator must be one of {TILT_ESTIMATORS}, got {self.estimator!r}")
+        if self.estimator == "linear_shift" and self.linear_a is None:
+            raise ValueError("the linear_shift tilt estimator needs the linear reward's vector a (r = a.x)")
+        if self.estimator != "linear_shift" and self.reward is None:
+            raise ValueError(f"the {self.estimator} tilt estimator needs the reward of clean samples")
+
+
 @dataclass
 class DMSettings:
     """How the generator's DM loss is formed: tau range, CPS eta of the map back, the teacher's CFG scale,
-    the direction's scaling (normalized | kl | fisher) and its reduction over dimensions (mean | sum)."""
+    the direction's scaling (normalized | kl | fisher), its reduction over dimensions (mean | sum), and the
+    target: the teacher (tilt None) or the diffused tilted target (METHOD.md 5.6)."""
 
     taus: TauRange
     eta: float
     guidance_scale: float
     scaling: str = "normalized"
     reduction: str = "mean"
+    tilt: TiltSettings | None = None
 
 
 @dataclass
@@ -84,17 +125,76 @@ def dm_loss(roles: Roles, x_s: Tensor, s: float, batch: Batch, dm: DMSettings,
     b = x_s.shape[0]
     tau = dm.taus.draw(s, b, generator, x_s.device).to(x_s.dtype)
     x_tau = renoise(x_s.detach(), s, tau, randn(x_s.shape, generator, like=x_s))
+    tilt_metrics: dict[str, float] = {}
     with torch.no_grad():
-        v_real = teacher_velocity(roles, x_tau, tau, batch, dm.guidance_scale)
-        v_fake = roles.fake.velocity(x_tau, tau, batch.cond)
+        if dm.tilt is None:
+            v_real = teacher_velocity(roles, x_tau, tau, batch, dm.guidance_scale)
+            v_fake = roles.fake.velocity(x_tau, tau, batch.cond)
+        else:
+            v_fake = roles.fake.velocity(x_tau, tau, batch.cond)
+            v_real, tilt_metrics = tilted_velocity(roles, x_tau, tau, v_fake, batch, dm, generator)
     if dm.scaling == "kl":
-        return dmd_surrogate(x_s, dmd_direction_kl(v_real, v_fake, tau, s), reduction="sum")
+        return _with(dmd_surrogate(x_s, dmd_direction_kl(v_real, v_fake, tau, s), reduction="sum"), tilt_metrics)
     if dm.scaling != "normalized":
         raise ValueError(f"dm scaling must be 'normalized', 'kl' or 'fisher', got {dm.scaling!r}")
     z = randn(x_s.shape, generator, like=x_s)  # shared by both maps back to s
     x_real = cps_step(x_tau, v_real, tau, s, eta=dm.eta, noise=z).x_next
     x_fake = cps_step(x_tau, v_fake, tau, s, eta=dm.eta, noise=z).x_next
-    return dmd_surrogate(x_s, dmd_direction_normalized(x_s.detach(), x_real, x_fake), reduction=dm.reduction)
+    if dm.tilt is None:
+        return dmd_surrogate(x_s, dmd_direction_normalized(x_s.detach(), x_real, x_fake), reduction=dm.reduction)
+    direction = tilted_direction_normalized(x_s.detach(), x_real, x_fake)
+    return _with(dmd_surrogate(x_s, direction, reduction=dm.reduction), tilt_metrics)
+
+
+def _with(out: LossOutput, metrics: dict[str, float]) -> LossOutput:
+    return LossOutput(out.loss, {**out.metrics, **metrics}) if metrics else out
+
+
+def tilted_velocity(roles: Roles, x_tau: Tensor, tau: Tensor, v_fake: Tensor, batch: Batch, dm: DMSettings,
+                    generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    """The teacher's velocity replaced by the tilted one, v~ = (x_tau - D~) / tau (METHOD.md 5.6).
+
+    linear_shift: exact, one teacher call at x_tau + beta tau^2 a / (1 - tau). split_snis and
+    shifted_proposal: v_fake + Delta / tau with Delta the split-SNIS direction over 2 * num_pairs posterior
+    draws, whose mean is c (D_fake - D~), c > 0 (so DM's mean direction, not v~ itself, is what is exact).
+    """
+    tilt = dm.tilt
+    assert tilt is not None
+    if tilt.estimator == "linear_shift":
+        assert tilt.linear_a is not None
+        v = shifted_velocity(repeated_teacher(roles, batch, dm.guidance_scale), x_tau, tau, tilt.linear_a, tilt.beta)
+        return v, {}
+    if tilt.exact_posterior is not None:
+        sampler = tilt.exact_posterior(batch.cond)
+    else:
+        sampler = ReverseSamplerPosterior(repeated_teacher(roles, batch, dm.guidance_scale), tilt.posterior_steps)
+    prompts = batch.prompts
+    reward = tilt.reward
+    assert reward is not None
+
+    def reward_of(x0: Tensor) -> Tensor:  # rows j * B + b are draws of row b (tiltflow.losses.tilted.repeat_rows)
+        return reward(x0, prompts * (x0.shape[0] // len(prompts)))
+
+    d_fake = x_tau - bcast(tau, x_tau) * v_fake
+    est = tilted_direction(sampler, x_tau, tau, d_fake, reward_of, tilt.beta, tilt.num_pairs, generator,
+                           shifted=tilt.estimator == "shifted_proposal")
+    return split_snis_velocity(v_fake, est.direction, tau), {"tilt_ess": float(est.ess.mean()),
+                                                             "tilt_ess_min": float(est.ess.min())}
+
+
+def repeated_teacher(roles: Roles, batch: Batch, guidance_scale: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """The teacher's (guided) velocity as a (x, sigma) callable over num * B rows, row j * B + b with the
+    condition of batch row b (the layout of posterior samplers)."""
+    rows = len(batch.prompts)
+
+    def velocity(x: Tensor, sigma: Tensor) -> Tensor:
+        times = x.shape[0] // rows
+        if times == 1:
+            return teacher_velocity(roles, x, sigma, batch, guidance_scale)
+        rep = Batch(batch.prompts * times, _repeat_cond(batch.cond, times), _repeat_cond(batch.uncond, times))
+        return teacher_velocity(roles, x, sigma, rep, guidance_scale)
+
+    return velocity
 
 
 @contextlib.contextmanager

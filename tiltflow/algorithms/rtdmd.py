@@ -25,8 +25,8 @@ from tiltflow.algorithms.common import (
     always_sync,
     backward_clipped,
 )
-from tiltflow.algorithms.dm import DMSettings, FakeSettings, TauRange, dm_loss, fake_loss
-from tiltflow.config.schema import SamplerConfig, Stage2Config
+from tiltflow.algorithms.dm import DMSettings, FakeSettings, TauRange, TiltSettings, dm_loss, fake_loss
+from tiltflow.config.schema import SamplerConfig, Stage2Config, resolve_tilt_estimator
 from tiltflow.distributed import LOCAL, Comm
 from tiltflow.flow.conventions import few_step_sigmas
 from tiltflow.flow.rng import Streams, streams
@@ -64,6 +64,27 @@ def fake_updates_in(microbatch: int, n_fake: int, accumulation: int) -> int:
     return n_fake // accumulation + (1 if microbatch < n_fake % accumulation else 0)
 
 
+def tilt_settings(cfg: Stage2Config, task: Task, roles: Roles) -> TiltSettings:
+    """DM toward the diffused tilted target (stage2.dm_target: tilted, METHOD.md 5.6) from what the task and
+    the teacher offer: the task's linear reward vector (optional Task.linear_reward) for linear_shift, its
+    reward set for the importance-sampling estimators, and the teacher's exact posterior (optional
+    posterior_sampler(cond) of the teacher backbone) when it has one and no CFG changes its distribution."""
+    if cfg.w_pg != 0 or cfg.w_bp != 0:  # config load already refuses this (RunConfig.validate)
+        raise ValueError("stage2.dm_target = 'tilted' puts the reward in the DM term: w_pg and w_bp must be 0")
+    linear = getattr(task, "linear_reward", None)
+    a = linear() if linear is not None else None
+    differentiable = all(r.differentiable for r in task.rewards.rewards)
+    estimator = resolve_tilt_estimator(cfg.tilt_estimator, linear=a is not None, differentiable=differentiable,
+                                       rewards=f"the rewards {task.rewards.names}")
+    exact = getattr(roles.teacher, "posterior_sampler", None)
+
+    def reward(x0: Tensor, prompts: list[Any]) -> Tensor:
+        return task.rewards(task.decode(x0), prompts).total
+
+    return TiltSettings(estimator, cfg.beta, cfg.tilt_num_pairs, cfg.tilt_posterior_steps, reward, a,
+                        exact if task.guidance_scale == 1.0 else None)
+
+
 class RTDMD:
     def __init__(self, cfg: Stage2Config, sampler: SamplerConfig, task: Task, roles: Roles, state: TrainState,
                  *, seed: int, comm: Comm = LOCAL, grad_sync: GradSync = always_sync):
@@ -72,7 +93,8 @@ class RTDMD:
         self.sigmas = few_step_sigmas(sampler.num_steps, sampler.shift)
         self.num_steps = K = sampler.num_steps
         taus = TauRange(0.0, cfg.dm_tau_min, cfg.dm_tau_max)
-        self.dm = DMSettings(taus, sampler.eta, task.guidance_scale, cfg.dm_scaling, cfg.dm_reduction)
+        self.dm = DMSettings(taus, sampler.eta, task.guidance_scale, cfg.dm_scaling, cfg.dm_reduction,
+                             tilt_settings(cfg, task, roles) if cfg.dm_target == "tilted" else None)
         self.fake = FakeSettings.of(cfg.fake, taus, sampler.eta)
         self.w_dm, self.w_pg, self.w_bp = cfg.weights()
         if cfg.dm_depth > K:

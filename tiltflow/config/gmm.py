@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from tiltflow.config.loader import ConfigError
-from tiltflow.config.schema import RunConfig, join_path, require, require_lr
+from tiltflow.config.schema import RunConfig, join_path, require, require_lr, resolve_tilt_estimator
 
 
 @dataclass
@@ -133,3 +133,10 @@ class GMMRunConfig(RunConfig):
     def validate(self, path: str) -> None:
         super().validate(path)
         self.check_reward_bp(any(r.type != "halfspace" for r in self.problem.rewards), "problem.rewards")
+        if self.stage2.dm_target == "tilted":
+            # 'auto' is resolved here, so the run directory's config.yaml names the estimator that ran.
+            rewards = self.problem.rewards
+            types = ", ".join(r.type for r in rewards)
+            self.stage2.tilt_estimator = resolve_tilt_estimator(  # type: ignore[assignment]
+                self.stage2.tilt_estimator, linear=all(r.type == "linear" for r in rewards),
+                differentiable=all(r.type != "halfspace" for r in rewards), rewards=f"problem.rewards ({types})")

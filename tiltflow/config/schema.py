@@ -112,6 +112,15 @@ class Stage2Config:
     dm_reduction: Literal["mean", "sum"] = "mean"
     dm_tau_min: float = 0.02
     dm_tau_max: float = 0.98
+    # What DM matches: the teacher (reference) or the diffused tilted target p_tilde_tau (METHOD.md 5.6):
+    # the teacher's denoiser replaced by D~ = E_p_tilde[x0 | x_tau]. The reward then enters only through
+    # D~, so w_pg and w_bp must be 0 (else the tilt is counted twice). Estimators of D~: linear_shift (a
+    # single linear reward; exact, one teacher call), split_snis (any reward), shifted_proposal
+    # (differentiable rewards); auto picks the first that fits the rewards (resolve_tilt_estimator).
+    dm_target: Literal["teacher", "tilted"] = "teacher"
+    tilt_estimator: Literal["auto", "linear_shift", "split_snis", "shifted_proposal"] = "auto"
+    tilt_num_pairs: int = 4  # M: split-SNIS uses 2M posterior draws per DM sample
+    tilt_posterior_steps: int = 32  # k: steps of the teacher's reverse sampler from tau to 0 (no exact posterior)
     # Fake-score updates per generator update (one optimiser step, after `accumulation` rollout batches),
     # on the rollouts' final samples (METHOD.md 5.5, reference 1). They are spread over the rollout batches:
     # batch m of A gets n_fake // A updates, plus one if m < n_fake % A.
@@ -143,10 +152,36 @@ class Stage2Config:
         for name in ("w_dm", "w_pg", "w_bp"):
             w = getattr(self, name)
             require(w is None or w >= 0, join_path(path, name), f"got {w}, expected >= 0 or null (= beta)")
+        if self.dm_target == "tilted":
+            for name, w in zip(("w_pg", "w_bp"), self.weights()[1:]):
+                require(w == 0, join_path(path, name), f"got {getattr(self, name)} (= {w}) with "
+                        f"{join_path(path, 'dm_target')} = 'tilted': the tilted target already carries the "
+                        "reward, so it would be counted twice; set it to 0 (the rtdmd_tilted stage does)")
+            require(self.dm_scaling != "fisher", join_path(path, "dm_scaling"),
+                    f"'fisher' differentiates the teacher's denoiser; {join_path(path, 'dm_target')} = "
+                    "'tilted' supports 'normalized' and 'kl'")
+            require(self.tilt_num_pairs >= 1, join_path(path, "tilt_num_pairs"),
+                    f"got {self.tilt_num_pairs}, expected >= 1")
+            require(self.tilt_posterior_steps >= 1, join_path(path, "tilt_posterior_steps"),
+                    f"got {self.tilt_posterior_steps}, expected >= 1")
 
     def weights(self) -> tuple[float, float, float]:
         """(w_dm, w_pg, w_bp) with null resolved to beta."""
         return (self.w_dm, self.beta if self.w_pg is None else self.w_pg, self.beta if self.w_bp is None else self.w_bp)
+
+
+def resolve_tilt_estimator(name: str, *, linear: bool, differentiable: bool, path: str = "stage2.tilt_estimator",
+                           rewards: str = "the rewards") -> str:
+    """stage2.tilt_estimator checked against the rewards (linear: a single linear reward r = a.x;
+    differentiable: every reward is), with 'auto' resolved to linear_shift, else shifted_proposal, else
+    split_snis. A mismatch is a ConfigError naming both settings."""
+    if name == "auto":
+        return "linear_shift" if linear else "shifted_proposal" if differentiable else "split_snis"
+    require(name != "linear_shift" or linear, path, f"'linear_shift' needs a single linear reward r = a.x, but "
+            f"{rewards} are not; use split_snis or shifted_proposal (or auto)")
+    require(name != "shifted_proposal" or differentiable, path, f"'shifted_proposal' needs differentiable "
+            f"rewards, but {rewards} are not all differentiable; use split_snis (or auto)")
+    return name
 
 
 
@@ -173,10 +208,11 @@ class ParallelConfig:
 
 
 STAGE1_STAGES = ("ac_dmd", "dmd2")
-STAGE2_STAGES = ("rtdmd", "rtdmd_exact", "grpo_only", "bp_only", "dm_bp")
+STAGE2_STAGES = ("rtdmd", "rtdmd_exact", "rtdmd_tilted", "grpo_only", "bp_only", "dm_bp")
 # "teacher" trains a world's own teacher (worlds whose teacher is not a pretrained model).
 STAGES = ("teacher", *STAGE1_STAGES, *STAGE2_STAGES)
-Stage = Literal["teacher", "ac_dmd", "dmd2", "rtdmd", "rtdmd_exact", "grpo_only", "bp_only", "dm_bp"]
+Stage = Literal["teacher", "ac_dmd", "dmd2", "rtdmd", "rtdmd_exact", "rtdmd_tilted", "grpo_only", "bp_only",
+                "dm_bp"]
 
 
 @dataclass
@@ -231,9 +267,13 @@ class RunConfig:
 _EXACT = {"mode": "exact", "w_dm": 1.0, "w_pg": None, "w_bp": None, "advantage": "raw", "ppo_clip": None,
           "logprob_reduction": "sum", "bp_loss": "linear", "dm_depth": 0, "dm_scaling": "normalized",
           "dm_reduction": "sum", "num_trained_steps": 0}
+# DM toward the diffused tilted target (METHOD.md 5.6): no reward terms, DM through the whole chain.
+_TILTED = {"w_dm": 1.0, "w_pg": 0.0, "w_bp": 0.0, "dm_depth": 0, "dm_scaling": "normalized",
+           "dm_reduction": "sum", "dm_target": "tilted", "tilt_estimator": "auto", "dm_tau_max": 0.85}
 STAGE_PRESETS: dict[str, dict] = {
     "dmd2": {"sampler": {"eta": 1.0}, "stage1": {"subinterval": False, "fake": {"consistency_gamma": 0.0}}},
     "rtdmd_exact": {"stage2": dict(_EXACT)},
+    "rtdmd_tilted": {"stage2": dict(_TILTED)},
     "grpo_only": {"stage2": {"w_dm": 0.0, "w_bp": 0.0}},
     "bp_only": {"stage2": {"w_dm": 0.0, "w_pg": 0.0}},
     "dm_bp": {"stage2": {"w_pg": 0.0}},

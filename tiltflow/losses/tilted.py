@@ -215,3 +215,20 @@ def tilted_direction(
         log_w = shifted_proposal_log_weights(x0, reward_log_weights(x0, reward, 1.0), g, beta)
     return TiltedEstimate(split_snis_direction(x0, log_w, d_fake), snis_denoiser(x0, log_w),
                           effective_sample_size(log_w))
+
+
+# ---- the DM direction toward the diffused tilted target --------------------------------------------------
+def split_snis_velocity(v_fake: Tensor, direction: Tensor, tau: Tensor | float) -> Tensor:
+    """v_fake + Delta / tau, (B, *S): the velocity whose denoiser is D_fake - Delta, an unbiased stand-in
+    (up to the positive factor c of split_snis_direction) for the tilted velocity v~ = (x - D~) / tau.
+    DM is linear in the teacher's velocity, so using it in place of v~ keeps the direction's mean."""
+    return v_fake + direction / _col(_tau_rows(tau, v_fake), v_fake)
+
+
+def tilted_direction_normalized(x_s: Tensor, x_real: Tensor, x_fake: Tensor, eps: float = 1e-8) -> Tensor:
+    """(x_fake - x_real) / mean|x_s - x_fake|, per sample, detached: METHOD.md 4.1's normalised direction
+    with the normaliser taken from the fake's map back instead of the teacher's. With a split-SNIS x_real a
+    normaliser that depends on the posterior draws would correlate with the direction and move its mean
+    (the fixed point); the fake's does not. At the fixed point D_fake = D~, so the two agree there."""
+    norm = (x_s - x_fake).abs().flatten(1).mean(1).clamp_min(eps)
+    return ((x_fake - x_real) / _col(norm, x_s)).detach()

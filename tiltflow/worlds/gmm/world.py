@@ -13,6 +13,7 @@ from torch import Tensor
 from tiltflow.config.gmm import ProblemSpec, RewardSpec
 from tiltflow.rewards.base import RewardSet
 from tiltflow.worlds.gmm.mixture import ConditionalGMM, GaussianMixture
+from tiltflow.worlds.gmm.posterior import GMMPosterior
 from tiltflow.worlds.gmm.rewards import HalfspaceReward, LinearReward, QuadraticReward
 from tiltflow.worlds.gmm.targets import HalfspaceTiltedTarget, Target, tilt_linear, tilt_quadratic
 
@@ -59,6 +60,11 @@ class AnalyticBackbone:
         v = self.gmm.velocity(x.to(torch.float64), sigma.to(torch.float64), cond)
         return v.to(x.dtype)
 
+    def posterior_sampler(self, cond: Tensor) -> GMMPosterior:
+        """The exact posterior p(x0 | x_tau, cond) of this teacher, one prompt per row (METHOD.md 5.6): the
+        split-SNIS estimators of the tilted denoiser use it instead of a reverse sampler."""
+        return GMMPosterior(self.gmm, cond)
+
 
 @dataclass
 class GMMTask:
@@ -85,3 +91,11 @@ class GMMTask:
 
     def decode(self, x: Tensor) -> Tensor:
         return x
+
+    def linear_reward(self) -> Tensor | None:
+        """a with total reward r(x) = a.x when every reward is linear (the linear-shift estimator of the
+        tilted denoiser, METHOD.md 5.6); None otherwise."""
+        rewards = self.rewards.rewards
+        if not all(isinstance(r, LinearReward) for r in rewards):
+            return None
+        return sum(w * r.a.to(torch.float64) for r, w in zip(rewards, self.rewards.weights))  # type: ignore[return-value, union-attr]
