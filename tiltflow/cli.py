@@ -176,11 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     from tiltflow.eval.prompts import PromptFileError
     from tiltflow.rewards.base import RewardError
     from tiltflow.rewards.remote import RemoteRewardError
+    from tiltflow.storage import UnsafeFileError
     from tiltflow.training.checkpointing import CheckpointError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, UsageError, FileNotFoundError, PromptFileError, RewardError) as e:
+    except (ConfigError, UsageError, FileNotFoundError, PromptFileError, RewardError, UnsafeFileError) as e:
         print(f"error: {e}", file=sys.stderr)  # the user's input: one line, no traceback
         return 2
     except (FloatingPointError, CheckpointError, RemoteRewardError) as e:

@@ -10,6 +10,7 @@ checkpoint write, so that a `kill -9` lands there every time; it does nothing un
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -64,8 +65,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class UnsafeFileError(pickle.UnpicklingError):
+    """A file that holds more than tensors, numbers, strings and containers: refused, never unpickled."""
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UnsafeFileError(f"refusing to load {str(path)!r}: it holds objects other than tensors, numbers, "
+                              f"strings and containers, and only weights-only loads are allowed ({first})") from err

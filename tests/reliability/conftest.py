@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from reliability_helpers import run_to_end
 
 from tiltflow.worlds.registry import load_run_config
 
@@ -76,3 +77,13 @@ def train_args(tiny_yaml, teacher_run):
                 f"teacher_run={teacher_run}", *overrides]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, tiny_yaml, teacher_run) -> dict[str, Path]:
+    """Uninterrupted stage-1 and stage-2 runs of the tiny problem (6 iterations each, a checkpoint a step)."""
+    root = tmp_path_factory.mktemp("reference")
+    base = ["train", "--config", str(tiny_yaml), f"teacher_run={teacher_run}"]
+    run_to_end([*base, "stage=ac_dmd", f"run_dir={root / 's1'}"], root / "s1.log")
+    run_to_end([*base, "stage=rtdmd", f"run_dir={root / 's2'}", f"init_from={root / 's1'}"], root / "s2.log")
+    return {"ac_dmd": root / "s1", "rtdmd": root / "s2"}

@@ -24,16 +24,6 @@ from tiltflow.storage import load
 PAUSED = "tiltflow fault point: paused at"
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_yaml, teacher_run) -> dict[str, Path]:
-    """Uninterrupted stage-1 and stage-2 runs of the tiny problem (6 iterations each, a checkpoint a step)."""
-    root = tmp_path_factory.mktemp("reference")
-    base = ["train", "--config", str(tiny_yaml), f"teacher_run={teacher_run}"]
-    run_to_end([*base, "stage=ac_dmd", f"run_dir={root / 's1'}"], root / "s1.log")
-    run_to_end([*base, "stage=rtdmd", f"run_dir={root / 's2'}", f"init_from={root / 's1'}"], root / "s2.log")
-    return {"ac_dmd": root / "s1", "rtdmd": root / "s2"}
-
-
 def kill_at(fault: str, argv: list[str], log: Path) -> str:
     """Run until the fault point, kill -9 there; returns what the run printed."""
     child = Child(argv, log, fault)

@@ -139,10 +139,14 @@ class FiniteGuard:
         """True when every value (a scalar, or a tensor such as a batch of rewards) is finite on every rank.
         `grads`: the update's parameters, searched for the non-finite gradients on failure only."""
         flags = torch.stack([torch.isfinite(torch.as_tensor(v).detach()).all() for v in values.values()])
-        if not self.comm.any(not bool(flags.all())):
+        everywhere = self.comm.all_gather(flags[None].float()).bool()  # (ranks, values): one sync, every rank
+        if bool(everywhere.all()):
             return True
         bad = [name for name, ok in zip(values, flags.tolist()) if not ok]
-        what = ", ".join(f"{name} = {_first_bad(values[name])}" for name in bad) or "values on another rank"
+        others = sorted(r for r in range(everywhere.shape[0]) if r != self.comm.rank and not everywhere[r].all())
+        what = ", ".join(f"{name} = {_first_bad(values[name])}" for name in bad)
+        if others:
+            what += (" and " if what else "") + f"values on rank(s) {others}"
         details = [_where_bad(name, values[name]) for name in bad if torch.as_tensor(values[name]).numel() > 1]
         details += _bad_gradients(grads) if grads is not None else []
         where = f"non-finite {what} at step {step} in the {update}" + (f" ({'; '.join(details)})" if details else "")
@@ -175,7 +179,8 @@ def _bad_gradients(params: Sequence[nn.Parameter]) -> list[str]:
     """Which parameters hold a non-finite gradient, by position and shape (searched on failure only)."""
     bad = [f"#{i} {tuple(p.shape)}" for i, p in enumerate(params)
            if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-    return [f"non-finite gradients in {len(bad)} of {len(params)} parameters: {', '.join(bad[:4])}"] if bad else []
+    listed = ", ".join(bad[:4]) + (", ..." if len(bad) > 4 else "")
+    return [f"non-finite gradients in {len(bad)} of {len(params)} parameters: {listed}"] if bad else []
 
 
 class MeanMetrics:

@@ -36,6 +36,8 @@ def load_prompts(path: str | Path, *, format: str = "auto") -> list[Prompt]:  # 
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError as err:
                 raise PromptFileError(f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
+            if "\x00" in line:  # valid UTF-8 but not text: a binary file given by mistake
+                raise PromptFileError(f"{path}:{lineno}: holds a NUL byte; is this a binary file?")
             if not line or (format == "text" and line.startswith("#")):
                 continue
             prompts.append(_parse_jsonl_line(line, path, lineno) if format == "jsonl" else Prompt(line))

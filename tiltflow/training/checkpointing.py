@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from tiltflow.storage import load, save_atomic
+from tiltflow.storage import UnsafeFileError, load, save_atomic
 
 
 class Checkpointer(Protocol):
@@ -86,6 +86,8 @@ class FileCheckpointer:
         for path in candidates:
             try:
                 state = load(path)
+            except UnsafeFileError:  # not a torn file but a foreign one: refuse, do not look for another
+                raise
             except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
                 errors.append(f"{path.name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
                 self.warn(f"checkpoint {path} cannot be read ({errors[-1]}); trying an older one")
