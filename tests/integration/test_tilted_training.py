@@ -53,3 +53,18 @@ def test_analytic_teacher_offers_its_exact_posterior_and_cfg_withdraws_it(make_c
         assert (tilt.exact_posterior is not None) == exact
         if exact:
             assert isinstance(tilt.exact_posterior(torch.zeros(3, dtype=torch.long)), GMMPosterior)
+
+
+def test_demo_runs_the_tilted_method_and_explains_its_row(tiny_yaml, tmp_path):
+    from tiltflow.config.loader import user_tree
+    from tiltflow.config.schema import STAGE_PRESETS
+    from tiltflow.demo import run_demo
+    from tiltflow.worlds.registry import load_run_config
+
+    cfg = load_run_config(tiny_yaml, [f"run_dir={tmp_path}"])
+    results = run_demo(cfg, user_tree(tiny_yaml, [], STAGE_PRESETS, "stage"), tmp_path / "demo",
+                       log=lambda _: None, progress=False, methods=["rtdmd_tilted"])
+    assert list(results) == ["ac_dmd", "rtdmd_tilted"]  # stage 2 starts from the AC-DMD student
+    assert "linear_shift" in (tmp_path / "demo" / "rtdmd_tilted" / "config.yaml").read_text()
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "| rtdmd_tilted |" in report and "- rtdmd_tilted: DM toward the diffused tilted target" in report

@@ -85,6 +85,18 @@ def _stage_groups(out: Path, curves: dict[str, dict[str, list[tuple[float, float
     return {f"{kind[st]} ({steps} steps)": names for (st, steps), names in sorted(rows.items())}
 
 
+# Which stage-2 rows target p_tilde exactly, in plain words (METHOD.md 5.6).
+ROW_NOTES = {
+    "rtdmd_exact": "- rtdmd_exact: DM toward the teacher through the whole chain plus beta times the reward gradient. "
+                   "Not exact: DM compares diffused levels, so its fixed point is a smoothed tilt whose strength "
+                   "depends on the DM weighting, not p_tilde.\n",
+    "rtdmd_tilted": "- rtdmd_tilted: DM toward the diffused tilted target, the teacher's denoiser replaced by the "
+                    "tilted one (no reward terms). Exact: p_tilde is its fixed point, up to the teacher's errors, "
+                    "the fake score's tracking and, for the importance-sampling estimators, the reverse "
+                    "sampler's posterior error.\n",
+}
+
+
 def write_report(out: Path, cfg: RunConfig, results: dict[str, dict[str, float]],
                  samples: dict[str, list[torch.Tensor]], ref: Reference, timings: dict[str, float],
                  total_s: float) -> Path:
@@ -102,6 +114,7 @@ def write_report(out: Path, cfg: RunConfig, results: dict[str, dict[str, float]]
         lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in COLUMNS) + f" | {timings.get(name, 0):.1f} |")
     lines += ["", "mode_tv, energy_distance and kl_estimate compare with p_tilde (lower is better); energy_to_base "
               "and kl_base_estimate compare with the untilted p (what stage 1 should match).", ""]
+    lines += [ROW_NOTES[name] for name in results if name in ROW_NOTES]
     for f in _scatter(out, cfg, samples, ref):
         lines += [f"![{f}]({f})", ""]
     curves = _curves(out, list(results), any_res)
