@@ -18,7 +18,9 @@ class ConfigError(ValueError):
     """A config problem, always naming the dotted path."""
 
     def __init__(self, path: str, message: str):
-        super().__init__(f"config error at '{path or '<root>'}': {message}")
+        shown = path if path.isprintable() else repr(path)[1:-1]  # a key with a newline stays on one line
+        message = " / ".join(line.strip() for line in str(message).splitlines() if line.strip())  # one line
+        super().__init__(f"config error at '{shown or '<root>'}': {message}")
         self.path = path
 
 
@@ -109,7 +111,14 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate is not None:
-        validate(path)
+        try:
+            validate(path)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError, IndexError, ArithmeticError, RuntimeError) as err:
+            # A check that cannot even run on these values (e.g. a ragged matrix): still the config's problem.
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ConfigError(path, f"invalid values here ({type(err).__name__}: {first})") from None
     return obj
 
 

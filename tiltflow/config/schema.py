@@ -241,6 +241,7 @@ class RunConfig:
     def validate(self, path: str) -> None:
         for name in ("checkpoint_every", "log_every", "checkpoint_keep"):
             require(getattr(self, name) >= 1, name, f"got {getattr(self, name)}, expected >= 1")
+        require(0 <= self.seed < 2**63, "seed", f"got {self.seed}, expected an integer in [0, 2**63)")
         for name in ("checkpoint_retries", "max_skipped_updates"):
             require(getattr(self, name) >= 0, name, f"got {getattr(self, name)}, expected >= 0")
         require(math.isfinite(self.checkpoint_retry_wait_s) and self.checkpoint_retry_wait_s >= 0,
