@@ -155,9 +155,10 @@ class RemoteReward:
                     return _parse_json(response.read(), url)
             except urllib.error.HTTPError as err:
                 message = _error_message(err)
-                if err.code < 500:
+                if err.code < 500:  # the request itself is wrong: the same request would fail again
+                    hint = " (score smaller batches, or raise its --max-request-mb)" if err.code == 413 else ""
                     raise RemoteRewardError(
-                        f"reward server {url} rejected the request (HTTP {err.code}): {message}"
+                        f"reward server {url} rejected the request (HTTP {err.code}): {message}{hint}"
                     ) from err
                 last = f"HTTP {err.code}: {message}"
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:  # also RemoteDisconnected
@@ -166,10 +167,11 @@ class RemoteReward:
                 raise RemoteRewardError(
                     f"reward server {url} sent a malformed HTTP response ({type(err).__name__}: {err})"
                 ) from err
-        raise RemoteRewardError(
-            f"reward server {url} failed after {self.retries + 1} attempts ({last}); "
-            "is tiltflow-reward-server running there?"
-        )
+        hint = "is tiltflow-reward-server running there?"
+        if data is not None and ("Broken pipe" in last or "Connection reset" in last):
+            hint = (f"the connection broke while sending {len(data)} bytes: the server may refuse requests that "
+                    "large (tiltflow-reward-server --max-request-mb; or score smaller batches)")
+        raise RemoteRewardError(f"reward server {url} failed after {self.retries + 1} attempts ({last}); {hint}")
 
 
 def _describe_network_error(err: BaseException, timeout_s: float) -> str:

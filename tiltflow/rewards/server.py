@@ -75,7 +75,11 @@ class _Handler(BaseHTTPRequestHandler):
             images, prompts = self._read_request()
         except _BadRequest as err:
             self._send(err.status, {"error": str(err)})
-            self.close_connection = True  # the body may be unread
+            self.close_connection = True
+            if err.status == 413:
+                # Read the refused body to its end before closing: a socket closed with unread data resets
+                # the connection, and the client would see a broken pipe (and retry) instead of this 413.
+                self._discard(int(self.headers["Content-Length"]))
             return
         try:
             with self.server.reward_lock, torch.no_grad():
@@ -119,13 +123,27 @@ class _Handler(BaseHTTPRequestHandler):
             raise _BadRequest(str(err)) from err
         return images, _decode_prompts(body.get("prompts"), images.shape[0])
 
+    def _discard(self, length: int, chunk: int = 2**20) -> None:
+        try:
+            while length > 0:
+                got = self.rfile.read(min(chunk, length))
+                if not got:
+                    return
+                length -= len(got)
+        except OSError:  # the client gave up: nothing left to protect
+            return
+
     def _send(self, status: int, payload: dict[str, Any]) -> None:
         data = json.dumps(payload, allow_nan=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout): nothing to answer
+            log.info("client %s left before the answer (HTTP %d)", self.address_string(), status)
+            self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
         log.debug("%s - %s", self.address_string(), format % args)
