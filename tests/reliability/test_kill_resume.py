@@ -8,6 +8,7 @@ line, without paying a fresh interpreter's imports for every run."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -65,26 +66,37 @@ def test_kill_in_stage2_then_resume_is_bitwise_identical(reference, train_args, 
 
 
 def test_kills_at_random_times_then_resume(reference, train_args, tmp_path):
-    """Two kills at seeded random times over a whole stage-1 run (a kill may land anywhere: before the first
-    checkpoint, inside a step, inside a write, after the end), then a resume to the end."""
+    """Three kills at seeded random times inside the training loop (each lands anywhere between the loop's
+    start and its end: inside a step, inside a write, after the last checkpoint), each followed by a resume;
+    then a resume to the end. The loop's duration is the reference run's last time_s."""
     run_dir = tmp_path / "s1"
     argv = train_args("ac_dmd", run_dir)
-    t0 = time.monotonic()
-    probe = tmp_path / "probe"
-    run_to_end(train_args("ac_dmd", probe), tmp_path / "probe.log")
-    duration_s = time.monotonic() - t0
+    loop_s = metrics_with_time(reference["ac_dmd"])[-1]["time_s"]
     rng = random.Random(11)
-    for i in range(2):
+    for i in range(3):
+        started = time.time()
         child = Child(argv, tmp_path / f"killed{i}.log")
-        time.sleep(rng.uniform(0.0, duration_s))
+        while child.proc.is_alive() and not in_loop(child, run_dir, started):
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0.0, loop_s))
         if child.proc.is_alive():
             child.kill()
         else:
-            child.join()
+            assert child.join() == 0, child.text()
         if (run_dir / "checkpoint.pt").exists():
             load(run_dir / "checkpoint.pt")  # whatever the moment, the checkpoint on disk is a whole one
     run_to_end(argv, tmp_path / "resumed.log")
     assert_same_run(run_dir, reference["ac_dmd"])
+
+
+def in_loop(child: Child, run_dir: Path, started: float) -> bool:
+    """The child has reached the training loop: it resumed, or it logged its first step."""
+    metrics = run_dir / "metrics.jsonl"
+    return "resumed from" in child.text() or (metrics.exists() and metrics.stat().st_mtime >= started)
+
+
+def metrics_with_time(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def test_keep_last_checkpoints_and_fall_back_from_a_corrupt_one(reference, train_args, tmp_path):
