@@ -205,6 +205,11 @@ class ParallelConfig:
     """How the spine prepares the models before the optimisers are built (tiltflow.training.spine)."""
 
     activation_checkpointing: bool = False  # recompute each transformer block in the backward
+    # Several ranks (torchrun): FSDP2 shards the generator and the fake score per block, then the root.
+    shard_teacher: bool = False  # a separate frozen teacher: shard it too (saves memory) or replicate it
+    mixed_precision: bool = True  # under FSDP2 on CUDA: bf16 gathers and compute, fp32 master weights and reductions
+    # Debugging the sharding: every rank trains on rank 0's data, so N ranks must reproduce one process.
+    same_data_on_every_rank: bool = False
 
 
 STAGE1_STAGES = ("ac_dmd", "dmd2")

@@ -46,6 +46,8 @@ class TorchComm:
         self._device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
 
     def all_gather(self, x: Tensor) -> Tensor:
+        if hasattr(x, "full_tensor"):  # a DTensor (e.g. a gradient norm of sharded parameters): its value
+            x = x.full_tensor()
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         self._dist.all_gather(parts, x.contiguous())
         return torch.cat(parts)
@@ -54,6 +56,22 @@ class TorchComm:
         t = torch.tensor([1.0 if flag else 0.0], device=self._device)
         self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX)
         return bool(t.item() > 0)
+
+
+class ReplicatedDataComm:
+    """Every rank trains on the same data as rank 0 of a one-process run (a parity check of the sharding:
+    N ranks must then reproduce one process). The data looks single-rank; stopping is still agreed by all."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, comm: Comm):
+        self.comm = comm
+
+    def all_gather(self, x: Tensor) -> Tensor:
+        return x
+
+    def any(self, flag: bool) -> bool:
+        return self.comm.any(flag)
 
 
 LOCAL = LocalComm()

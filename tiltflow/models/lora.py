@@ -185,6 +185,22 @@ class RoleModels:
             for n, p in named:
                 p.copy_(state[f"{role}/{n}"].to(p.device, p.dtype))
 
+    def modules(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator, "fake": self.fake}
+
+    def shard_units(self, include_teacher: bool) -> list[Any]:
+        """FSDP2 units: each distinct trainable transformer (one in the shared layout: the base carries the
+        generator's and the fake's adapters and is the teacher too), cut at its transformer blocks; a separate
+        frozen teacher when asked. (The plan's type lives in tiltflow.distributed.fsdp: models/ does not
+        import it, the spine does.)"""
+        from types import SimpleNamespace
+
+        roots = {id(m): m for m in (self.generator, self.fake)}
+        if include_teacher and id(self.teacher) not in roots:
+            roots[id(self.teacher)] = self.teacher
+        return [SimpleNamespace(root=m, blocks=[b for name in ("transformer_blocks", "single_transformer_blocks")
+                                                for b in getattr(m, name, [])]) for m in roots.values()]
+
     def enable_activation_checkpointing(self) -> None:
         """Recompute each transformer block in the backward; the recomputation runs the role (adapters)
         that ran the forward, whatever role is active later."""

@@ -33,18 +33,21 @@ class MetricsLog:
 class Logger:
     """Writes each record to metrics.jsonl and to the optional backends."""
 
-    def __init__(self, run_dir: Path, cfg: LoggingConfig | None = None, run_name: str = "", config: Any = None):
+    def __init__(self, run_dir: Path, cfg: LoggingConfig | None = None, run_name: str = "", config: Any = None,
+                 enabled: bool = True):
+        """enabled=False (ranks other than 0) writes nothing."""
         cfg = cfg or LoggingConfig()
+        self.enabled = enabled
         self.jsonl = MetricsLog(run_dir / "metrics.jsonl")
         self.tb = self.wandb = None
-        if cfg.tensorboard:
+        if enabled and cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
                 raise RuntimeError("logging.tensorboard is true but TensorBoard is not installed: "
                                    "pip install tensorboard (or set logging.tensorboard=false)") from err
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        if cfg.wandb:
+        if enabled and cfg.wandb:
             try:
                 import wandb
             except ImportError as err:
@@ -54,9 +57,12 @@ class Logger:
                                     config=config, resume="allow")
 
     def resume_at(self, step: int) -> None:
-        self.jsonl.truncate_after(step)
+        if self.enabled:
+            self.jsonl.truncate_after(step)
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         self.jsonl.write(record)
         step = int(record["step"])
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}

@@ -89,8 +89,9 @@ def run_loop(algo: Algorithm, hooks: LoopHooks, *, run_dir: Path, num_iters: int
     start = 0
     if ckpt.exists():
         state = ckpt.load()
-        hooks.load_model_state(state["model"])
-        algo.load_state_dict(state["algo"])
+        if state.get("model") is not None:  # a sharded checkpointer restores models and optimisers itself
+            hooks.load_model_state(state["model"])
+            algo.load_state_dict(state["algo"])
         start = int(state["step"])
         if guard is not None:
             guard.skipped = int(state.get("skipped_updates", 0))

@@ -8,6 +8,7 @@ evaluation and what it saves at the end. Everything else is here, once, for ever
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,12 +18,17 @@ from tiltflow.algorithms.common import GradSync, TrainState, always_sync
 from tiltflow.algorithms.rtdmd import RTDMD
 from tiltflow.config.loader import ConfigError, to_dict
 from tiltflow.config.schema import STAGE1_STAGES, ParallelConfig, RunConfig, Stage1Config, Stage2Config
-from tiltflow.distributed import Comm, current_comm
+from tiltflow.distributed import Comm, ReplicatedDataComm
+from tiltflow.distributed.fsdp import FSDPGradSync, fsdp_shard
+from tiltflow.distributed.launch import init_distributed
+from tiltflow.distributed.state import is_main_process
 from tiltflow.models.ema import EMA
 from tiltflow.models.roles import Roles
-from tiltflow.training.checkpointing import FileCheckpointer
+from tiltflow.storage import load
+from tiltflow.training.checkpointing import Checkpointer, FileCheckpointer
 from tiltflow.training.logger import Logger
 from tiltflow.training.loop import LoopHooks, NonFinite, run_loop
+from tiltflow.training.sharded_checkpoint import ShardedCheckpointer
 from tiltflow.worlds.base import TrainModels, WorldSetup, prepare_run_dir
 from tiltflow.worlds.registry import get_world
 
@@ -34,21 +40,24 @@ def train(cfg: RunConfig, *, world: Any = None, progress: bool = True) -> dict[s
     """Run cfg.stage of cfg.world into cfg.run_dir (resuming from its checkpoint); returns the final metrics.
     `world` overrides the registry's (e.g. a gmm world holding a reference built once for a demo)."""
     world = world if world is not None else get_world(cfg.world)()
+    comm = init_distributed(cfg.device)
     run_dir = prepare_run_dir(cfg)
     if cfg.stage == "teacher":
         if not hasattr(world, "train_teacher"):
             raise ConfigError("stage", f"the {cfg.world} world has no teacher stage (its teacher is pretrained)")
         return world.train_teacher(cfg, progress=progress)
     setup = world.build(cfg, progress=progress)
-    comm = current_comm()
-    grad_sync = apply_parallel_plan(setup.models, cfg.parallel, comm)
+    grad_sync = apply_parallel_plan(setup.models, cfg.parallel, comm, device_type=torch.device(cfg.device).type)
+    ranks = comm  # all ranks, for checkpoints; `comm` below is what the algorithms see of the data
+    if cfg.parallel.same_data_on_every_rank:
+        comm = ReplicatedDataComm(comm)
     roles = setup.models.roles()
     stage1 = cfg.stage in STAGE1_STAGES
     state = build_train_state(cfg.stage1 if stage1 else cfg.stage2, roles)
     algo: Any = (ACDMD(cfg.stage1, setup.sampler, setup.task, roles, state, seed=cfg.seed, comm=comm) if stage1
                  else RTDMD(cfg.stage2, setup.sampler, setup.task, roles, state, seed=cfg.seed, comm=comm,
                             grad_sync=grad_sync))
-    logger = Logger(run_dir, cfg.logging, f"{cfg.world}/{cfg.stage}", to_dict(cfg))
+    logger = Logger(run_dir, cfg.logging, f"{cfg.world}/{cfg.stage}", to_dict(cfg), enabled=is_main_process())
 
     def evaluate(step: int) -> dict[str, float]:
         assert setup.evaluate is not None
@@ -61,28 +70,48 @@ def train(cfg: RunConfig, *, world: Any = None, progress: bool = True) -> dict[s
     try:
         run_loop(algo, hooks, run_dir=run_dir, num_iters=(cfg.stage1 if stage1 else cfg.stage2).num_iters,
                  checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, eval_every=setup.eval_every,
-                 desc=f"{cfg.world} {cfg.stage}", progress=progress, logger=logger,
+                 desc=f"{cfg.world} {cfg.stage}", progress=progress and is_main_process(), logger=logger,
                  progress_every_s=cfg.logging.progress_every_s,
-                 checkpointer=FileCheckpointer(run_dir, keep=cfg.checkpoint_keep, retries=cfg.checkpoint_retries,
-                                               retry_wait_s=cfg.checkpoint_retry_wait_s),
+                 checkpointer=make_checkpointer(run_dir, ranks, setup.models, state, cfg),
                  nonfinite=NonFinite(cfg.on_nonfinite, cfg.max_skipped_updates))
     finally:
         logger.close()
     return setup.finish(state.ema)
 
 
-def apply_parallel_plan(models: TrainModels, cfg: ParallelConfig, comm: Comm) -> GradSync:
-    """Prepare the models in torchtitan's order: activation checkpointing, then compile, then sharding.
-    Returns the gradient-sync hook the algorithm calls in its accumulation loop.
+def make_checkpointer(run_dir: Path, comm: Comm, models: TrainModels, state: TrainState,
+                      cfg: RunConfig | None = None) -> Checkpointer:
+    """One process: the loop's own state in one atomic file. Several ranks (or resuming on one process from
+    a checkpoint that several wrote): the trainable state gathered to full tensors (any rank count loads it)."""
+    path = run_dir / "checkpoint.pt"
+    if comm.world_size > 1 or (path.exists() and _written_sharded(path)):
+        return ShardedCheckpointer(run_dir, comm, models.modules(), state)
+    if cfg is None:
+        return FileCheckpointer(run_dir)
+    return FileCheckpointer(run_dir, keep=cfg.checkpoint_keep, retries=cfg.checkpoint_retries,
+                            retry_wait_s=cfg.checkpoint_retry_wait_s)
 
-    One process keeps whole models and has nothing to synchronise; FSDP2 (fully_shard per block, then the
-    root, and set_requires_gradient_sync as the hook) plugs in here."""
+
+def _written_sharded(path: Path) -> bool:
+    """Whether several ranks wrote this checkpoint; an unreadable file is left to FileCheckpointer, which
+    falls back to an older kept checkpoint and says so."""
+    try:
+        return bool(load(path).get("sharded", False))
+    except (RuntimeError, EOFError, OSError, ValueError):
+        return False
+
+
+def apply_parallel_plan(models: TrainModels, cfg: ParallelConfig, comm: Comm, device_type: str = "cpu") -> GradSync:
+    """Prepare the models in torchtitan's order: activation checkpointing, then sharding (FSDP2: each block,
+    then the root). Returns the gradient-sync hook the algorithm calls in its accumulation loop: one process
+    has nothing to synchronise; FSDP2 reduce-scatters on the last micro-batch only."""
     if cfg.activation_checkpointing:
         models.enable_activation_checkpointing()
-    if comm.world_size > 1:
-        raise NotImplementedError("several ranks need a sharding plan (FSDP2), which this version lacks; run "
-                                  "one process per job")
-    return always_sync
+    if comm.world_size == 1:
+        return always_sync
+    units = models.shard_units(include_teacher=cfg.shard_teacher)
+    fsdp_shard(units, device_type=device_type, bf16=cfg.mixed_precision and device_type == "cuda")
+    return FSDPGradSync([u.root for u in units])
 
 
 def build_train_state(cfg: Stage1Config | Stage2Config, roles: Roles) -> TrainState:

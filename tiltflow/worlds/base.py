@@ -25,6 +25,15 @@ class TrainModels(Protocol):
 
     def enable_activation_checkpointing(self) -> None: ...
 
+    def modules(self) -> dict[str, Any]:
+        """The trainable modules by role ("generator", "fake"; one module may serve both)."""
+        ...
+
+    def shard_units(self, include_teacher: bool) -> list[Any]:
+        """The modules FSDP2 shards (tiltflow.distributed.fsdp.ShardUnit: a root and its blocks): the
+        trainable ones, and a separate frozen teacher when asked."""
+        ...
+
 
 @dataclass
 class WorldSetup:
@@ -59,8 +68,10 @@ class World(Protocol):
 def prepare_run_dir(cfg: RunConfig) -> Path:
     """Create the run directory and write the resolved config into it."""
     from tiltflow.config.loader import to_yaml
+    from tiltflow.distributed.state import is_main_process
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if is_main_process():
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     return run_dir

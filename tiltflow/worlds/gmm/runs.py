@@ -19,6 +19,8 @@ import torch
 
 from tiltflow.config.gmm import GMMRunConfig
 from tiltflow.config.loader import ConfigError, UsageError, to_yaml
+from tiltflow.distributed.fsdp import ShardUnit
+from tiltflow.distributed.state import full_state_dict, is_main_process
 from tiltflow.models.base import Backbone
 from tiltflow.models.ema import EMA
 from tiltflow.models.mlp import VelocityMLP
@@ -61,6 +63,16 @@ class MLPModels:
 
     def enable_activation_checkpointing(self) -> None:
         raise ConfigError("parallel.activation_checkpointing", "the gmm world's MLPs are too small to need it")
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"generator": self.generator, "fake": self.fake}
+
+    def shard_units(self, include_teacher: bool) -> list[ShardUnit]:
+        """Each MLP's linear layers are its blocks."""
+        nets = [self.generator, self.fake]
+        if include_teacher and isinstance(self.teacher, VelocityMLP):
+            nets.append(self.teacher)
+        return [ShardUnit(net, [m for m in net.net if isinstance(m, torch.nn.Linear)]) for net in nets]
 
 
 class GMMWorld:
@@ -107,16 +119,19 @@ class GMMWorld:
             return {f"eval_{k}": m[k] for k in CURVE_KEYS}
 
         def finish(ema: EMA) -> dict[str, Any]:
-            raw = {k: v.clone() for k, v in gen.state_dict().items()}
+            # Under FSDP2 every rank gathers and samples (collectives); rank 0 writes.
+            raw = {k: v.clone() for k, v in full_state_dict(gen).items()}
             with ema.applied():
-                final_gen = {k: v.clone() for k, v in gen.state_dict().items()}
+                final_gen = {k: v.clone() for k, v in full_state_dict(gen).items()}
                 samples = few_step_generate(gen, cfg, gmm.num_prompts, cfg.eval.num_samples)
-            run_dir = Path(cfg.run_dir)
-            save_atomic({"generator": final_gen, "generator_raw": raw, "fake": fake.state_dict()}, run_dir / "final.pt")
+            fake_state = full_state_dict(fake)
             final = evaluate(samples, reference)
-            (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
-            if cfg.eval.plots:
-                write_run_plots(run_dir, cfg, samples, reference, cfg.stage)
+            run_dir = Path(cfg.run_dir)
+            if is_main_process():
+                save_atomic({"generator": final_gen, "generator_raw": raw, "fake": fake_state}, run_dir / "final.pt")
+                (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+                if cfg.eval.plots:
+                    write_run_plots(run_dir, cfg, samples, reference, cfg.stage)
             return final
 
         return WorldSetup(task, models, cfg.sampler, finish, evaluate_now, cfg.eval.every,

@@ -1,0 +1,128 @@
+"""FSDP2 across 2 CPU processes (torchrun, gloo) on the tiny gmm problem: sharding reproduces one process,
+a checkpoint saved on 2 ranks resumes on 1 exactly, and both ranks write one set of run files.
+
+With parallel.same_data_on_every_rank both ranks train on rank 0's data, so the gradient every rank
+reduces is (g + g) / 2 = g exactly; what may differ from one process is the order of float32 arithmetic
+on the sharded parameters (the norm for clipping, AdamW on DTensors), a few ulps per update."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tiltflow.cli import main
+from tiltflow.storage import load
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.distributed.is_available(),
+                                                   reason="torch.distributed is not available")]
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+U32 = 2.0**-24  # float32 unit roundoff
+
+
+def torchrun(tmp_path: Path, *args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # --standalone: a local rendezvous on a free port (several tests and sessions may run at once).
+    cmd = [str(TORCHRUN) if TORCHRUN.exists() else shutil.which("torchrun") or "torchrun", "--standalone",
+           "--nproc-per-node", "2", "-m", "tiltflow.cli", "train", *args]
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         start_new_session=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_close_states(a: dict, b: dict, num_updates: int) -> None:
+    """Each update may round differently by a few ulps of the parameter (different arithmetic order on
+    shards): allow 8 ulps per update of the largest magnitude."""
+    for role in a:
+        for k in a[role]:
+            scale = float(a[role][k].abs().max()) + 1.0
+            diff = float((a[role][k] - b[role][k]).abs().max())
+            assert diff <= 8 * num_updates * U32 * scale, (role, k, diff)
+
+
+@pytest.mark.parametrize("stage", ["ac_dmd", "rtdmd"])
+def test_two_ranks_reproduce_one_process_and_resume_on_one(stage, tiny_yaml, teacher_run, tmp_path):
+    common = [f"--config={tiny_yaml}", f"stage={stage}", f"teacher_run={teacher_run}", "stage2.ema_every=1",
+              "stage1.num_iters=3", "stage2.num_iters=3"]
+    assert main(["train", *common, f"run_dir={tmp_path / 'one'}"]) == 0
+    torchrun(tmp_path, *common, f"run_dir={tmp_path / 'two'}", "parallel.same_data_on_every_rank=true")
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3]  # rank 0 alone writes metrics.jsonl
+    key = "gen_dm_loss" if stage == "ac_dmd" else "reward_total"
+    assert one[0][key] == two[0][key]  # step 1: same weights, same data, exact all-gathers
+    updates = 3 * (1 + 2)  # generator and fake updates per network over the run (at most)
+    assert_close_states(load(tmp_path / "one" / "final.pt"), load(tmp_path / "two" / "final.pt"), updates)
+
+    # Saved on 2 ranks after 2 steps, resumed on 1 process for the third: the same run as `one`.
+    torchrun(tmp_path, *common, f"run_dir={tmp_path / 'mix'}", "parallel.same_data_on_every_rank=true",
+             "stage1.num_iters=2", "stage2.num_iters=2")
+    assert load(tmp_path / "mix" / "checkpoint.pt")["sharded"]
+    assert main(["train", *common, f"run_dir={tmp_path / 'mix'}"]) == 0
+    assert [r["step"] for r in records(tmp_path / "mix")] == [1, 2, 3]
+    assert_close_states(load(tmp_path / "one" / "final.pt"), load(tmp_path / "mix" / "final.pt"), updates)
+
+
+def test_two_ranks_with_their_own_data_train(tiny_yaml, teacher_run, tmp_path):
+    """Each rank draws its own prompts and noise: the run differs from one process but trains and agrees
+    on one set of weights (the gathered final state)."""
+    torchrun(tmp_path, f"--config={tiny_yaml}", "stage=rtdmd", f"teacher_run={teacher_run}",
+             f"run_dir={tmp_path / 'own'}", "stage2.num_iters=2", "stage2.ema_every=1")
+    final = load(tmp_path / "own" / "final.pt")
+    init = load(teacher_run / "teacher.pt")["model"]
+    assert any(not torch.equal(final["generator_raw"][k], init[k]) for k in init)
+    assert [r["step"] for r in records(tmp_path / "own")] == [1, 2]
+
+
+def _advantages_on_rank(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from tiltflow.algorithms.rtdmd import RTDMD
+    from tiltflow.config.schema import Stage2Config
+    from tiltflow.distributed import TorchComm
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    scores, group = _global_batch()
+    n = scores.shape[0] // world
+    mine = slice(rank * n, (rank + 1) * n)
+    fake_self = SimpleNamespace(cfg=Stage2Config(), comm=TorchComm(),
+                                task=SimpleNamespace(rewards=SimpleNamespace(names=["r"], weights=[1.0])))
+    rollout = SimpleNamespace(group=group[mine])
+    adv = RTDMD.advantages(fake_self, rollout, SimpleNamespace(per_reward={"r": scores[mine]}))
+    torch.save(adv, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """4 groups of 6 samples (each rank holds 2 whole groups), rewards of different spreads per group."""
+    g = torch.Generator().manual_seed(0)
+    group = torch.arange(4).repeat_interleave(6)
+    return torch.randn(24, generator=g) * (1 + group), group
+
+
+def test_advantages_use_the_global_batch(tmp_path):
+    """2 ranks give each sample the advantage that 1 rank gives it on the whole batch (group means and the
+    batch std over every rank's samples, METHOD.md 5.3)."""
+    import torch.multiprocessing as mp
+
+    from tiltflow.losses import group_advantages
+
+    mp.spawn(_advantages_on_rank, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2)
+    scores, group = _global_batch()
+    want = group_advantages({"r": scores}, {"r": 1.0}, group, mode="normalized", clip=5.0)
+    got = torch.cat([torch.load(tmp_path / f"rank{r}.pt") for r in range(2)])
+    assert torch.equal(got, want)  # the same arithmetic on the same gathered tensor
+    # ...while each rank's local batch alone would standardise differently.
+    local = group_advantages({"r": scores[:12]}, {"r": 1.0}, group[:12], mode="normalized", clip=5.0)
+    assert not torch.allclose(local, want[:12])
