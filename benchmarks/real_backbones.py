@@ -69,9 +69,9 @@ def timed(fn: Any) -> dict[str, Any]:
 
 
 def bench_one(arch: str, layout: str, args: argparse.Namespace) -> dict[str, Any]:
-    family, cfg_scale = FAMILY[arch]
+    family, guidance_scale = FAMILY[arch]
     cls = adapter_class(family)
-    extra = {"guidance": cfg_scale} if family == "flux1" else {}
+    extra = {"guidance": guidance_scale} if family == "flux1" else {}
     adapter = cls.random(arch, seed=0, device=args.device, text_encoders=False,
                          attention_backend=args.attention_backend, **extra)
     gen_base = adapter.random_transformer(seed=1) if family == "flux2" else None  # the distilled init
@@ -81,7 +81,7 @@ def bench_one(arch: str, layout: str, args: argparse.Namespace) -> dict[str, Any
     for m in {id(t): t for t in (models.teacher, models.generator, models.fake)}.values():
         m.train()
     res = args.resolution
-    task = DiffusersTask(adapter, PROMPTS, RewardSet([MeanBrightness()]), 1.0 if family == "flux1" else cfg_scale,
+    task = DiffusersTask(adapter, PROMPTS, RewardSet([MeanBrightness()]), 1.0 if family == "flux1" else guidance_scale,
                          res)
     sampler = SamplerConfig(num_steps=4, shift=adapter.sigma_shift(res, res, 4), eta=0.9)
     lr = 1e-6 if family == "flux2" else 3e-5

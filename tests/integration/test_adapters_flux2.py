@@ -33,14 +33,14 @@ def adapter(folder):
     return Flux2Adapter.from_pretrained(str(folder), max_sequence_length=16, text_encoder_out_layers=[1, 2, 3])
 
 
-def _run(adapter, cfg_scale: float, output_type: str = "latent"):
+def _run(adapter, guidance_scale: float, output_type: str = "latent"):
     cond = adapter.encode(PROMPTS)
-    uncond = adapter.encode_uncond(len(PROMPTS)) if cfg_scale != 1.0 else None
+    uncond = adapter.encode_uncond(len(PROMPTS)) if guidance_scale != 1.0 else None
     x_init = torch.randn(len(PROMPTS), *adapter.latent_shape(32, 32), generator=torch.Generator().manual_seed(3))
     out = adapter.pipe(height=32, width=32, num_inference_steps=4, latents=adapter.to_pipeline_latents(x_init),
-                       output_type=output_type, **adapter.pipeline_kwargs(cond, uncond, cfg_scale)).images
+                       output_type=output_type, **adapter.pipeline_kwargs(cond, uncond, guidance_scale)).images
     sigmas = adapter.pipe.scheduler.sigmas.tolist()
-    ours = sample(lambda x, s: guided_velocity(adapter, x, s, cond, uncond, cfg_scale), sigmas,
+    ours = sample(lambda x, s: guided_velocity(adapter, x, s, cond, uncond, guidance_scale), sigmas,
                   NoisePlan(init=x_init, steps=[None] * 4), eta=0.0).final
     return out, ours
 
@@ -51,9 +51,9 @@ def test_patchify_matches_diffusers():
     assert torch.equal(unpatchify(patchify(z)), z)
 
 
-@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
-def test_sampler_reproduces_pipeline(adapter, cfg_scale):
-    out, ours = _run(adapter, cfg_scale)
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
+def test_sampler_reproduces_pipeline(adapter, guidance_scale):
+    out, ours = _run(adapter, guidance_scale)
     theirs = adapter.from_pipeline_latents(out, 32, 32)  # the pipeline returns de-normalised VAE z
     assert theirs.abs().max() > 0.1
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-5)

@@ -33,24 +33,24 @@ def adapter(saved):
     return SD3Adapter.from_pretrained(str(saved), max_sequence_length=16)
 
 
-def _pipeline_vs_ours(adapter, cfg_scale: float, output_type: str = "latent"):
+def _pipeline_vs_ours(adapter, guidance_scale: float, output_type: str = "latent"):
     cond = adapter.encode(PROMPTS)
-    uncond = adapter.encode_uncond(len(PROMPTS)) if cfg_scale != 1.0 else None
+    uncond = adapter.encode_uncond(len(PROMPTS)) if guidance_scale != 1.0 else None
     x_init = torch.randn(len(PROMPTS), *adapter.latent_shape(32, 32), generator=torch.Generator().manual_seed(1))
     out = adapter.pipe(height=32, width=32, num_inference_steps=4, latents=adapter.to_pipeline_latents(x_init),
-                       output_type=output_type, **adapter.pipeline_kwargs(cond, uncond, cfg_scale)).images
+                       output_type=output_type, **adapter.pipeline_kwargs(cond, uncond, guidance_scale)).images
     sigmas = adapter.pipe.scheduler.sigmas.tolist()
 
     def velocity(x, s):
-        return guided_velocity(adapter, x, s, cond, uncond, cfg_scale)
+        return guided_velocity(adapter, x, s, cond, uncond, guidance_scale)
 
     ours = sample(velocity, sigmas, NoisePlan(init=x_init, steps=[None] * 4), eta=0.0).final
     return out, ours
 
 
-@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-def test_sampler_reproduces_pipeline(adapter, cfg_scale):
-    out, ours = _pipeline_vs_ours(adapter, cfg_scale)
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_sampler_reproduces_pipeline(adapter, guidance_scale):
+    out, ours = _pipeline_vs_ours(adapter, guidance_scale)
     theirs = adapter.from_pipeline_latents(out, 32, 32)
     assert theirs.abs().max() > 0.1
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-5)

@@ -199,10 +199,10 @@ def _check_step(algo, models, modules, it: int) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stage1_then_stage2_iteration(family):
-    cls, arch, cfg_scale = FAMILIES[family]
+    cls, arch, guidance_scale = FAMILIES[family]
     gen_base = (lambda a: a.random_transformer(seed=7)) if family == "flux2" else (lambda a: None)
     adapter = cls.random(arch, seed=0)
-    task = DiffusersTask(adapter, ["a red cat", "a blue dog"], RewardSet([MeanBrightness()]), cfg_scale, 32)
+    task = DiffusersTask(adapter, ["a red cat", "a blue dog"], RewardSet([MeanBrightness()]), guidance_scale, 32)
     sampler, s1, s2 = _stage_configs(adapter)
     base = gen_base(adapter)
     models = build_roles(adapter, lora=SMALL, generator_base=base)
@@ -216,7 +216,7 @@ def test_stage1_then_stage2_iteration(family):
     models2.load_trainable_state(models.trainable_state(), roles=("fake",))
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(models.fake_named, models2.fake_named))
     assert FAKE in adapter2.transformer.peft_config
-    task2 = DiffusersTask(adapter2, task.prompts, task.rewards, cfg_scale, 32)
+    task2 = DiffusersTask(adapter2, task.prompts, task.rewards, guidance_scale, 32)
     modules2 = [adapter2.transformer, adapter2.vae] + ([base2] if base2 is not None else [])
     _check_step(_algo(RTDMD, s2, sampler, task2, models2), models2, modules2, 0)
 

@@ -227,7 +227,7 @@ class DiffusersWorld:
         task = DiffusersTask(adapter, read_prompts(cfg), build_rewards(cfg.rewards, adapter.device), scale,
                              cfg.model.resolution)
         resolved = {"sampler_shift": sampler.shift, "sigmas": few_step_sigmas(sampler.num_steps, sampler.shift),
-                    "sample_shape": list(task.sample_shape), "teacher_cfg_passes": 2 if scale != 1.0 else 1}
+                    "sample_shape": list(task.sample_shape), "teacher_guidance_passes": 2 if scale != 1.0 else 1}
         run_dir = Path(cfg.run_dir)
         (run_dir / "resolved.json").write_text(json.dumps(resolved, indent=1) + "\n")
 

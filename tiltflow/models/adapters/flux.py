@@ -124,10 +124,10 @@ class FluxAdapter(DiffusersAdapter):
         return named_linear_modules(transformer, LORA_PATTERN)
 
     def pipeline_kwargs(self, cond: dict[str, Tensor], uncond: dict[str, Tensor] | None = None,
-                        cfg_scale: float = 1.0) -> dict[str, Any]:
+                        guidance_scale: float = 1.0) -> dict[str, Any]:
         """Keyword arguments that make the stock pipeline use our embeddings and guidance."""
         kw: dict[str, Any] = {"prompt_embeds": cond["prompt_embeds"], "pooled_prompt_embeds": cond["pooled"],
-                              "guidance_scale": self.guidance, "true_cfg_scale": cfg_scale}
+                              "guidance_scale": self.guidance, "true_cfg_scale": guidance_scale}
         if uncond is not None:
             kw.update(negative_prompt_embeds=uncond["prompt_embeds"], negative_pooled_prompt_embeds=uncond["pooled"])
         return kw

@@ -133,9 +133,9 @@ class Flux2Adapter(DiffusersAdapter):
         return named_linear_modules(transformer, LORA_PATTERN)
 
     def pipeline_kwargs(self, cond: dict[str, Tensor], uncond: dict[str, Tensor] | None = None,
-                        cfg_scale: float = 1.0) -> dict[str, Any]:
+                        guidance_scale: float = 1.0) -> dict[str, Any]:
         """Keyword arguments that make the stock pipeline use our embeddings and guidance."""
-        kw: dict[str, Any] = {"prompt_embeds": cond["prompt_embeds"], "guidance_scale": cfg_scale}
+        kw: dict[str, Any] = {"prompt_embeds": cond["prompt_embeds"], "guidance_scale": guidance_scale}
         if uncond is not None:
             kw["negative_prompt_embeds"] = uncond["prompt_embeds"]
         return kw
