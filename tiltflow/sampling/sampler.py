@@ -23,8 +23,6 @@ VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (x, sigma (B,)) -> v
 class Trajectory:
     sigmas: list[float]
     xs: list[Tensor] = field(default_factory=list)  # x_start .. x_stop (stop - start + 1 states)
-    means: list[Tensor] = field(default_factory=list)
-    stds: list[Tensor] = field(default_factory=list)
     log_probs: list[Tensor] = field(default_factory=list)
     x0_hats: list[Tensor] = field(default_factory=list)
     start: int = 0
@@ -70,8 +68,6 @@ def sample(
                            reduction=reduction)
         x = out.x_next
         traj.xs.append(x)
-        traj.means.append(out.mean)
-        traj.stds.append(out.std)
         traj.log_probs.append(out.log_prob)
         traj.x0_hats.append(out.x0_hat)
     return traj
