@@ -113,7 +113,8 @@ def test_world_run_stage1_stage2_export_and_sample(tmp_path):
                                          "stage2.lr=1e-2", "stage2.fake.lr=1e-3", "stage2.ema_decay=0.0",
                                          "stage2.ema_every=1"])
     assert "reward_brightness" in train(s2, progress=False)
-    for name in ("config.yaml", "resolved.json", "metrics.jsonl", "checkpoint.pt", "final.safetensors"):
+    for name in ("config.yaml", "resolved.json", "metrics.jsonl", "checkpoint.pt", "final.safetensors",
+                 "samples/grid.png"):
         assert (tmp_path / "s2" / name).is_file(), name
     from tiltflow.worlds.diffusers_world import _read_final
 

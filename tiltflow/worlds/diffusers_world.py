@@ -234,6 +234,8 @@ class DiffusersWorld:
         def finish(ema: EMA) -> dict[str, Any]:
             ema.copy_to(ema.params)  # the final generator is the EMA one
             save_final(cfg, adapter, models, init_state)
+            # What a person looks at first: the final generator on the first prompts (samples/grid.png).
+            write_samples(cfg, adapter, models.generator_role, sampler, task.prompts[:4], run_dir / "samples")
             lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
             return json.loads(lines[-1]) if lines else {}
 
@@ -252,18 +254,25 @@ class DiffusersWorld:
 @torch.no_grad()
 def sample(cfg: DiffusersRunConfig, prompts: Sequence[str], out_dir: str | Path) -> list[Path]:
     """Few-step samples of the run's final generator (or of the untrained init with sample.weights:
-    base) as PNG files plus index.jsonl (prompt of each file)."""
-    from PIL import Image
-
-    from tiltflow.flow.conventions import few_step_sigmas
-    from tiltflow.sampling import NoisePlan
-    from tiltflow.sampling import sample as run_sampler
-
+    base) as PNG files plus index.jsonl (prompt of each file) and a captioned grid.png."""
     init_state = None if cfg.sample.weights == "base" else _read_final(cfg.run_dir)[0]
     if cfg.lora.finetune == "lora":  # one transformer suffices to sample: the LoRA sits on the shared base
         cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, layout="shared"))
     adapter, models = build_models(cfg, init_state)
-    sampler = resolved_sampler(cfg, adapter)
+    return write_samples(cfg, adapter, models.generator_role, resolved_sampler(cfg, adapter), prompts, out_dir)
+
+
+@torch.no_grad()
+def write_samples(cfg: DiffusersRunConfig, adapter: Any, generator: Any, sampler: SamplerConfig,
+                  prompts: Sequence[str], out_dir: str | Path) -> list[Path]:
+    """cfg.sample.num_per_prompt images of each prompt by `generator` in sampler.num_steps CPS steps."""
+    from PIL import Image
+
+    from tiltflow.eval.report import write_grid
+    from tiltflow.flow.conventions import few_step_sigmas
+    from tiltflow.sampling import NoisePlan
+    from tiltflow.sampling import sample as run_sampler
+
     sigmas = few_step_sigmas(sampler.num_steps, sampler.shift)
     eta = sampler.eta if cfg.sample.eta is None else cfg.sample.eta
     shape = adapter.latent_shape(cfg.model.resolution, cfg.model.resolution)
@@ -277,14 +286,12 @@ def sample(cfg: DiffusersRunConfig, prompts: Sequence[str], out_dir: str | Path)
             batch = todo[start:start + cfg.sample.batch_size]
             cond = adapter.encode(batch)
             plan = NoisePlan.fresh(len(batch), shape, sampler.num_steps, g, device=adapter.device)
-            x = run_sampler(lambda x, s, c=cond: models.generator_role.velocity(x, s, c), sigmas, plan, eta=eta).final
+            x = run_sampler(lambda x, s, c=cond: generator.velocity(x, s, c), sigmas, plan, eta=eta).final
             images = (adapter.decode(x) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             for j, (prompt, img) in enumerate(zip(batch, images)):
                 path = out / f"{start + j:05d}.png"
                 Image.fromarray(img).save(path)
                 index.write(json.dumps({"file": path.name, "prompt": prompt}) + "\n")
                 paths.append(path)
-    from tiltflow.eval.report import write_grid
-
     write_grid([str(p) for p in paths[:64]], out / "grid.png", captions=todo[:64])
     return paths
