@@ -114,8 +114,11 @@ class ToyWorld:
         def evaluate(step: int) -> dict[str, float]:
             return {"eval_w_norm": float(models.generator.w.detach().norm())}
 
+        def describe_fault(err, where):
+            return RuntimeError(f"toy fault during the {where}: {err}") if "device" in str(err) else None
+
         return WorldSetup(ToyTask(cfg.dim), models, cfg.sampler, finish, evaluate, eval_every=2,
-                          description={"model": "toy linear"})
+                          describe_fault=describe_fault)
 
 
 register_world("toy", ToyWorld)
@@ -269,3 +272,20 @@ def test_progress_line_off_a_terminal(tmp_path, capsys):
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[toy ac_dmd]")]
     assert [ln.split()[3] for ln in lines] == ["1/3", "2/3", "3/3"]
     assert all("elapsed" in ln and "left" in ln for ln in lines)
+
+
+def test_a_device_fault_names_the_phase_and_step(tmp_path, monkeypatch):
+    """The world restates a device fault with where it happened (the diffusers world adds the model and the
+    attention backend: tests/integration/test_attention_backend.py); other errors keep their own message."""
+    calls = {"n": 0}
+    real = Linear.velocity
+
+    def failing(self, x, sigma, cond):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise RuntimeError("device lost")
+        return real(self, x, sigma, cond)
+
+    monkeypatch.setattr(Linear, "velocity", failing)
+    with pytest.raises(RuntimeError, match=r"toy fault during the (fake|generator) update at step \d+: device lost"):
+        train(load_run_config(None, [*TOY, "stage=ac_dmd", f"run_dir={tmp_path}"]), progress=False)

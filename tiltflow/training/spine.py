@@ -29,11 +29,8 @@ from tiltflow.training.checkpointing import Checkpointer, FileCheckpointer
 from tiltflow.training.logger import Logger
 from tiltflow.training.loop import LoopHooks, NonFinite, run_loop
 from tiltflow.training.sharded_checkpoint import ShardedCheckpointer
-from tiltflow.worlds.base import TrainModels, WorldSetup, prepare_run_dir
+from tiltflow.worlds.base import TrainModels, prepare_run_dir
 from tiltflow.worlds.registry import get_world
-
-# Messages of faults raised by the device (CUDA, cuDNN, cuBLAS) rather than by tiltflow's own checks.
-_DEVICE_FAULT_MARKERS = ("CUDA", "cuDNN", "CUDNN", "CUBLAS", "cublas", "illegal memory", "mha_graph", "NCCL")
 
 
 def train(cfg: RunConfig, *, world: Any = None, progress: bool = True) -> dict[str, Any]:
@@ -66,7 +63,8 @@ def train(cfg: RunConfig, *, world: Any = None, progress: bool = True) -> dict[s
 
     hooks = LoopHooks(model_state=setup.models.trainable_state, load_model_state=setup.models.load_trainable_state,
                       evaluate=evaluate if setup.evaluate is not None else None,
-                      describe_fault=lambda err, it: describe_device_fault(err, it, algo.phase.current, setup))
+                      describe_fault=lambda err, it: (setup.describe_fault(err, f"{algo.phase.current} at step {it}")
+                                                      if setup.describe_fault is not None else None))
     try:
         run_loop(algo, hooks, run_dir=run_dir, num_iters=(cfg.stage1 if stage1 else cfg.stage2).num_iters,
                  checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, eval_every=setup.eval_every,
@@ -120,14 +118,3 @@ def build_train_state(cfg: Stage1Config | Stage2Config, roles: Roles) -> TrainSt
     return TrainState(torch.optim.AdamW(roles.generator_params, lr=cfg.lr, weight_decay=cfg.weight_decay),
                       torch.optim.AdamW(roles.fake_params, lr=cfg.fake.lr, weight_decay=0.0),
                       EMA(roles.generator_params, cfg.ema_decay))
-
-
-def describe_device_fault(err: BaseException, step: int, phase: str, setup: WorldSetup) -> BaseException | None:
-    """A device fault (CUDA, cuDNN, cuBLAS) inside a step, restated with the model, the phase and the
-    attention backend, so it does not look like a tiltflow bug with no context. Other errors: None."""
-    text = f"{type(err).__name__}: {err}"
-    if not any(m in text for m in _DEVICE_FAULT_MARKERS) and type(err).__name__ != "AcceleratorError":
-        return None
-    context = ", ".join(f"{k} {v}" for k, v in setup.description.items())
-    return RuntimeError(f"device fault at step {step} during the {phase}" + (f" ({context})" if context else "")
-                        + f": {text.splitlines()[0] if text else ''}")

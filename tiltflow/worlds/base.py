@@ -5,7 +5,7 @@ parallel plan, the loop, checkpoints, logging) is the spine's, the same for ever
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -50,7 +50,9 @@ class WorldSetup:
     finish: Callable[[EMA], dict[str, Any]]
     evaluate: Callable[[int], dict[str, float]] | None = None
     eval_every: int = 0  # steps between evaluations (0: none during training)
-    description: dict[str, str] = field(default_factory=dict)  # named in error messages: model, attention...
+    # describe_fault(err, where): a device fault inside training restated with what the world knows (model,
+    # attention backend, versions), or None for other errors (they keep their own message).
+    describe_fault: Callable[[BaseException, str], BaseException | None] | None = None
 
 
 class World(Protocol):

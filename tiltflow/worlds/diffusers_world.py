@@ -239,11 +239,12 @@ class DiffusersWorld:
             lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
             return json.loads(lines[-1]) if lines else {}
 
-        description = {"model": cfg.model.arch or cfg.model.source, "family": cfg.model.family}
-        backend = getattr(adapter, "attention_backend", None)
-        if backend is not None:
-            description["attention backend"] = str(backend)
-        return WorldSetup(task, models, sampler, finish, description=description)
+        def describe_fault(err: BaseException, where: str) -> BaseException | None:
+            from tiltflow.models.adapters.common import describe_failure, is_device_failure
+
+            return describe_failure(adapter, where, err) if is_device_failure(err) else None
+
+        return WorldSetup(task, models, sampler, finish, describe_fault=describe_fault)
 
     def sample(self, cfg: DiffusersRunConfig, *, texts: Sequence[str], out: Path) -> str:
         """`tiltflow sample --config configs/<family>/sample.yaml --out DIR`: PNGs, index.jsonl, grid.png."""
