@@ -14,6 +14,7 @@ from tiltflow.config.schema import STAGE_PRESETS
 _WORLDS: dict[str, Any] = {
     "gmm": "tiltflow.worlds.gmm.runs:GMMWorld",
     "diffusers": "tiltflow.worlds.diffusers_world:DiffusersWorld",
+    "shapes": "tiltflow.worlds.shapes.world:ShapesWorld",
 }
 
 

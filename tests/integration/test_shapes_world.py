@@ -1,0 +1,113 @@
+"""The shapes world end to end on CPU with tiny models: the teacher stage (text encoder, CLIP reward model,
+SD3 teacher; interrupted and resumed), a few AC-DMD then RTDMD steps through tiltflow.training.spine.train,
+sampling a finished run from a prompt file, and `tiltflow eval --run` of the teacher."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tiltflow.storage import load
+from tiltflow.training.spine import train
+from tiltflow.worlds.registry import load_run_config
+from tiltflow.worlds.shapes.reward_model import REWARD_STATE
+from tiltflow.worlds.shapes.scene import VocabularyError
+from tiltflow.worlds.shapes.teacher import TEACHER_STATE
+
+TINY = ["world=shapes", "device=cpu", "log_every=1", "checkpoint_every=1",
+        "model.num_layers=1", "model.num_heads=2", "model.head_dim=8", "model.text_hidden=16", "model.text_layers=1",
+        "model.clip_hidden=16", "model.clip_layers=1", "model.clip_projection=16",
+        "teacher.num_iters=4", "teacher.batch_size=8", "teacher.num_images=64", "teacher.checkpoint_every=2",
+        "teacher.log_every=1", "reward_model.num_iters=2", "reward_model.batch_size=8", "reward_model.num_images=64",
+        "reward_model.log_every=1", "eval.max_prompts=6", "eval.num_per_prompt=1", "eval.teacher_steps=3",
+        "lora.rank=2", "lora.alpha=2"]
+STAGE = ["stage1.num_iters=2", "stage1.batch_size=2", "stage1.n_fake=1", "stage2.num_iters=2",
+         "stage2.num_prompts=1", "stage2.group_size=2", "stage2.ema_every=1"]
+
+
+def _cfg(*overrides):
+    return load_run_config(None, [*TINY, *overrides], default_world="shapes")
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes_models")
+    # First call: out of time right after the reward model's first step (it checkpoints and stops).
+    first = train(_cfg("stage=teacher", f"run_dir={root}", "teacher.time_limit_s=1e-9"), progress=False)
+    assert first["finished"] == 0.0 and first["reward_model/step"] == 1.0
+    assert (root / REWARD_STATE).is_file() and not (root / "reward_model").exists()
+    second = train(_cfg("stage=teacher", f"run_dir={root}"), progress=False)
+    assert second["finished"] == 1.0 and second["teacher/step"] == 4.0
+    assert load(root / TEACHER_STATE)["step"] == 4
+    return root
+
+
+def test_teacher_stage_writes_loadable_fp16_folders(models_dir):
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPModel
+
+    weights = load_file(str(models_dir / "teacher" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.float16}
+    SD3Transformer2DModel.from_pretrained(str(models_dir / "teacher"), local_files_only=True)
+    CLIPModel.from_pretrained(str(models_dir / "reward_model"), local_files_only=True)
+    rows = [json.loads(line) for line in (models_dir / "reward_model_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # step 1 before the interruption, step 2 after the resume
+
+
+def test_teacher_resume_matches_uninterrupted(tmp_path):
+    """2 steps + stop + 2 more steps == 4 steps (data and noise are reseeded from (seed, step))."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["stage=teacher", "reward_model.num_iters=1", "teacher.checkpoint_every=1"]
+    train(_cfg(*common, f"run_dir={a}", "teacher.num_iters=2"), progress=False)
+    (a / "teacher").rename(a / "teacher_at_2")
+    train(_cfg(*common, f"run_dir={a}"), progress=False)
+    train(_cfg(*common, f"run_dir={b}"), progress=False)
+    sa, sb = load(a / TEACHER_STATE), load(b / TEACHER_STATE)
+    for k in sb["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+
+
+def test_distillation_stages_through_the_spine(models_dir, tmp_path):
+    s1, s2 = tmp_path / "ac_dmd", tmp_path / "rtdmd"
+    common = [*STAGE, f"models_dir={models_dir}"]
+    m1 = train(_cfg(*common, "stage=ac_dmd", f"run_dir={s1}"), progress=False)
+    assert 0.0 <= m1["verifier/overall"] <= 1.0
+    assert (s1 / "final_grid.png").is_file() and (s1 / "final.safetensors").is_file()
+    teacher_before = load_file(str(models_dir / "teacher" / "diffusion_pytorch_model.safetensors"))
+    m2 = train(_cfg(*common, "stage=rtdmd", f"run_dir={s2}", f"init_from={s1}", "eval.every=1",
+                    "rewards=[{name: clip, weight: 1.0}, {name: verifier, weight: 1.0}]"), progress=False)
+    assert "reward/clip" in m2 and "reward/verifier" in m2
+    rows = [json.loads(line) for line in (s2 / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_verifier/overall" in r for r in rows)
+    # Stage 2 trained its generator LoRA (it differs from stage 1's export); the teacher files are untouched.
+    f1, f2 = load_file(str(s1 / "final.safetensors")), load_file(str(s2 / "final.safetensors"))
+    gen = [k for k in f2 if k.startswith("generator/")]
+    assert gen and any(not torch.equal(f1[k], f2[k]) for k in gen if k in f1)
+    after = load_file(str(models_dir / "teacher" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(teacher_before[k], after[k]) for k in after)
+
+    # Sampling the finished run from captions in the vocabulary; an unknown word is named.
+    from tiltflow.worlds.shapes.world import ShapesWorld
+
+    run_cfg = load_run_config(s2 / "config.yaml", [f"run_dir={s2}"])
+    out = tmp_path / "samples"
+    ShapesWorld().sample(run_cfg, texts=["a photo of two red circles", "a photo of a square above a circle"], out=out)
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in index] == ["a photo of two red circles", "a photo of a square above a circle"]
+    assert all((out / r["file"]).is_file() for r in index) and (out / "grid.png").is_file()
+    with pytest.raises(VocabularyError, match="'hexagon'"):
+        ShapesWorld().sample(run_cfg, texts=["a photo of a hexagon"], out=tmp_path / "bad")
+
+
+def test_eval_run_of_the_teacher(models_dir):
+    from tiltflow.cli import main
+
+    t = time.monotonic()
+    assert main(["eval", "--run", str(models_dir)]) == 0
+    metrics = json.loads(next((models_dir / "eval").glob("teacher_*_metrics.json")).read_text())
+    assert set(metrics) >= {"verifier/overall", "reward/clip", "num_steps"}
+    assert time.monotonic() - t < 60

@@ -1,0 +1,168 @@
+"""The shapes world's differentiable reward: a small transformers CLIPModel trained contrastively on rendered
+(image, caption) pairs, each image also scored against hard-negative captions (wrong colour, count, shape
+or position, tiltflow.worlds.shapes.scene.hard_negatives). Saved as a normal CLIP folder (config.json,
+model.safetensors, tokenizer.json, preprocessor_config.json) and served by the CLIPScore scorer
+(tiltflow.rewards.clip_score.ClipSimilarityReward)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tiltflow.config.shapes import ShapesRunConfig
+from tiltflow.storage import load, save_atomic
+from tiltflow.worlds.shapes.data import image_pool
+from tiltflow.worlds.shapes.scene import HELD_OUT_BINDINGS, Scene, hard_negatives, prompt_sets
+from tiltflow.worlds.shapes.text import MAX_TOKENS, build_tokenizer, text_config
+
+REWARD_STATE = "reward_model_train.pt"
+NOISE_STD_MAX = 0.1  # augmentation: pixel noise of a random std in [0, this] (images in [0, 1])
+
+
+def new_clip(cfg: ShapesRunConfig, tokenizer: Any) -> Any:
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+    m = cfg.model
+    text = text_config(tokenizer, hidden_size=m.clip_hidden, num_layers=m.clip_layers, num_heads=m.clip_heads,
+                       projection_dim=m.clip_projection)
+    vision = CLIPVisionConfig(image_size=m.resolution, patch_size=m.clip_patch, hidden_size=m.clip_hidden,
+                              intermediate_size=4 * m.clip_hidden, num_hidden_layers=m.clip_layers,
+                              num_attention_heads=m.clip_heads, projection_dim=m.clip_projection)
+    torch.manual_seed(cfg.seed + 1)
+    return CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                projection_dim=m.clip_projection))
+
+
+def image_processor(resolution: int) -> Any:
+    """No resize (the images already have the model's size), mean = std = 0.5 (pixels to [-1, 1])."""
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor  # PIL backend: no torchvision
+
+    return CLIPImageProcessor(do_resize=True, size={"shortest_edge": resolution}, do_center_crop=True,
+                              crop_size={"height": resolution, "width": resolution}, image_mean=[0.5] * 3,
+                              image_std=[0.5] * 3, resample=3)
+
+
+def _allowed(s: Scene) -> bool:
+    return not any((g.colour, g.shape) in HELD_OUT_BINDINGS for g in s.groups)
+
+
+def negative_texts(scenes: list[Scene], k: int, rng: np.random.Generator) -> list[list[str]]:
+    """k hard-negative captions per scene, spread over the kinds it has; none names a held-out binding."""
+    out = []
+    for s in scenes:
+        kinds = [[n.text for n in negs if _allowed(n)] for negs in hard_negatives(s).values()]
+        kinds = [c for c in kinds if c]
+        picks = []
+        for j in range(k):
+            kind = kinds[(j + int(rng.integers(len(kinds)))) % len(kinds)]
+            picks.append(kind[int(rng.integers(len(kind)))])
+        out.append(picks)
+    return out
+
+
+def contrastive_loss(model: Any, pixels: torch.Tensor, texts: list[str], negatives: list[list[str]],
+                     tokenizer: Any) -> torch.Tensor:
+    """Image -> text cross-entropy over the batch's captions plus every image's hard negatives, and
+    text -> image over the batch; a caption repeated in the batch is not a negative of its twins."""
+    b = len(texts)
+    all_texts = texts + [t for negs in negatives for t in negs]
+    tokens = tokenizer(all_texts, padding="max_length", truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+    dev = pixels.device
+    # The same embeddings as the scorer's ClipEncoder: pooled states through the projections.
+    img = F.normalize(model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output), dim=-1)
+    out = model.text_model(input_ids=tokens["input_ids"].to(dev), attention_mask=tokens["attention_mask"].to(dev))
+    txt = F.normalize(model.text_projection(out.pooler_output), dim=-1)
+    logits = model.logit_scale.exp() * img @ txt.T  # (B, B + B k)
+    same = torch.tensor([[a == t for t in all_texts] for a in texts], device=dev)
+    same.fill_diagonal_(False)
+    logits_i = logits.masked_fill(same, float("-inf"))
+    target = torch.arange(b, device=dev)
+    logits_t = logits[:, :b].T.masked_fill(same[:, :b].T, float("-inf"))
+    return (F.cross_entropy(logits_i, target) + F.cross_entropy(logits_t, target)) / 2
+
+
+def train_reward_model(cfg: ShapesRunConfig, deadline: float, *, progress: bool = True) -> dict[str, Any]:
+    run_dir = Path(cfg.run_dir)
+    final_dir = run_dir / "reward_model"
+    if (final_dir / "config.json").is_file():
+        return {"reward_model/finished": 1.0}
+    rc, device = cfg.reward_model, torch.device(cfg.device)
+    tokenizer = build_tokenizer()
+    scenes = prompt_sets()["train"]
+    images, captions = image_pool(run_dir / f"reward_data_{cfg.model.resolution}.npz", scenes, rc.num_images,
+                                  cfg.model.resolution, cfg.seed + 1)
+    pool = torch.from_numpy(images).to(device)
+    model = new_clip(cfg, tokenizer).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=0.1)
+    ckpt, step = run_dir / REWARD_STATE, 0
+    if ckpt.is_file():
+        state = load(ckpt)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+    t0 = time.monotonic()
+    while step < rc.num_iters:
+        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 7 + 2)
+        rng = np.random.default_rng([cfg.seed, step, 2])
+        idx = torch.randint(pool.shape[0], (rc.batch_size,), generator=g)
+        x = pool[idx.to(device)].permute(0, 3, 1, 2).float() / 255.0
+        noise = torch.rand(rc.batch_size, 1, 1, 1, generator=g) * NOISE_STD_MAX
+        x = (x + noise.to(device) * torch.randn(x.shape, generator=g).to(device)).clamp(0, 1)
+        batch = [scenes[int(captions[int(i)])] for i in idx]
+        negs = negative_texts(batch, rc.num_hard_negatives, rng)
+        loss = contrastive_loss(model, x * 2 - 1, [s.text for s in batch], negs, tokenizer)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"reward model: non-finite contrastive loss at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        if step % rc.log_every == 0 or step == rc.num_iters:
+            row = {"step": step, "loss": loss.item(), "elapsed_s": time.monotonic() - t0}
+            with (run_dir / "reward_model_metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            if progress:
+                print(f"reward model step {step}/{rc.num_iters} loss {row['loss']:.4f}", flush=True)
+        if step % rc.checkpoint_every == 0 or time.monotonic() > deadline:
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt)
+            if time.monotonic() > deadline and step < rc.num_iters:
+                return {"reward_model/finished": 0.0, "reward_model/step": float(step)}
+    save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt)
+    export_clip(model, tokenizer, cfg.model.resolution, final_dir)
+    return {"reward_model/finished": 1.0, "reward_model/step": float(step)}
+
+
+def export_clip(model: Any, tokenizer: Any, resolution: int, folder: Path) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    copy.deepcopy(model).half().save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    image_processor(resolution).save_pretrained(str(tmp))
+    tmp.replace(folder)
+
+
+def load_clip_reward(folder: str | Path, device: str = "cpu", name: str = "clip") -> Any:
+    """The trained reward model as a CLIPScore reward (scale 100, ClipSimilarityReward). The tokenizer is
+    the world's word-level one (AutoTokenizer); tiltflow.rewards.loading.load_clip would rebuild a BPE
+    CLIPTokenizer from it, so the encoder is assembled here from the same parts load_clip uses."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from tiltflow.rewards.clip_score import ClipSimilarityReward
+    from tiltflow.rewards.loading import CONFIG, PREPROCESSOR, TOKENIZER, WEIGHTS, ClipEncoder, resolve_model_dir
+    from tiltflow.rewards.preprocess import ImagePreprocess
+
+    path = resolve_model_dir(folder, [CONFIG, WEIGHTS, PREPROCESSOR, TOKENIZER], what="shapes reward model")
+    model = CLIPModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+    model = model.float().to(device).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    encoder = ClipEncoder(model=model, tokenizer=tokenizer, preprocess=ImagePreprocess.from_pretrained(path))
+    return ClipSimilarityReward(encoder, name=name, scale=100.0)

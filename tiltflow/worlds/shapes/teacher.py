@@ -1,0 +1,149 @@
+"""The `teacher` stage of the shapes world: builds the text encoder, trains the CLIP reward model, then the
+pixel-space SD3 teacher by flow matching (METHOD.md 1: x_sigma = (1 - sigma) x0 + sigma eps, target
+v = eps - x0, sigma logit-normal as SD3 trains) with caption dropout for CFG. Every call stops after a
+checkpoint once teacher.time_limit_s has passed, and the next call resumes; RNG is reseeded from
+(seed, step), so an interrupted run follows the same data and noise as an uninterrupted one."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tiltflow.config.shapes import ShapesRunConfig
+from tiltflow.storage import load, save_atomic
+from tiltflow.worlds.shapes.data import image_pool
+from tiltflow.worlds.shapes.models import ShapesAdapter, new_transformer
+from tiltflow.worlds.shapes.scene import prompt_sets
+from tiltflow.worlds.shapes.text import TextEncoder, build_text_encoder
+
+TEACHER_STATE = "teacher_train.pt"
+
+
+def step_generator(seed: int, step: int, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + salt)
+
+
+def lr_at(step: int, lr: float, warmup: int) -> float:
+    return lr * min(1.0, (step + 1) / max(1, warmup))
+
+
+def ensure_text_encoder(cfg: ShapesRunConfig) -> Path:
+    folder = Path(cfg.run_dir) / "text_encoder"
+    if not (folder / "config.json").is_file():
+        m = cfg.model
+        build_text_encoder(folder, seed=cfg.seed, hidden_size=m.text_hidden, num_layers=m.text_layers,
+                           num_heads=m.text_heads)
+    return folder
+
+
+def train_world_models(cfg: ShapesRunConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Text encoder, reward model, teacher, in that order; each resumes or is skipped when done."""
+    from tiltflow.worlds.shapes.reward_model import train_reward_model
+
+    deadline = time.monotonic() + cfg.teacher.time_limit_s
+    ensure_text_encoder(cfg)
+    out: dict[str, Any] = {}
+    out.update(train_reward_model(cfg, deadline, progress=progress))
+    if out.get("reward_model/finished", 0.0) == 1.0:
+        out.update(train_teacher(cfg, deadline, progress=progress))
+    out["finished"] = float(out.get("teacher/finished", 0.0) == 1.0)
+    if out["finished"] != 1.0:
+        print(f"time limit ({cfg.teacher.time_limit_s:.0f} s) reached; run the same command again to resume")
+    return out
+
+
+def _log(run_dir: Path, name: str, row: dict[str, Any]) -> None:
+    with (run_dir / f"{name}_metrics.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def train_teacher(cfg: ShapesRunConfig, deadline: float, *, progress: bool = True) -> dict[str, Any]:
+    run_dir = Path(cfg.run_dir)
+    final_dir = run_dir / "teacher"
+    if (final_dir / "config.json").is_file():
+        return {"teacher/finished": 1.0}
+    tc, device = cfg.teacher, torch.device(cfg.device)
+    text = TextEncoder(run_dir / "text_encoder", device)
+    scenes = prompt_sets()["train"]
+    images, captions = image_pool(run_dir / f"data_{cfg.model.resolution}.npz", scenes, tc.num_images,
+                                  cfg.model.resolution, cfg.seed)
+    pool = torch.from_numpy(images).to(device)  # (N, H, W, 3) uint8
+    caption_ids = torch.from_numpy(captions).to(device)
+    table = text([s.text for s in scenes] + [""])  # the last row is the empty caption (CFG's uncond)
+    empty = len(scenes)
+
+    model = new_transformer(cfg.model, text.hidden_size, cfg.seed).to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    start = 0
+    ckpt = run_dir / TEACHER_STATE
+    if ckpt.is_file():
+        state = load(ckpt)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+
+    def save(step: int) -> None:
+        save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                     "step": step}, ckpt)
+
+    adapter = ShapesAdapter(model, text, device)
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    t0, step, losses = time.monotonic(), start, []
+    while step < tc.num_iters:
+        g = step_generator(cfg.seed, step, 1)
+        idx = torch.randint(pool.shape[0], (tc.batch_size,), generator=g).to(device)
+        x0 = pool[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+        drop = (torch.rand(tc.batch_size, generator=g) < tc.caption_dropout).to(device)
+        rows = torch.where(drop, torch.full_like(caption_ids[idx], empty), caption_ids[idx])
+        cond = {k: v[rows] for k, v in table.items()}
+        sigma = torch.sigmoid(torch.randn(tc.batch_size, generator=g)).to(device)  # logit-normal(0, 1)
+        eps = torch.randn(x0.shape, generator=g).to(device)
+        s = sigma.view(-1, 1, 1, 1)
+        x = (1 - s) * x0 + s * eps
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, tc.lr, tc.warmup_iters)
+        with autocast:
+            v = adapter.forward(model, x, sigma, cond)
+        loss = F.mse_loss(v.float(), eps - x0)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"teacher: non-finite flow-matching loss at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - tc.ema_decay)
+        step += 1
+        losses.append(loss.item())
+        if step % tc.log_every == 0 or step == tc.num_iters:
+            row = {"step": step, "loss": sum(losses) / len(losses), "lr": lr_at(step - 1, tc.lr, tc.warmup_iters),
+                   "elapsed_s": time.monotonic() - t0}
+            _log(run_dir, "teacher", row)
+            if progress:
+                print(f"teacher step {step}/{tc.num_iters} loss {row['loss']:.4f}", flush=True)
+            losses = []
+        if step % tc.checkpoint_every == 0 or time.monotonic() > deadline:
+            save(step)
+            if time.monotonic() > deadline and step < tc.num_iters:
+                return {"teacher/finished": 0.0, "teacher/step": float(step)}
+    save(step)
+    export_teacher(ema, final_dir)
+    return {"teacher/finished": 1.0, "teacher/step": float(step)}
+
+
+def export_teacher(ema: torch.nn.Module, folder: Path) -> None:
+    """The EMA teacher as a diffusers folder in fp16 safetensors (written to a temporary folder first)."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    copy.deepcopy(ema).half().save_pretrained(str(tmp), safe_serialization=True)
+    tmp.replace(folder)

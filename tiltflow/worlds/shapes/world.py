@@ -1,0 +1,234 @@
+"""`world: shapes` for the training spine (WORLDS.md 2): the `teacher` stage trains the world's models
+(text encoder, CLIP reward model, pixel-space SD3 teacher); the distillation stages (AC-DMD, RTDMD and the
+baselines, METHOD.md 4-6) run over LoRA roles on that teacher, exactly as the diffusers world does, with
+the CLIP reward and/or the verifier as rewards. A stage's run directory holds what the diffusers world's
+does (final.safetensors with export/ weights) plus final_metrics.json and final_grid.png."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tiltflow.config.schema import STAGE1_STAGES
+from tiltflow.config.shapes import ShapesRunConfig
+from tiltflow.models.ema import EMA
+from tiltflow.rewards.base import RewardSet
+from tiltflow.worlds.base import WorldSetup
+from tiltflow.worlds.diffusers_world import _read_final, _stage1_weights, generator_export
+from tiltflow.worlds.shapes.evaluate import eval_prompts, evaluate_samples, write_eval, write_marked_grid
+from tiltflow.worlds.shapes.models import ShapesAdapter
+from tiltflow.worlds.shapes.scene import parse, prompt_sets
+
+
+class ShapesTask:
+    """What ACDMD / RTDMD need of the world (tiltflow.algorithms.common.Task)."""
+
+    def __init__(self, adapter: ShapesAdapter, prompts: Sequence[str], rewards: RewardSet, guidance_scale: float):
+        self.adapter = adapter
+        self.prompts = list(prompts)
+        self.rewards = rewards
+        self.guidance_scale = guidance_scale
+        self.device = adapter.device
+        self.sample_shape = adapter.latent_shape(adapter.resolution, adapter.resolution)
+
+    def sample_prompts(self, n: int, generator: torch.Generator) -> list[str]:
+        idx = torch.randint(len(self.prompts), (n,), generator=generator)
+        return [self.prompts[int(i)] for i in idx]
+
+    def encode(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        return self.adapter.encode(prompts)
+
+    def encode_uncond(self, n: int) -> dict[str, Tensor]:
+        return self.adapter.encode_uncond(n)
+
+    def decode(self, x: Tensor) -> Tensor:
+        return self.adapter.decode(x)
+
+
+def read_prompts(cfg: ShapesRunConfig) -> list[str]:
+    """The distillation prompts: a built-in set, or a file of captions in the world's vocabulary (checked)."""
+    if cfg.prompt_file is None:
+        return [s.text for s in prompt_sets()[cfg.prompt_set]]
+    path = Path(cfg.prompt_file)
+    if not path.is_file():
+        from tiltflow.config.loader import ConfigError
+
+        raise ConfigError("prompt_file", f"{str(path)!r} does not exist")
+    return check_prompts([line.strip() for line in path.read_text().splitlines() if line.strip()])
+
+
+def check_prompts(prompts: Sequence[str]) -> list[str]:
+    for p in prompts:
+        parse(p)  # VocabularyError names the unknown word
+    return list(prompts)
+
+
+def build_models(cfg: ShapesRunConfig, init_state: dict[str, Tensor] | None) -> tuple[ShapesAdapter, Any]:
+    from tiltflow.models.lora import LoraSettings, build_roles
+
+    assert cfg.models_dir is not None
+    adapter = ShapesAdapter.load(cfg.models_dir, cfg.device)
+    stage1 = _stage1_weights(init_state, "export/") if init_state is not None else None
+    models = build_roles(adapter, layout=cfg.lora.layout, finetune=cfg.lora.finetune,
+                         lora=LoraSettings(cfg.lora.rank, cfg.lora.alpha), stage1_generator=stage1)
+    if init_state is not None:
+        models.load_trainable_state(init_state, roles=("fake",))
+    return adapter, models
+
+
+def seeded_noise(seeds: Sequence[int], shape: Sequence[int], num_steps: int, device: torch.device) -> Any:
+    """A NoisePlan whose sample i depends only on seeds[i] (so index.jsonl's seed reproduces it)."""
+    from tiltflow.sampling import NoisePlan
+
+    plans = [NoisePlan.fresh(1, shape, num_steps, torch.Generator().manual_seed(int(s)), device=device) for s in seeds]
+    steps = [None if p is None else torch.cat([pl.steps[k] for pl in plans]) for k, p in enumerate(plans[0].steps)]
+    return NoisePlan(init=torch.cat([p.init for p in plans]), steps=steps)
+
+
+def few_step(models: Any, adapter: ShapesAdapter, sampler: Any, prompts: list[str], seeds: Sequence[int],
+             eta: float | None = None) -> Tensor:
+    from tiltflow.flow.conventions import few_step_sigmas
+    from tiltflow.sampling import sample
+
+    sigmas = few_step_sigmas(sampler.num_steps, sampler.shift)
+    cond = adapter.encode(prompts)
+    plan = seeded_noise(seeds, adapter.latent_shape(adapter.resolution, adapter.resolution), sampler.num_steps,
+                        adapter.device)
+    role = models.generator_role
+    with torch.no_grad():
+        return sample(lambda x, s: role.velocity(x, s, cond), sigmas, plan,
+                      eta=sampler.eta if eta is None else eta).final
+
+
+def save_final(cfg: ShapesRunConfig, models: Any, init_state: dict[str, Tensor] | None) -> Path:
+    from safetensors.torch import save_file
+
+    export, rank = generator_export(cfg, models, init_state)  # reads only cfg.lora
+    state = {k: v.float().cpu().contiguous() for k, v in models.trainable_state().items()}
+    state.update({f"export/{k}": v.contiguous() for k, v in export.items()})
+    meta = {"world": "shapes", "stage": cfg.stage, "finetune": cfg.lora.finetune, "export_rank": str(rank)}
+    path = Path(cfg.run_dir) / "final.safetensors"
+    save_file(state, str(path), metadata=meta)
+    return path
+
+
+class ShapesWorld:
+    """`world: shapes`."""
+
+    name = "shapes"
+    config_class = ShapesRunConfig
+
+    def train_teacher(self, cfg: ShapesRunConfig, *, progress: bool = True) -> dict[str, Any]:
+        from tiltflow.worlds.shapes.teacher import train_world_models
+
+        return train_world_models(cfg, progress=progress)
+
+    def build(self, cfg: ShapesRunConfig, *, progress: bool = True) -> WorldSetup:
+        from tiltflow.worlds.shapes.rewards import build_rewards
+
+        stage1 = cfg.stage in STAGE1_STAGES
+        init_state = _read_final(cfg.init_from)[0] if (not stage1 and cfg.init_from) else None
+        adapter, models = build_models(cfg, init_state)
+        assert cfg.models_dir is not None
+        rewards = build_rewards(cfg.rewards, cfg.models_dir, adapter.device)
+        task = ShapesTask(adapter, read_prompts(cfg), rewards, cfg.guidance_scale)
+        run_dir = Path(cfg.run_dir)
+        prompts = eval_prompts(cfg.eval.prompt_set, cfg.eval.max_prompts, cfg.eval.num_per_prompt)
+        seeds = [10_000 + i for i in range(len(prompts))]  # fixed: every evaluation sees the same noise
+
+        def run_eval() -> tuple[dict[str, float], Any]:
+            b = cfg.eval.batch_size
+
+            def generate(batch: list[str], k: int) -> Tensor:
+                return few_step(models, adapter, cfg.sampler, batch, seeds[k * b:k * b + len(batch)])
+
+            return evaluate_samples(generate, prompts, b, rewards, adapter.decode)
+
+        def evaluate(step: int) -> dict[str, float]:
+            return {f"eval_{k}": v for k, v in run_eval()[0].items()}
+
+        def finish(ema: EMA) -> dict[str, Any]:
+            ema.copy_to(ema.params)  # the final generator is the EMA one
+            save_final(cfg, models, init_state)
+            metrics, images = run_eval()
+            write_eval(run_dir, "final", metrics, images, prompts)
+            return metrics
+
+        description = {"model": f"shapes SD3 teacher from {cfg.models_dir}", "family": "sd3 (pixel space)"}
+        return WorldSetup(task, models, cfg.sampler, finish, evaluate if cfg.eval.every else None, cfg.eval.every,
+                          description)
+
+    def sample(self, cfg: ShapesRunConfig, *, texts: Sequence[str], out: Path) -> str:
+        """Few-step samples of a finished stage run: PNGs, index.jsonl (file, prompt, seed), a marked grid."""
+        import dataclasses
+
+        from PIL import Image
+
+        prompts = check_prompts(list(texts)) if texts else read_prompts(cfg)
+        init_state = None if cfg.sample.weights == "base" else _read_final(cfg.run_dir)[0]
+        if cfg.lora.finetune == "lora":
+            cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, layout="shared"))
+        adapter, models = build_models(cfg, init_state)
+        todo = [p for p in prompts for _ in range(cfg.sample.num_per_prompt)]
+        seeds = [cfg.sample.seed + i for i in range(len(todo))]
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        images = []
+        with (out / "index.jsonl").open("w") as index:
+            for start in range(0, len(todo), cfg.sample.batch_size):
+                batch, bseeds = todo[start:start + cfg.sample.batch_size], seeds[start:start + cfg.sample.batch_size]
+                x = few_step(models, adapter, cfg.sampler, batch, bseeds, cfg.sample.eta)
+                pixels = (adapter.decode(x) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                for j, (prompt, img) in enumerate(zip(batch, pixels)):
+                    name = f"{start + j:05d}.png"
+                    Image.fromarray(img).save(out / name)
+                    index.write(json.dumps({"file": name, "prompt": prompt, "seed": bseeds[j]}) + "\n")
+                    images.append(img)
+        import numpy as np
+
+        write_marked_grid(np.stack(images), todo, out / "grid.png")
+        return f"wrote {len(todo)} images, index.jsonl and grid.png (verifier pass/fail marks) to {out}"
+
+    def evaluate_run(self, cfg: ShapesRunConfig, *, num: int, seed: int) -> dict[str, Any]:
+        """`tiltflow eval --run DIR`. A teacher run: the teacher with eval.teacher_steps Euler steps and CFG
+        (guidance_scale). A stage run: its final metrics (4-step generator, written by the run). The
+        prompt set, samples per prompt and seeds are cfg.eval's (--num and --seed apply to gmm runs only)."""
+        run_dir = Path(cfg.run_dir)
+        if cfg.stage == "teacher":
+            metrics = evaluate_teacher(cfg, run_dir, num_steps=cfg.eval.teacher_steps,
+                                       guidance_scale=cfg.guidance_scale, out_dir=run_dir / "eval",
+                                       name=f"teacher_{cfg.eval.teacher_steps}steps_cfg{cfg.guidance_scale:g}")
+            return {"samples": str(run_dir / "eval"), "reference": "verifier", "metrics": metrics}
+        path = run_dir / "final_metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(path)!r} does not exist: is {str(run_dir)!r} a finished stage run?")
+        return {"samples": str(run_dir / "final_grid.png"), "reference": "verifier",
+                "metrics": json.loads(path.read_text())}
+
+
+def evaluate_teacher(cfg: ShapesRunConfig, models_dir: str | Path, *, num_steps: int, guidance_scale: float,
+                     out_dir: Path, name: str) -> dict[str, float]:
+    """The teacher's many-step Euler samples with CFG on cfg.eval's prompt set: verifier and reward scores,
+    written to out_dir/<name>_metrics.json and <name>_grid.png."""
+    from tiltflow.worlds.shapes.models import euler_sample
+    from tiltflow.worlds.shapes.rewards import build_rewards
+
+    adapter = ShapesAdapter.load(models_dir, cfg.device)
+    rewards = build_rewards(cfg.rewards, models_dir, adapter.device)
+    prompts = eval_prompts(cfg.eval.prompt_set, cfg.eval.max_prompts, cfg.eval.num_per_prompt)
+    shape = adapter.latent_shape(adapter.resolution, adapter.resolution)
+
+    def generate(batch: list[str], k: int) -> Tensor:
+        g = torch.Generator().manual_seed(20_000 + k)
+        return euler_sample(adapter.velocity, adapter.encode(batch), adapter.encode_uncond(len(batch)),
+                            guidance_scale, shape, num_steps, g, adapter.device)
+
+    metrics, images = evaluate_samples(generate, prompts, cfg.eval.batch_size, rewards, adapter.decode)
+    metrics.update({"num_steps": float(num_steps), "guidance_scale": float(guidance_scale)})
+    write_eval(out_dir, name, metrics, images, prompts)
+    return metrics
