@@ -19,7 +19,7 @@ from tiltflow.config.shapes import ShapesRunConfig
 from tiltflow.models.ema import EMA
 from tiltflow.rewards.base import RewardSet
 from tiltflow.worlds.base import WorldSetup
-from tiltflow.worlds.diffusers_world import _read_final, _stage1_weights, generator_export
+from tiltflow.worlds.diffusers_world import generator_export
 from tiltflow.worlds.shapes.evaluate import eval_prompts, evaluate_samples, write_eval, write_marked_grid
 from tiltflow.worlds.shapes.models import ShapesAdapter
 from tiltflow.worlds.shapes.scene import parse, prompt_sets
@@ -50,6 +50,22 @@ class ShapesTask:
         return self.adapter.decode(x)
 
 
+def read_final(run_dir: str | Path) -> dict[str, Tensor]:
+    """A finished stage run's final.safetensors."""
+    from safetensors.torch import load_file
+
+    path = Path(run_dir) / "final.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist: is {str(run_dir)!r} a finished stage run?")
+    return load_file(str(path))
+
+
+def exported_generator(state: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    """The generator export (a scale-1 LoRA, or full weights) inside a final.safetensors."""
+    sub = {k.removeprefix("export/"): v for k, v in state.items() if k.startswith("export/")}
+    return sub or None
+
+
 def read_prompts(cfg: ShapesRunConfig) -> list[str]:
     """The distillation prompts: a built-in set, or a file of captions in the world's vocabulary (checked)."""
     if cfg.prompt_file is None:
@@ -73,7 +89,7 @@ def build_models(cfg: ShapesRunConfig, init_state: dict[str, Tensor] | None) -> 
 
     assert cfg.models_dir is not None
     adapter = ShapesAdapter.load(cfg.models_dir, cfg.device)
-    stage1 = _stage1_weights(init_state, "export/") if init_state is not None else None
+    stage1 = exported_generator(init_state) if init_state is not None else None
     models = build_roles(adapter, layout=cfg.lora.layout, finetune=cfg.lora.finetune,
                          lora=LoraSettings(cfg.lora.rank, cfg.lora.alpha), stage1_generator=stage1)
     if init_state is not None:
@@ -132,7 +148,7 @@ class ShapesWorld:
         from tiltflow.worlds.shapes.rewards import build_rewards
 
         stage1 = cfg.stage in STAGE1_STAGES
-        init_state = _read_final(cfg.init_from)[0] if (not stage1 and cfg.init_from) else None
+        init_state = read_final(cfg.init_from) if (not stage1 and cfg.init_from) else None
         adapter, models = build_models(cfg, init_state)
         assert cfg.models_dir is not None
         rewards = build_rewards(cfg.rewards, cfg.models_dir, adapter.device)
@@ -170,7 +186,7 @@ class ShapesWorld:
         from PIL import Image
 
         prompts = check_prompts(list(texts)) if texts else read_prompts(cfg)
-        init_state = None if cfg.sample.weights == "base" else _read_final(cfg.run_dir)[0]
+        init_state = None if cfg.sample.weights == "base" else read_final(cfg.run_dir)
         if cfg.lora.finetune == "lora":
             cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, layout="shared"))
         adapter, models = build_models(cfg, init_state)
