@@ -1,4 +1,4 @@
-"""`tiltflow <verb>`: train, sample, eval, demo. Every verb has --help; long work shows a progress bar.
+"""`tiltflow <verb>`: train, sample, eval, demo, bench. Every verb has --help; long work shows a progress bar.
 
 Exit codes: 0 success; 2 a usage, config or input error (a bad flag, config key or value, a missing file,
 model or run directory); 1 a failure while running (a non-finite loss, a device fault, a reward server
@@ -120,6 +120,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from tiltflow.bench import run_bench
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA device is visible; use --device cpu with a tiny_* arch")
+    if not args.device.startswith("cuda") and not args.arch.startswith("tiny_"):
+        raise UsageError(f"--arch {args.arch} is full size: it needs --device cuda (tiny_* archs run on the CPU)")
+    if min(args.batch, args.repeats, args.rollout_batches, args.n_fake) < 1 or args.warmup < 0:
+        raise UsageError("--batch, --repeats, --rollout-batches and --n-fake must be >= 1, --warmup >= 0")
+    if args.stage in ("2", "all") and args.batch < 2:
+        raise UsageError(f"--batch {args.batch}: stage 2 needs a group of at least 2 samples")
+    return run_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiltflow", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of methods (default: all). Stage-2 methods need ac_dmd.")
     p.set_defaults(func=cmd_demo)
+    p = verb("bench", "time one stage-1 cycle, one stage-2 iteration and 4-step inference of a random-weight "
+             "architecture: seconds, images/s, peak memory, MFU, efficiency (JSON + a table)")
+    from tiltflow.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

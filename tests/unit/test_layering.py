@@ -25,7 +25,9 @@ ALLOWED = {
     "worlds": BASE | {"sampling", "losses", "models", "rewards", "eval"},
     "training": BASE | {"sampling", "losses", "models", "rewards", "algorithms", "worlds"},
     "demo": BASE | {"sampling", "losses", "models", "rewards", "eval", "algorithms", "worlds", "training"},
-    "cli": BASE | {"sampling", "losses", "models", "rewards", "eval", "algorithms", "worlds", "training", "demo"},
+    "bench": BASE | {"sampling", "losses", "models", "rewards", "eval", "algorithms", "worlds", "training"},
+    "cli": BASE | {"sampling", "losses", "models", "rewards", "eval", "algorithms", "worlds", "training", "demo",
+                   "bench"},
 }
 
 

@@ -1,0 +1,131 @@
+"""`tiltflow bench` on the CPU with tiny architectures: every run yields finite positive times, the passes
+counted during the timed iteration are the ones the algorithms' structure implies (stage 1: n_fake fake
+updates and one generator update; stage 2: one rollout batch of RTDMD's terms; inference: K forwards and
+one decode), efficiency is a plausible ratio, and what the CPU cannot measure is None."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tiltflow.cli import main
+
+K, N_FAKE, BATCH, NUM_TRAINED = 4, 2, 2, 2  # NUM_TRAINED: Stage2Config's SubGRPO default
+
+
+def _bench(tmp_path, arch, *extra):
+    out = tmp_path / f"{arch}.json"
+    rc = main(["bench", "--arch", arch, "--resolution", "32", "--stage", "all", "--batch", str(BATCH),
+               "--n-fake", str(N_FAKE), "--num-steps", str(K), "--repeats", "2", "--warmup", "1",
+               "--device", "cpu", "--out", str(out), *extra])
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+def _counts(run):
+    """(component, name, batch, grad) -> (calls, backwards), checked identical over the repeats where the
+    algorithm's structure fixes them."""
+    return {(p["component"], p["name"], p["batch"], p["grad"]): (p["calls"], p["backwards"]) for p in run["passes"]}
+
+
+def _check_common(run, key):
+    for v in run[f"{key}_all"]:
+        assert math.isfinite(v) and v > 0
+    assert 0 < run[f"{key}_min"] <= run[key] <= run[f"{key}_max"]
+    assert 0 < run["efficiency"] <= 1.5, run["efficiency"]
+    assert run["images_per_s"] > 0
+    assert run["peak_mem_gib"] is None  # CPU: nothing measured, no number made up
+    for p in run["passes"]:
+        assert p["forward_s"] > 0 and (p["forward_backward_s"] is None) == (not p["grad"])
+        assert all(b <= c for b, c in zip(p["backwards"], p["calls"]))
+
+
+def _check_stage1(run):
+    c = _counts(run)
+    B, reps = BATCH, [1, 1]
+    # Each fake update: one DSM pass at B and one two-sample consistency pass at 2B, both back-propagated.
+    assert c[("transformer", "fake", B, True)] == ([N_FAKE] * 2, [N_FAKE] * 2)
+    assert c[("transformer", "fake", 2 * B, True)] == ([N_FAKE] * 2, [N_FAKE] * 2)
+    # One generator update: one step with gradient; the DM loss reads the CFG teacher and the fake, no grad.
+    assert c[("transformer", "generator", B, True)] == (reps, reps)
+    assert c[("transformer", "teacher", B, False)] == ([2, 2], [0, 0])
+    assert c[("transformer", "fake", B, False)] == (reps, [0, 0])
+    # Rollouts to a random stop k in 0..K-1: k + 1 no-grad steps per fake update, k for the generator's.
+    lo, hi = N_FAKE, N_FAKE * K + K - 1
+    assert all(lo <= n <= hi for n in c[("transformer", "generator", B, False)][0])
+    assert len(c) == 6  # no decode, no reward in stage 1
+
+
+def _check_stage2(run):
+    c = _counts(run)
+    G, one = BATCH, ([1, 1], [1, 1])
+    assert run["rollout_batches"] == 1
+    assert c[("transformer", "generator", G, False)] == ([K, K], [0, 0])  # the rollout
+    # Policy gradient on NUM_TRAINED steps + the last step (reward BP and DM), each back-propagated.
+    assert c[("transformer", "generator", G, True)] == ([NUM_TRAINED + 1] * 2, [NUM_TRAINED + 1] * 2)
+    assert c[("transformer", "fake", G, True)] == one and c[("transformer", "fake", 2 * G, True)] == one
+    assert c[("transformer", "teacher", G, False)] == ([2, 2], [0, 0])
+    assert c[("transformer", "fake", G, False)] == ([1, 1], [0, 0])
+    assert c[("vae_decode", "vae", G, False)] == ([1, 1], [0, 0]) and c[("vae_decode", "vae", G, True)] == one
+    assert c[("reward", "brightness", G, False)] == ([1, 1], [0, 0])
+    assert c[("reward", "brightness", G, True)] == one
+    assert len(c) == 10
+
+
+def _check_infer(run, batch):
+    c = _counts(run)
+    assert c == {("transformer", "generator", batch, False): ([K, K], [0, 0]),
+                 ("vae_decode", "vae", batch, False): ([1, 1], [0, 0])}
+    assert run["latency_ratio"] == pytest.approx(run["latency_s"] / run["bound_s"]) and run["bound_s"] > 0
+
+
+@pytest.mark.parametrize("arch,peak", [("tiny_sd3", None), ("tiny_flux2", "1.0")])
+def test_bench_all_stages_on_cpu(tmp_path, arch, peak):
+    report = _bench(tmp_path, arch, *(["--peak-tflops", peak] if peak else []))
+    prov = report["provenance"]
+    for key in ("command", "gpu", "driver", "torch", "diffusers", "transformers", "peft", "date_utc"):
+        assert key in prov
+    assert prov["command"].startswith("tiltflow bench ") and prov["gpu"] is None
+    runs = {(r["stage"], r["batch"]): r for r in report["runs"]}
+    assert sorted(runs) == [("1", BATCH), ("2", BATCH), ("infer", 1), ("infer", BATCH)]
+    for (stage, _), run in runs.items():
+        assert {"efficiency", "mfu", "peak_mem_gib", "images_per_s", "passes"} <= set(run)
+        _check_common(run, {"1": "cycle_s", "2": "iter_s", "infer": "latency_s"}[stage])
+        assert (run["mfu"] is None) == (peak is None)  # no peak given on a CPU: no MFU
+        if peak is not None:
+            assert run["mfu"] > 0 and all(f > 0 for f in run["flops"])
+    _check_stage1(runs[("1", BATCH)])
+    _check_stage2(runs[("2", BATCH)])
+    _check_infer(runs[("infer", 1)], 1)
+    _check_infer(runs[("infer", BATCH)], BATCH)
+    assert "latency_ratio" in runs[("infer", 1)] and "cycle_s" in runs[("1", BATCH)] and "iter_s" in runs[("2", BATCH)]
+
+
+def test_flops_per_sample_scale_with_batch(tmp_path):
+    """MFU counts FLOPs per sample x batch: check that against a count at the batch itself."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tiltflow.bench import build, flops_per_sample, one_pass
+    from tiltflow.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--arch", "tiny_sd3", "--resolution", "32", "--device", "cpu",
+                                      "--no-activation-checkpointing", "--out", str(tmp_path / "x.json")])
+    args.guidance_scale = 4.5
+    b = build(args, stage2=False)
+    for kind in [("transformer", "fake", 3, True), ("vae_decode", "vae", 3, False)]:
+        fwd, bwd = flops_per_sample(b, kind, args)
+        with FlopCounterMode(display=False) as fc:
+            one_pass(b, kind, 3, backward=kind[3])()
+        assert fc.get_total_flops() == 3 * (fwd + bwd) and fwd > 0
+
+
+def test_bench_help_and_usage_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "--peak-tflops" in text and "--activation-checkpointing" in text and "exit codes" in text
+    # A full-size architecture on the CPU is a usage error (exit 2), not an hour of swapping.
+    assert main(["bench", "--arch", "sd35_medium", "--device", "cpu", "--out", str(tmp_path / "x.json")]) == 2

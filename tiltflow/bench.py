@@ -1,0 +1,567 @@
+"""`tiltflow bench`: seconds, images/s, peak memory, MFU and efficiency of one stage-1 cycle (AC-DMD,
+METHOD.md 4), one stage-2 iteration (RTDMD, METHOD.md 5) and 4-step inference, on a full-size (or tiny)
+architecture with random weights, through the training spine's own model preparation (issue 8, item 4).
+
+Efficiency is measured, not assumed: during each timed iteration every transformer, VAE-decode and reward
+pass is counted by kind (role, batch, with or without gradient; a backward is counted when gradient reaches
+the pass's output), then one pass of each kind is timed alone at the same shapes (CUDA events on GPU,
+perf_counter on CPU), and efficiency = sum(count x time alone) / wall time. MFU counts the same passes'
+FLOPs (torch.utils.flop_counter on one pass of each kind, recomputation excluded). What the CPU cannot
+measure (peak memory, MFU without --peak-tflops, device busy time) is None.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import gc
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tiltflow.algorithms.ac_dmd import ACDMD
+from tiltflow.algorithms.rtdmd import RTDMD
+from tiltflow.config.schema import FakeConfig, ParallelConfig, SamplerConfig, Stage1Config, Stage2Config
+from tiltflow.distributed import LOCAL
+from tiltflow.flow.conventions import few_step_sigmas
+from tiltflow.models.arch import ARCH_DIR, load_arch
+from tiltflow.models.lora import LoraSettings, RoleModels, build_roles
+from tiltflow.models.roles import Roles
+from tiltflow.rewards.base import RewardOutput, RewardSet
+from tiltflow.sampling import NoisePlan, sample
+from tiltflow.training.spine import apply_parallel_plan, build_train_state
+from tiltflow.worlds.diffusers_world import DiffusersTask, MeanBrightness
+
+ARCHS = sorted(p.stem for p in ARCH_DIR.glob("*.json"))
+# The teacher's CFG scale per architecture (METHOD.md 4.4); FLUX.1-dev takes it as its guidance input.
+GUIDANCE = {"sd3_medium": 7.0, "sd35_medium": 4.5, "flux1_dev": 3.5, "flux2_klein_4b": 4.0, "flux2_klein_9b": 4.0,
+            "tiny_sd3": 4.5, "tiny_flux1": 3.5, "tiny_flux2": 4.0}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # bf16 dense, by GPU name
+PROMPTS = [f"a photo of a {c} {o} on a {b} street" for c in ("red", "blue", "green") for o in ("cat", "car")
+           for b in ("small", "large")]
+STAGES = ("1", "2", "infer", "all")
+
+
+# ---- counting the passes an iteration runs -------------------------------------------------------------
+class PassLog:
+    """Passes by kind (component, name, batch, grad) while on; a backward counts when gradient reaches the
+    pass's output (a tensor hook), so it is what autograd ran, not what the algorithm was meant to run."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.calls: Counter = Counter()
+        self.backwards: Counter = Counter()
+
+    def record(self, component: str, name: str, batch: int, out: Tensor) -> Tensor:
+        if self.on:
+            kind = (component, name, batch, bool(out.requires_grad))
+            self.calls[kind] += 1
+            if out.requires_grad:
+                out.register_hook(lambda grad, kind=kind: self._backward(kind))
+        return out
+
+    def _backward(self, kind: tuple) -> None:
+        self.backwards[kind] += 1
+
+    @contextlib.contextmanager
+    def counting(self) -> Any:
+        self.calls, self.backwards, self.on = Counter(), Counter(), True
+        try:
+            yield self
+        finally:
+            self.on = False
+
+
+class CountedRole:
+    """A role backbone whose passes are logged."""
+
+    def __init__(self, role: Any, name: str, log: PassLog):
+        self.role, self.name, self.log = role, name, log
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
+        return self.log.record("transformer", self.name, x.shape[0], self.role.velocity(x, sigma, cond))
+
+
+class CountedReward:
+    def __init__(self, reward: Any, log: PassLog):
+        self.reward, self.log = reward, log
+        self.name, self.differentiable = reward.name, reward.differentiable
+
+    def __call__(self, samples: Tensor, prompts: Any) -> RewardOutput:
+        out = self.reward(samples, prompts)
+        self.log.record("reward", self.name, samples.shape[0], out.scores)
+        return out
+
+
+class CountedTask(DiffusersTask):
+    def __init__(self, *args: Any, log: PassLog, **kw: Any):
+        super().__init__(*args, **kw)
+        self.log = log
+
+    def decode(self, x: Tensor) -> Tensor:
+        return self.log.record("vae_decode", "vae", x.shape[0], super().decode(x))
+
+
+# ---- building the models as the spine does -------------------------------------------------------------
+@dataclasses.dataclass
+class Built:
+    adapter: Any
+    models: RoleModels
+    task: CountedTask
+    roles: Roles  # counted
+    sampler: SamplerConfig
+    log: PassLog
+    resolution: int
+
+
+def adapter_class(family: str) -> Any:
+    from tiltflow.models.adapters.flux import FluxAdapter
+    from tiltflow.models.adapters.flux2 import Flux2Adapter
+    from tiltflow.models.adapters.sd3 import SD3Adapter
+
+    return {"sd3": SD3Adapter, "flux1": FluxAdapter, "flux2": Flux2Adapter}[family]
+
+
+def stage1_lora(adapter: Any, transformer: torch.nn.Module, rank: int, seed: int) -> dict[str, Tensor]:
+    """A scale-1 LoRA on every target (the stage-1 generator a stage-2 run starts from; values irrelevant)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in adapter.lora_target_modules(transformer):
+        m = transformer.get_submodule(name)
+        out[f"{name}.lora_A.weight"] = 1e-3 * torch.randn(rank, m.in_features, generator=g)
+        out[f"{name}.lora_B.weight"] = 1e-3 * torch.randn(m.out_features, rank, generator=g)
+    return out
+
+
+def build(args: Any, stage2: bool) -> Built:
+    """Random-weight models, LoRA roles, then the spine's plan (activation checkpointing), then per-block
+    compile, before anything runs (torchtitan's order; one GPU: no sharding)."""
+    family = load_arch(args.arch)["family"]
+    scale = args.guidance_scale
+    extra = {"guidance": scale} if family == "flux1" else {}
+    adapter = adapter_class(family).random(args.arch, seed=args.seed, device=args.device, text_encoders=False,
+                                           attention_backend=args.attention_backend, **extra)
+    gen_base = adapter.random_transformer(seed=args.seed + 1) if family == "flux2" else None
+    s1 = stage1_lora(adapter, gen_base or adapter.transformer, args.lora_rank, args.seed) if stage2 else None
+    models = build_roles(adapter, layout=args.layout, lora=LoraSettings(args.lora_rank, args.lora_alpha),
+                         generator_base=gen_base, stage1_generator=s1)
+    apply_parallel_plan(models, ParallelConfig(activation_checkpointing=args.activation_checkpointing), LOCAL)
+    distinct = {id(m): m for m in (models.teacher, models.generator, models.fake)}.values()
+    for m in distinct:
+        m.train()
+        if args.compile == "blocks":
+            for name in ("transformer_blocks", "single_transformer_blocks"):
+                for block in getattr(m, name, []):
+                    block.compile()
+    log = PassLog()
+    rewards = RewardSet([CountedReward(MeanBrightness(), log)])
+    task = CountedTask(adapter, PROMPTS, rewards, 1.0 if family == "flux1" else scale, args.resolution, log=log)
+    sampler = SamplerConfig(num_steps=args.num_steps, eta=args.eta,
+                            shift=float(adapter.sigma_shift(args.resolution, args.resolution, args.num_steps)))
+    plain = models.roles()
+    roles = Roles(CountedRole(plain.teacher, "teacher", log), CountedRole(plain.generator, "generator", log),
+                  CountedRole(plain.fake, "fake", log), plain.generator_params, plain.fake_params)
+    return Built(adapter, models, task, roles, sampler, log, args.resolution)
+
+
+def algorithm(stage: str, b: Built, args: Any, *, warmup: bool = False) -> Any:
+    """The reference settings (configs/reference), with the optimisers the spine builds."""
+    lr = 1e-6 if b.adapter.family == "flux2" else 3e-5
+    fake = FakeConfig(lr=lr, weighting="clamped", consistency_gamma=0.01, consistency_delta_max=0.2)
+    if stage == "1":
+        cfg: Any = Stage1Config(batch_size=args.batch, lr=lr, n_fake=args.n_fake, ema_decay=0.99, fake=fake)
+        return ACDMD(cfg, b.sampler, b.task, b.roles, build_train_state(cfg, b.roles), seed=args.seed)
+    cfg = Stage2Config(num_prompts=1, group_size=args.batch, accumulation=1 if warmup else args.rollout_batches,
+                       fake=dataclasses.replace(fake, lr=3e-6))
+    return RTDMD(cfg, b.sampler, b.task, b.roles, build_train_state(cfg, b.roles), seed=args.seed)
+
+
+# ---- timing ---------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_seconds(fn: Any, device: torch.device, reps: int = 3) -> float:
+    """Median time of fn alone after one warm call: CUDA events on GPU, perf_counter elsewhere."""
+    fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def one_pass(b: Built, kind: tuple, batch: int, backward: bool) -> Any:
+    """A callable running one pass of `kind` alone at `batch` (forward; + backward if asked), on fresh
+    inputs of the iteration's shapes. Gradient goes to the trainable role weights (transformers) or to the
+    input (VAE decode and rewards take gradient from the generator's samples)."""
+    component, name, _, grad = kind
+    dev = b.task.device
+    plain = {"teacher": b.models.teacher_role, "generator": b.models.generator_role, "fake": b.models.fake_role}
+    g = torch.Generator().manual_seed(0)
+    if component == "transformer":
+        x = torch.randn(batch, *b.task.sample_shape, generator=g).to(dev)
+        sigma = torch.full((batch,), 0.5, device=dev)
+        cond = b.adapter.encode([PROMPTS[i % len(PROMPTS)] for i in range(batch)])
+        run = lambda: plain[name].velocity(x, sigma, cond)  # noqa: E731
+    elif component == "vae_decode":
+        x = torch.randn(batch, *b.task.sample_shape, generator=g).to(dev).requires_grad_(grad)
+        run = lambda: b.adapter.decode(x)  # noqa: E731
+    else:
+        reward = next(r.reward for r in b.task.rewards.rewards if r.name == name)
+        res = b.resolution
+        images = torch.rand(batch, 3, res, res, generator=g).to(dev).requires_grad_(grad)
+        run = lambda: reward(images, PROMPTS[:1] * batch).scores  # noqa: E731
+    params = b.models.roles().generator_params + b.models.roles().fake_params
+
+    def fn() -> None:
+        with torch.set_grad_enabled(grad):
+            out = run()
+            if backward:
+                out.float().sum().backward()
+        for p in params:
+            p.grad = None
+    return fn
+
+
+def flops_per_sample(b: Built, kind: tuple, args: Any) -> tuple[int, int]:
+    """(forward, backward) FLOPs of one pass of `kind` per sample: counted at batch 1 (the passes have no
+    cross-sample work), eager, with activation-checkpoint recomputation off (model FLOPs, not hardware)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    grad = kind[3]
+    stance = torch.compiler.set_stance("force_eager") if args.compile != "none" else contextlib.nullcontext()
+    ac = args.activation_checkpointing and kind[0] == "transformer"
+    modules = {id(m): m for m in (b.models.generator, b.models.fake)}.values()
+    try:
+        if ac:
+            for m in modules:
+                m.disable_gradient_checkpointing()
+        with stance:
+            with FlopCounterMode(display=False) as fwd:
+                one_pass(b, kind, 1, backward=False)()
+            both = fwd.get_total_flops()
+            if grad:
+                with FlopCounterMode(display=False) as fb:
+                    one_pass(b, kind, 1, backward=True)()
+                both = fb.get_total_flops()
+    finally:
+        if ac:
+            b.models.enable_activation_checkpointing()
+    return fwd.get_total_flops(), both - fwd.get_total_flops()
+
+
+def pass_table(b: Built, snaps: list[tuple[Counter, Counter]], args: Any) -> list[dict[str, Any]]:
+    """Every kind seen in the timed iterations: its counts per repeat, its time alone and its FLOPs."""
+    kinds = sorted({k for calls, _ in snaps for k in calls})
+    rows = []
+    for kind in kinds:
+        component, name, batch, grad = kind
+        f_fwd, f_bwd = flops_per_sample(b, kind, args)
+        row = {"component": component, "name": name, "batch": batch, "grad": grad,
+               "calls": [c[kind] for c, _ in snaps], "backwards": [bw[kind] for _, bw in snaps],
+               "forward_s": device_seconds(one_pass(b, kind, batch, backward=False), b.task.device),
+               "forward_backward_s": None, "forward_flops": f_fwd * batch, "backward_flops": f_bwd * batch}
+        if grad:
+            row["forward_backward_s"] = device_seconds(one_pass(b, kind, batch, backward=True), b.task.device)
+        rows.append(row)
+    return rows
+
+
+def needed(rows: list[dict[str, Any]], r: int) -> tuple[float, int]:
+    """(seconds, FLOPs) of the passes repeat r ran, each pass at its time alone."""
+    seconds, flops = 0.0, 0
+    for row in rows:
+        calls, bw = row["calls"][r], row["backwards"][r]
+        seconds += (calls - bw) * row["forward_s"] + bw * (row["forward_backward_s"] or 0.0)
+        flops += calls * row["forward_flops"] + bw * row["backward_flops"]
+    return seconds, flops
+
+
+def timed_repeats(fn: Any, b: Built, args: Any) -> tuple[list[float], list[tuple[Counter, Counter]], float | None]:
+    """Wall time and pass counts of each repeat; peak memory over the repeats (CUDA only)."""
+    dev = b.task.device
+    if dev.type == "cuda":
+        sync(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    walls, snaps = [], []
+    for r in range(args.repeats):
+        with b.log.counting() as log:
+            sync(dev)
+            t0 = time.perf_counter()
+            fn(r)
+            sync(dev)
+            walls.append(time.perf_counter() - t0)
+        snaps.append((log.calls, log.backwards))
+    peak = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None
+    return walls, snaps, peak
+
+
+def summarise(key: str, walls: list[float], snaps: list, peak: float | None, b: Built, args: Any,
+              images: int) -> dict[str, Any]:
+    rows = pass_table(b, snaps, args)
+    eff = [needed(rows, r)[0] / w for r, w in enumerate(walls)]
+    peak_tflops = args.peak_tflops
+    mfu = [needed(rows, r)[1] / w / (peak_tflops * 1e12) for r, w in enumerate(walls)] if peak_tflops else None
+    out: dict[str, Any] = {}
+    for name, values in ((key, walls), ("efficiency", eff), ("mfu", mfu)):
+        out.update(spread(name, values))
+    med = statistics.median(walls)
+    out.update(images_per_s=images / med, peak_mem_gib=peak, needed_kernel_s=[needed(rows, r)[0] for r in
+               range(len(walls))], flops=[needed(rows, r)[1] for r in range(len(walls))], passes=rows)
+    return out
+
+
+def spread(name: str, values: list[float] | None) -> dict[str, Any]:
+    if values is None:
+        return {name: None, f"{name}_min": None, f"{name}_max": None}
+    return {name: statistics.median(values), f"{name}_min": min(values), f"{name}_max": max(values),
+            f"{name}_all": list(values)}
+
+
+# ---- the benchmarks -------------------------------------------------------------------------------------
+def bench_stage(stage: str, b: Built, args: Any) -> dict[str, Any]:
+    """Stage 1: one cycle (n_fake fake updates + 1 generator update) per repeat. Stage 2: one iteration
+    (rollout_batches rollout batches of 1 prompt x batch samples, then one optimiser step) per repeat."""
+    algo = algorithm(stage, b, args)
+    warm = algo if stage == "1" or args.rollout_batches == 1 else algorithm(stage, b, args, warmup=True)
+    for w in range(args.warmup):
+        warm.step(w)
+    del warm
+    walls, snaps, peak = timed_repeats(lambda r: algo.step(args.warmup + r), b, args)
+    if stage == "1":
+        images = (args.n_fake + 1) * args.batch
+        row = {"stage": "1", "n_fake": args.n_fake, **summarise("cycle_s", walls, snaps, peak, b, args, images)}
+    else:
+        images = args.rollout_batches * args.batch
+        row = {"stage": "2", "rollout_batches": args.rollout_batches,
+               **summarise("iter_s", walls, snaps, peak, b, args, images)}
+    if args.profile:
+        row["profile"] = profile(lambda: algo.step(args.warmup + args.repeats), b.task.device, args, f"stage{stage}")
+    return {"batch": args.batch, **row}
+
+
+def bench_inference(batch: int, b: Built, args: Any) -> dict[str, Any]:
+    """4-step sampling by the generator role (noise, 4 CPS steps, VAE decode, uint8 images on the host; text
+    embeddings computed beforehand), against the bound: the passes it ran, each timed alone."""
+    cond = b.adapter.encode([PROMPTS[i % len(PROMPTS)] for i in range(batch)])
+    sigmas = few_step_sigmas(b.sampler.num_steps, b.sampler.shift)
+    g = torch.Generator().manual_seed(args.seed)
+
+    def once(_: int = 0) -> None:
+        with torch.no_grad():
+            plan = NoisePlan.fresh(batch, b.task.sample_shape, b.sampler.num_steps, g, device=b.task.device)
+            x = sample(lambda x, s: b.roles.generator.velocity(x, s, cond), sigmas, plan, eta=b.sampler.eta).final
+            (b.task.decode(x) * 255).round().to(torch.uint8).cpu()
+
+    for _ in range(max(args.warmup, 1)):
+        once()
+    walls, snaps, peak = timed_repeats(once, b, args)
+    out = summarise("latency_s", walls, snaps, peak, b, args, batch)
+    bound = statistics.median(needed(out["passes"], r)[0] for r in range(len(walls)))
+    row = {"stage": "infer", "batch": batch, **out, "bound_s": bound, "latency_ratio": out["latency_s"] / bound}
+    if args.profile:
+        row["profile"] = profile(once, b.task.device, args, f"infer_b{batch}")
+    return row
+
+
+def profile(fn: Any, device: torch.device, args: Any, label: str, top: int = 20) -> dict[str, Any]:
+    """One more run of fn under torch.profiler: the top kernels (ops on CPU) by self time, device busy time
+    (the union of kernel intervals) and host gaps = wall - busy; written as markdown next to the JSON."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        wall = time.perf_counter() - t0
+    busy, kernels = None, None
+    if cuda:
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == DeviceType.CUDA)
+        kernels, busy_us, end = len(spans), 0.0, float("-inf")
+        for s, e in spans:  # union of intervals
+            busy_us += max(0.0, e - max(s, end))
+            end = max(end, e)
+        busy = busy_us / 1e6
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    avg = sorted(prof.key_averages(), key=lambda a: getattr(a, attr), reverse=True)[:top]
+    rows = [{"name": a.key[:120], "calls": a.count, "self_s": getattr(a, attr) / 1e6} for a in avg]
+    summary = {"wall_s": wall, "device_busy_s": busy, "host_gap_s": wall - busy if busy is not None else None,
+               "kernels": kernels, "top_by": "self device time" if cuda else "self CPU time", "top": rows}
+    path = args.out.with_name(f"{args.out.stem}.profile_{label}.md")
+    lines = [f"# Profile of `{label}` ({args.arch}, batch {args.batch}, {args.resolution} px)", "",
+             f"wall {wall:.4f} s; device busy {busy if busy is None else round(busy, 4)} s; host gaps "
+             f"{summary['host_gap_s'] if busy is None else round(wall - busy, 4)} s; kernels {kernels}", "",
+             f"| op or kernel (top {top} by {summary['top_by']}) | calls | self s |", "|---|---|---|"]
+    lines += [f"| `{r['name']}` | {r['calls']} | {r['self_s']:.4f} |" for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return {**summary, "path": str(path)}
+
+
+# ---- provenance, table, entry point ---------------------------------------------------------------------
+def provenance(args: Any) -> dict[str, Any]:
+    import diffusers
+    import peft
+    import transformers
+
+    cuda = args.device.type == "cuda"
+    driver = None
+    if cuda and shutil.which("nvidia-smi"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+    return {"command": command(args), "gpu": torch.cuda.get_device_name(args.device) if cuda else None,
+            "driver": driver, "cpu": platform.processor() or platform.machine(),
+            "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def command(args: Any) -> str:
+    """The run as one `tiltflow bench` command with every setting spelled out."""
+    parts = ["tiltflow", "bench"]
+    for k, v in sorted(vars(args).items()):
+        if k in ("func", "verb") or v is None or v is False:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            parts.append(flag)
+        else:
+            parts += [flag, str(v)]
+    if args.activation_checkpointing is False:
+        parts.append("--no-activation-checkpointing")
+    return " ".join(parts)
+
+
+def fmt(v: Any, spec: str = ".3g") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    head = "| stage | batch | seconds (median, min-max) | images/s | peak GiB | MFU | efficiency | latency ratio |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        if "error" in r:
+            lines.append(f"| {r['stage']} | {r.get('batch', '-')} | {r['error'][:60]} | | | | | |")
+            continue
+        key = {"1": "cycle_s", "2": "iter_s", "infer": "latency_s"}[r["stage"]]
+        secs = f"{r[key]:.4g} ({r[key + '_min']:.4g}-{r[key + '_max']:.4g})"
+        lines.append(f"| {r['stage']} | {r['batch']} | {secs} | {fmt(r['images_per_s'])} | {fmt(r['peak_mem_gib'])} "
+                     f"| {fmt(r['mfu'])} | {fmt(r['efficiency'])} | {fmt(r.get('latency_ratio'))} |")
+    return "\n".join(lines)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def guarded(stage: str, batch: int, fn: Any, *fn_args: Any) -> dict[str, Any]:
+    """A run's row, or the error that stopped it (out of memory) so that the other runs still happen."""
+    try:
+        return fn(*fn_args)
+    except torch.OutOfMemoryError as err:
+        return {"stage": stage, "batch": batch, "error": f"out of memory: {str(err).splitlines()[0][:200]}"}
+
+
+def run_bench(args: Any) -> int:
+    """Run the stages asked, write args.out (after each run) and print the table; 1 if a run failed."""
+    args.device = torch.device(args.device)
+    if args.peak_tflops is None and args.device.type == "cuda":
+        name = torch.cuda.get_device_name(args.device)
+        args.peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    if args.guidance_scale is None:
+        args.guidance_scale = GUIDANCE.get(args.arch, 4.5)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    report: dict[str, Any] = {
+        "provenance": provenance(args), "settings": {k: str(v) for k, v in vars(args).items() if k != "func"},
+        "notes": "random weights; stub text embeddings (as from the text-embedding cache; text encoding not "
+                 "timed); brightness reward through the full VAE decoder; bf16 autocast and bf16 frozen base on "
+                 "CUDA, fp32 LoRA; stage 2 = one iteration of rollout_batches rollout batches (the reference "
+                 "accumulates 16)", "runs": []}
+    stages = ["1", "infer", "2"] if args.stage == "all" else [args.stage]
+    dyn = {k: v for k, v in (("recompile_limit", 64), ("accumulated_recompile_limit", 4096),
+                             ("automatic_dynamic_shapes", False)) if hasattr(torch._dynamo.config, k)}
+
+    def save(row: dict[str, Any]) -> None:
+        report["runs"].append({"arch": args.arch, "layout": args.layout, "resolution": args.resolution, **row})
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+    with torch._dynamo.config.patch(**dyn):  # one static graph per shape, several roles per block
+        built: Built | None = None
+        for stage in stages:
+            if built is None or stage == "2":
+                built = None
+                free(args.device)
+                built = build(args, stage2=stage == "2")
+            if stage == "infer":
+                for batch in sorted({1, args.batch}):
+                    save(guarded("infer", batch, bench_inference, batch, built, args))
+            else:
+                save(guarded(stage, args.batch, bench_stage, stage, built, args))
+    print(table(report["runs"]))
+    print(f"wrote {args.out}")
+    return 1 if any("error" in r for r in report["runs"]) else 0
+
+
+def add_arguments(p: Any) -> None:
+    import argparse
+
+    p.add_argument("--arch", required=True, choices=ARCHS, help="architecture (random weights); tiny_* for CPU")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--stage", choices=STAGES, default="all", help="1 (AC-DMD cycle), 2 (RTDMD iteration), infer, "
+                   "or all (1, infer, 2)")
+    p.add_argument("--batch", type=int, default=9, help="per-GPU batch; stage 2: the group size of one rollout "
+                   "batch (1 prompt); infer: batch 1 and this batch")
+    p.add_argument("--layout", choices=["shared", "separate"], default="shared")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--attention-backend", default="auto",
+                   choices=["auto", "default", "cudnn", "flash", "efficient", "math"])
+    p.add_argument("--compile", choices=["none", "blocks"], default="none",
+                   help="torch.compile each transformer block, before anything runs")
+    p.add_argument("--repeats", type=int, default=3, help="timed iterations (median, min, max)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s for MFU (default: 989 "
+                   "on H100/H200, bf16; otherwise MFU is None unless given)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float, default=None, help="teacher CFG (default: the arch's)")
+    p.add_argument("--eta", type=float, default=0.9)
+    p.add_argument("--num-steps", type=int, default=4)
+    p.add_argument("--n-fake", type=int, default=10, help="stage 1: fake updates per generator update")
+    p.add_argument("--rollout-batches", type=int, default=1, help="stage 2: rollout batches per iteration "
+                   "(reference 16)")
+    p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--lora-alpha", type=float, default=64.0)
+    p.add_argument("--profile", action="store_true", help="also profile one more iteration (torch.profiler): "
+                   "<out>.profile_<stage>.md")
+    p.add_argument("--out", type=Path, required=True, help="JSON file")
