@@ -138,15 +138,14 @@ class FiniteGuard:
            grads: Sequence[nn.Parameter] | None = None) -> bool:
         """True when every value (a scalar, or a tensor such as a batch of rewards) is finite on every rank.
         `grads`: the update's parameters, searched for the non-finite gradients on failure only."""
-        flags = torch.stack([torch.isfinite(torch.as_tensor(v).detach()).all() for v in values.values()])
-        everywhere = self.comm.all_gather(flags[None].float()).bool()  # (ranks, values): one sync, every rank
-        if bool(everywhere.all()):
+        values = {k: _local(v) for k, v in values.items()}
+        device = next((v.device for v in values.values() if isinstance(v, Tensor)), None)
+        flags = torch.stack([torch.isfinite(torch.as_tensor(v, device=device).detach()).all()
+                             for v in values.values()]).tolist()  # one host sync
+        if not self.comm.any(not all(flags)):  # every rank agrees, so all stop (or skip) together
             return True
-        bad = [name for name, ok in zip(values, flags.tolist()) if not ok]
-        others = sorted(r for r in range(everywhere.shape[0]) if r != self.comm.rank and not everywhere[r].all())
-        what = ", ".join(f"{name} = {_first_bad(values[name])}" for name in bad)
-        if others:
-            what += (" and " if what else "") + f"values on rank(s) {others}"
+        bad = [name for name, ok in zip(values, flags) if not ok]
+        what = ", ".join(f"{name} = {_first_bad(values[name])}" for name in bad) or "values on another rank"
         details = [_where_bad(name, values[name]) for name in bad if torch.as_tensor(values[name]).numel() > 1]
         details += _bad_gradients(grads) if grads is not None else []
         where = f"non-finite {what} at step {step} in the {update}" + (f" ({'; '.join(details)})" if details else "")
@@ -163,6 +162,11 @@ class FiniteGuard:
     def metrics(self) -> dict[str, float]:
         """`skipped_updates` (the run's total so far) when skipping is on."""
         return {"skipped_updates": float(self.skipped)} if self.on_nonfinite == "skip" else {}
+
+
+def _local(value: Tensor | float) -> Tensor | float:
+    """A sharded (DTensor) value, e.g. the gradient norm under FSDP2, as a plain tensor."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
 def _first_bad(value: Tensor | float) -> float:
