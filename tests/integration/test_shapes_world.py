@@ -111,3 +111,11 @@ def test_eval_run_of_the_teacher(models_dir):
     metrics = json.loads(next((models_dir / "eval").glob("teacher_*_metrics.json")).read_text())
     assert set(metrics) >= {"verifier/overall", "reward/clip", "num_steps"}
     assert time.monotonic() - t < 60
+
+
+def test_model_cards_are_filled(models_dir):
+    calls = [json.loads(line) for line in (models_dir / "calls.jsonl").read_text().splitlines()]
+    assert len(calls) == 2 and all(c["seconds"] > 0 and c["device"].startswith("CPU") for c in calls)
+    for folder in ("text_encoder", "reward_model", "teacher"):
+        card = (models_dir / folder / "README.md").read_text()
+        assert "| seed | 0 |" in card and "2 call(s)" in card and "{" not in card.split("model section")[0]

@@ -45,16 +45,23 @@ def ensure_text_encoder(cfg: ShapesRunConfig) -> Path:
 
 def train_world_models(cfg: ShapesRunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Text encoder, reward model, teacher, in that order; each resumes or is skipped when done."""
+    from tiltflow.worlds.shapes.cards import record_call, write_cards
     from tiltflow.worlds.shapes.reward_model import train_reward_model
 
-    deadline = time.monotonic() + cfg.teacher.time_limit_s
+    started, t0 = time.time(), time.monotonic()
+    deadline = t0 + cfg.teacher.time_limit_s
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     ensure_text_encoder(cfg)
     out: dict[str, Any] = {}
     out.update(train_reward_model(cfg, deadline, progress=progress))
     if out.get("reward_model/finished", 0.0) == 1.0:
         out.update(train_teacher(cfg, deadline, progress=progress))
     out["finished"] = float(out.get("teacher/finished", 0.0) == 1.0)
-    if out["finished"] != 1.0:
+    record_call(Path(cfg.run_dir), cfg.device, started, time.monotonic() - t0)
+    if out["finished"] == 1.0:
+        write_cards(Path(cfg.run_dir), cfg)
+        print("teacher finished; model cards written into text_encoder/, reward_model/ and teacher/ (README.md)")
+    else:
         print(f"time limit ({cfg.teacher.time_limit_s:.0f} s) reached; run the same command again to resume")
     return out
 
