@@ -132,3 +132,21 @@ def test_noise_tolerance():
 def test_matching_prefers_coloured_groups():
     red_circle = [d for d in detect(R.render(parse("a photo of a red circle and a blue square"), 32, 0))]
     assert check(Scene((Group("circle"), Group("square", 1, "blue"))), red_circle).passed
+
+
+def test_component_labelling_matches_scipy():
+    """The numpy labelling (no scipy at run time) partitions random colour maps as scipy.ndimage.label does."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    from tiltflow.worlds.shapes.verifier import label_components
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        colours = rng.integers(-1, 3, size=(rng.integers(1, 20), rng.integers(1, 20)))
+        ours = label_components(colours)
+        assert np.array_equal(ours < 0, colours < 0)
+        for c in range(3):
+            ref, n = ndimage.label(colours == c)
+            for k in range(1, n + 1):
+                values = np.unique(ours[ref == k])
+                assert values.size == 1  # one component of scipy's is one of ours ...
+                assert np.array_equal(ours == values[0], ref == k)  # ... and exactly it

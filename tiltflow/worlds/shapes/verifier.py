@@ -50,24 +50,46 @@ def classify_fill(fill: float) -> str:
     return "circle" if fill >= CIRCLE_MIN_FILL else "triangle"
 
 
+def label_components(colours: np.ndarray) -> np.ndarray:
+    """4-connected components of equal, non-negative values of an (H, W) int map: each pixel gets the
+    smallest flat index of its component (-1 where the map is negative). Minimum-label propagation with
+    pointer jumping: a label is always a pixel of the same component, so taking that pixel's label is
+    allowed and lets labels travel further than one pixel a pass."""
+    h, w = colours.shape
+    big = h * w
+    labels = np.where(colours >= 0, np.arange(big).reshape(h, w), big)
+    while True:
+        new = labels.copy()
+        same_v = (colours[1:] == colours[:-1]) & (colours[1:] >= 0)  # pixel and the one above it
+        same_h = (colours[:, 1:] == colours[:, :-1]) & (colours[:, 1:] >= 0)  # pixel and its left neighbour
+        new[1:] = np.where(same_v, np.minimum(new[1:], labels[:-1]), new[1:])
+        new[:-1] = np.where(same_v, np.minimum(new[:-1], labels[1:]), new[:-1])
+        new[:, 1:] = np.where(same_h, np.minimum(new[:, 1:], labels[:, :-1]), new[:, 1:])
+        new[:, :-1] = np.where(same_h, np.minimum(new[:, :-1], labels[:, 1:]), new[:, :-1])
+        valid = new < big
+        new[valid] = new.ravel()[new[valid]]  # jump: the label of my label
+        if np.array_equal(new, labels):
+            return np.where(colours >= 0, labels, -1)
+        labels = new
+
+
 def detect(image: np.ndarray) -> list[Detection]:
     """Objects in an (H, W, 3) image (uint8, or float in [0, 255])."""
-    from scipy import ndimage
-
     h, w, _ = image.shape
     dist = np.linalg.norm(image.astype(np.float64)[:, :, None, :] - _REFS[None, None], axis=-1)  # (H, W, C+1)
     nearest = dist.argmin(-1)
     nearest[dist.min(-1) >= COLOUR_RADIUS] = -1  # ambiguous pixels belong to no colour
+    nearest[nearest == len(_NAMES) - 1] = -1  # nor does the background
     min_area = max(2, int(MIN_AREA_FRACTION * h * w))
+    labels = label_components(nearest)
     out: list[Detection] = []
-    for ci, name in enumerate(_NAMES[:-1]):
-        labels, n = ndimage.label(nearest == ci)  # 4-connectivity
-        for k in range(1, n + 1):
-            ys, xs = np.nonzero(labels == k)
-            if ys.size < min_area:
-                continue
-            box = (int(ys.max() - ys.min()) + 1) * (int(xs.max() - xs.min()) + 1)
-            out.append(Detection(name, classify_fill(ys.size / box), float(xs.mean()), float(ys.mean()), int(ys.size)))
+    for k in np.unique(labels[labels >= 0]):
+        ys, xs = np.nonzero(labels == k)
+        if ys.size < min_area:
+            continue
+        box = (int(ys.max() - ys.min()) + 1) * (int(xs.max() - xs.min()) + 1)
+        name = _NAMES[int(nearest[ys[0], xs[0]])]
+        out.append(Detection(name, classify_fill(ys.size / box), float(xs.mean()), float(ys.mean()), int(ys.size)))
     return out
 
 
