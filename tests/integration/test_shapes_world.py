@@ -119,3 +119,11 @@ def test_model_cards_are_filled(models_dir):
     for folder in ("text_encoder", "reward_model", "teacher"):
         card = (models_dir / folder / "README.md").read_text()
         assert "| seed | 0 |" in card and "2 call(s)" in card and "{" not in card.split("model section")[0]
+
+
+def test_time_limit_finish_exports_what_it_has(tmp_path):
+    """on_time_limit=finish: one call out of time still leaves a reward model and a teacher (after 1 step each)."""
+    out = train(_cfg("stage=teacher", f"run_dir={tmp_path}", "teacher.time_limit_s=1e-9",
+                     "teacher.on_time_limit=finish"), progress=False)
+    assert out["finished"] == 1.0 and out["teacher/step"] == 1.0 and out["reward_model/step"] == 1.0
+    assert "| training steps | 1 of 4 planned |" in (tmp_path / "teacher" / "README.md").read_text()

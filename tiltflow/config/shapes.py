@@ -57,6 +57,9 @@ class TeacherTrainSpec:
     ema_decay: float = 0.999
     num_images: int = 100000  # rendered once into the run directory (data.npy), cycled through
     time_limit_s: float = 540.0  # one call stops (after a checkpoint) past this; call again to resume
+    # At the time limit: "pause" (checkpoint; the next call resumes) or "finish" (also export the EMA teacher
+    # as it stands, so one call always yields a teacher; num_iters is then an upper bound).
+    on_time_limit: Literal["pause", "finish"] = "pause"
     checkpoint_every: int = 1000
     log_every: int = 100
 

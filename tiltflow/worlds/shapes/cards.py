@@ -24,6 +24,7 @@ TEMPLATE = """# shapes world: {title}
 | seed | {seed} |
 | device | {device} |
 | wall time | {wall_s:.0f} s over all calls (this model: {model_s:.0f} s of training) |
+| training steps | {steps} |
 | git commit | {commit} |
 | size | {size_mb:.2f} MB ({dtype} safetensors) |
 | config | `config.yaml` of the run directory; model section: `{model}` |
@@ -92,12 +93,20 @@ def _model_seconds(path: Path) -> float:
     return total + last
 
 
+def _steps(path: Path, planned: int) -> str:
+    if not path.is_file():
+        return "none (not trained)"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return f"{rows[-1]['step'] if rows else 0} of {planned} planned"
+
+
 def write_cards(run_dir: Path, cfg: Any) -> list[Path]:
     """README.md in each model folder of a finished teacher-stage run directory."""
     log = run_dir / CALLS
     calls = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     commands = sorted({c["command"] for c in calls}) or ["(unknown)"]
     written = []
+    planned = {"reward_model": cfg.reward_model.num_iters, "teacher": cfg.teacher.num_iters, "text_encoder": 0}
     for folder, (title, what, load, metrics) in CARDS.items():
         d = run_dir / folder
         weights = sorted(d.glob("*.safetensors"))
@@ -109,7 +118,8 @@ def write_cards(run_dir: Path, cfg: Any) -> list[Path]:
                                wall_s=sum(c["seconds"] for c in calls),
                                model_s=_model_seconds(run_dir / metrics) if metrics else 0.0, commit=_commit(),
                                size_mb=size, dtype=dtype, model=json.dumps(vars(cfg.model)), load=load,
-                               metrics_file=metrics or "(none: not trained)", extra=extra)
+                               metrics_file=metrics or "(none: not trained)", extra=extra,
+                               steps=_steps(run_dir / metrics, planned[folder]) if metrics else "none (not trained)")
         (d / "README.md").write_text(text)
         written.append(d / "README.md")
     return written

@@ -136,7 +136,9 @@ def train_reward_model(cfg: ShapesRunConfig, deadline: float, *, progress: bool 
         if step % rc.checkpoint_every == 0 or time.monotonic() > deadline:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt)
             if time.monotonic() > deadline and step < rc.num_iters:
-                return {"reward_model/finished": 0.0, "reward_model/step": float(step)}
+                if cfg.teacher.on_time_limit == "pause":
+                    return {"reward_model/finished": 0.0, "reward_model/step": float(step)}
+                break  # "finish": export the reward model as it stands
     save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt)
     export_clip(model, tokenizer, cfg.model.resolution, final_dir)
     return {"reward_model/finished": 1.0, "reward_model/step": float(step)}

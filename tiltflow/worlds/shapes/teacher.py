@@ -143,7 +143,10 @@ def train_teacher(cfg: ShapesRunConfig, deadline: float, *, progress: bool = Tru
         if step % tc.checkpoint_every == 0 or time.monotonic() > deadline:
             save(step)
             if time.monotonic() > deadline and step < tc.num_iters:
-                return {"teacher/finished": 0.0, "teacher/step": float(step)}
+                if tc.on_time_limit == "pause":
+                    return {"teacher/finished": 0.0, "teacher/step": float(step)}
+                print(f"time limit reached at step {step} of {tc.num_iters}: exporting the teacher as it stands")
+                break
     save(step)
     export_teacher(ema, final_dir)
     return {"teacher/finished": 1.0, "teacher/step": float(step)}
