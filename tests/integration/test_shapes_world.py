@@ -110,6 +110,8 @@ def test_eval_run_of_the_teacher(models_dir):
     assert main(["eval", "--run", str(models_dir)]) == 0
     metrics = json.loads(next((models_dir / "eval").glob("teacher_*_metrics.json")).read_text())
     assert set(metrics) >= {"verifier/overall", "reward/clip", "num_steps"}
+    accuracy = json.loads((models_dir / "eval" / "reward_model_metrics.json").read_text())
+    assert 0.0 <= accuracy["reward_model/pairwise_colour"] <= 1.0 and "reward_model/pairwise_position" in accuracy
     assert time.monotonic() - t < 60
 
 

@@ -168,3 +168,24 @@ def load_clip_reward(folder: str | Path, device: str = "cpu", name: str = "clip"
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     encoder = ClipEncoder(model=model, tokenizer=tokenizer, preprocess=ImagePreprocess.from_pretrained(path))
     return ClipSimilarityReward(encoder, name=name, scale=100.0)
+
+
+@torch.no_grad()
+def hard_negative_accuracy(reward: Any, scenes: list[Scene], size: int, *, seed: int = 777,
+                           per_kind: int = 2, batch_size: int = 128) -> dict[str, float]:
+    """How often the reward scores a render's own caption above each of its hard negatives (up to
+    `per_kind` of each kind), by kind: reward_model/pairwise_{colour,count,shape,position}."""
+    from tiltflow.worlds.shapes.render import render, to_tensor_images
+
+    pairs = [(i, s.text, n.text, kind) for i, s in enumerate(scenes)
+             for kind, negs in hard_negatives(s).items() for n in negs[:per_kind]]
+    images = to_tensor_images(np.stack([render(s, size, seed + i) for i, s in enumerate(scenes)]))
+    wins: dict[str, list[bool]] = {}
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        x = images[[i for i, *_ in chunk]]
+        pos = reward(x, [p for _, p, _, _ in chunk]).scores
+        neg = reward(x, [n for _, _, n, _ in chunk]).scores
+        for (_, _, _, kind), win in zip(chunk, (pos > neg).tolist()):
+            wins.setdefault(kind, []).append(bool(win))
+    return {f"reward_model/pairwise_{k}": float(np.mean(v)) for k, v in wins.items()}
