@@ -152,7 +152,8 @@ def build(args: Any, stage2: bool) -> Built:
     adapter = adapter_class(family).random(args.arch, seed=args.seed, device=args.device, text_encoders=False,
                                            attention_backend=args.attention_backend, **extra)
     gen_base = adapter.random_transformer(seed=args.seed + 1) if family == "flux2" else None
-    s1 = stage1_lora(adapter, gen_base or adapter.transformer, args.lora_rank, args.seed) if stage2 else None
+    gen_init = gen_base if gen_base is not None else adapter.transformer
+    s1 = stage1_lora(adapter, gen_init, args.lora_rank, args.seed) if stage2 else None
     models = build_roles(adapter, layout=args.layout, lora=LoraSettings(args.lora_rank, args.lora_alpha),
                          generator_base=gen_base, stage1_generator=s1)
     apply_parallel_plan(models, ParallelConfig(activation_checkpointing=args.activation_checkpointing), LOCAL)
@@ -478,7 +479,9 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def free(device: torch.device) -> None:
+def free(device: torch.device, compiled: bool) -> None:
+    if compiled:  # compiled code holds the old models through its guards
+        torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -521,7 +524,7 @@ def run_bench(args: Any) -> int:
         for stage in stages:
             if built is None or stage == "2":
                 built = None
-                free(args.device)
+                free(args.device, args.compile != "none")
                 built = build(args, stage2=stage == "2")
             if stage == "infer":
                 for batch in sorted({1, args.batch}):
