@@ -81,6 +81,7 @@ def _check_infer(run, batch):
     assert run["latency_ratio"] == pytest.approx(run["latency_s"] / run["bound_s"]) and run["bound_s"] > 0
 
 
+@pytest.mark.slow  # ~10-20 s each on 2 busy cores
 @pytest.mark.parametrize("arch,peak", [("tiny_sd3", None), ("tiny_flux2", "1.0")])
 def test_bench_all_stages_on_cpu(tmp_path, arch, peak):
     report = _bench(tmp_path, arch, *(["--peak-tflops", peak] if peak else []))
