@@ -1,7 +1,7 @@
 """`tiltflow bench` on the CPU with tiny architectures: every run yields finite positive times, the passes
 counted during the timed iteration are the ones the algorithms' structure implies (stage 1: n_fake fake
 updates and one generator update; stage 2: one rollout batch of RTDMD's terms; inference: K forwards and
-one decode), efficiency is a plausible ratio, and what the CPU cannot measure is None."""
+one decode), efficiency is a positive finite ratio, and what the CPU cannot measure is None."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ def _check_common(run, key):
     for v in run[f"{key}_all"]:
         assert math.isfinite(v) and v > 0
     assert 0 < run[f"{key}_min"] <= run[key] <= run[f"{key}_max"]
-    assert 0 < run["efficiency"] <= 1.5, run["efficiency"]
+    # A ratio of two timings: positive and finite. No upper bound: on a busy CPU a pass timed alone can take
+    # longer than the same pass inside the iteration (tests must not depend on timing).
+    assert 0 < run["efficiency"] and math.isfinite(run["efficiency"]), run["efficiency"]
     assert run["images_per_s"] > 0
     assert run["peak_mem_gib"] is None  # CPU: nothing measured, no number made up
     for p in run["passes"]:
