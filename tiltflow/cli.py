@@ -71,11 +71,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.out is None:
         raise UsageError("--out is required (gmm: a .npy file; diffusers: a folder)")
     cfg = _run_config(args.run, args.overrides) if args.run is not None else _load(args.config, args.overrides)
-    world = _world(cfg, "sample")
-    if cfg.world == "gmm":
-        print(world.sample(cfg, num=args.num, prompt=args.prompt, seed=args.seed, out=args.out))
-    else:
-        print(world.sample(cfg, texts=args.text, out=args.out))
+    print(_world(cfg, "sample").sample(cfg, out=args.out, texts=args.text, num=args.num, prompt=args.prompt,
+                                        seed=args.seed))
     return 0
 
 
@@ -157,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", action="append", default=[], help="diffusers: a prompt (repeatable; default: the "
                    "config's prompts)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    p.add_argument("--num", type=int, default=1000, help="gmm: number of samples")
-    p.add_argument("--prompt", type=int, default=0, help="gmm: prompt (condition) index")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=int, default=None, help="gmm: number of samples (default 1000)")
+    p.add_argument("--prompt", type=int, default=None, help="gmm: prompt (condition) index (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: gmm 0, else sample.seed)")
     p.add_argument("--out", type=Path, default=None, help="gmm: output .npy file, shape (num, dim); diffusers: "
                    "output folder")
     p.set_defaults(func=cmd_sample)

@@ -77,3 +77,16 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     if is_main_process():
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     return run_dir
+
+
+def text_sample_settings(sample: Any, num: int | None, prompt: int | None, seed: int | None) -> Any:
+    """A text-to-image world's sample settings under `tiltflow sample`'s options: --seed replaces
+    sample.seed; --num and --prompt belong to worlds whose prompts are indices (gmm) and are refused."""
+    import dataclasses
+
+    from tiltflow.config.loader import UsageError
+
+    if num is not None or prompt is not None:
+        raise UsageError("--num and --prompt are for a gmm run; here give prompts with --text (repeatable) and "
+                         "the count per prompt with sample.num_per_prompt=N")
+    return sample if seed is None else dataclasses.replace(sample, seed=seed)

@@ -24,7 +24,7 @@ from tiltflow.config.loader import ConfigError
 from tiltflow.config.schema import STAGE1_STAGES, SamplerConfig
 from tiltflow.models.ema import EMA
 from tiltflow.rewards.base import RewardOutput, RewardSet
-from tiltflow.worlds.base import WorldSetup
+from tiltflow.worlds.base import WorldSetup, text_sample_settings
 
 
 # ---- rewards ------------------------------------------------------------------------------------------
@@ -246,8 +246,10 @@ class DiffusersWorld:
 
         return WorldSetup(task, models, sampler, finish, describe_fault=describe_fault)
 
-    def sample(self, cfg: DiffusersRunConfig, *, texts: Sequence[str], out: Path) -> str:
+    def sample(self, cfg: DiffusersRunConfig, *, out: Path, texts: Sequence[str] = (), num: int | None = None,
+               prompt: int | None = None, seed: int | None = None) -> str:
         """`tiltflow sample --config configs/<family>/sample.yaml --out DIR`: PNGs, index.jsonl, grid.png."""
+        cfg = dataclasses.replace(cfg, sample=text_sample_settings(cfg.sample, num, prompt, seed))
         paths = sample(cfg, list(texts) or read_prompts(cfg), out)
         return f"wrote {len(paths)} images, index.jsonl and a captioned grid.png to {out}"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,9 +138,14 @@ class GMMWorld:
         return WorldSetup(task, models, cfg.sampler, finish, evaluate_now, cfg.eval.every,
                           {"model": f"gmm MLP {cfg.model.hidden}x{cfg.model.depth}"})
 
-    def sample(self, cfg: GMMRunConfig, *, num: int, prompt: int, seed: int, out: Path) -> str:
-        """`tiltflow sample --run DIR`: (num, dim) samples of one prompt as .npy; a teacher run samples the
-        teacher with its many-step Euler sampler, a stage run its EMA generator in sampler.num_steps CPS steps."""
+    def sample(self, cfg: GMMRunConfig, *, out: Path, texts: Sequence[str] = (), num: int | None = None,
+               prompt: int | None = None, seed: int | None = None) -> str:
+        """`tiltflow sample --run DIR`: (num, dim) samples of one prompt as .npy (default 1000 of prompt 0,
+        seed 0); a teacher run samples the teacher with its many-step Euler sampler, a stage run its EMA
+        generator in sampler.num_steps CPS steps."""
+        if texts:
+            raise UsageError("a gmm problem's prompts are indices: use --prompt I, not --text")
+        num, prompt, seed = 1000 if num is None else num, 0 if prompt is None else prompt, seed or 0
         gmm = build_gmm(cfg.problem)
         if not 0 <= prompt < gmm.num_prompts:
             raise UsageError(f"--prompt {prompt} out of range: this problem has prompts 0..{gmm.num_prompts - 1}")

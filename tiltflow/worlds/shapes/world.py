@@ -18,7 +18,7 @@ from tiltflow.config.schema import STAGE1_STAGES
 from tiltflow.config.shapes import ShapesRunConfig
 from tiltflow.models.ema import EMA
 from tiltflow.rewards.base import RewardSet
-from tiltflow.worlds.base import WorldSetup
+from tiltflow.worlds.base import WorldSetup, text_sample_settings
 from tiltflow.worlds.diffusers_world import generator_export
 from tiltflow.worlds.shapes.evaluate import eval_prompts, evaluate_samples, write_eval, write_marked_grid
 from tiltflow.worlds.shapes.models import ShapesAdapter
@@ -175,16 +175,22 @@ class ShapesWorld:
             write_eval(run_dir, "final", metrics, images, prompts)
             return metrics
 
-        description = {"model": f"shapes SD3 teacher from {cfg.models_dir}", "family": "sd3 (pixel space)"}
-        return WorldSetup(task, models, cfg.sampler, finish, evaluate if cfg.eval.every else None, cfg.eval.every,
-                          description)
+        def describe_fault(err: BaseException, where: str) -> BaseException | None:
+            from tiltflow.models.adapters.common import describe_failure, is_device_failure
 
-    def sample(self, cfg: ShapesRunConfig, *, texts: Sequence[str], out: Path) -> str:
+            return describe_failure(adapter, where, err) if is_device_failure(err) else None
+
+        return WorldSetup(task, models, cfg.sampler, finish, evaluate if cfg.eval.every else None, cfg.eval.every,
+                          describe_fault)
+
+    def sample(self, cfg: ShapesRunConfig, *, out: Path, texts: Sequence[str] = (), num: int | None = None,
+               prompt: int | None = None, seed: int | None = None) -> str:
         """Few-step samples of a finished stage run: PNGs, index.jsonl (file, prompt, seed), a marked grid."""
         import dataclasses
 
         from PIL import Image
 
+        cfg = dataclasses.replace(cfg, sample=text_sample_settings(cfg.sample, num, prompt, seed))
         prompts = check_prompts(list(texts)) if texts else read_prompts(cfg)
         init_state = None if cfg.sample.weights == "base" else read_final(cfg.run_dir)
         if cfg.lora.finetune == "lora":
