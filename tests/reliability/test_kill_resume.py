@@ -79,10 +79,7 @@ def test_kills_at_random_times_then_resume(reference, train_args, tmp_path):
         while child.proc.is_alive() and not in_loop(child, run_dir, started):
             time.sleep(0.001)
         time.sleep(rng.uniform(0.0, loop_s))
-        if child.proc.is_alive():
-            child.kill()
-        else:
-            assert child.join() == 0, child.text()
+        child.kill(may_have_finished=True)  # the sleep may outlast the run
         if (run_dir / "checkpoint.pt").exists():
             load(run_dir / "checkpoint.pt")  # whatever the moment, the checkpoint on disk is a whole one
     run_to_end(argv, tmp_path / "resumed.log")
