@@ -52,13 +52,15 @@ class ACDMD:
 
     def step(self, it: int) -> dict[str, float]:
         cfg, K = self.cfg, self.sampler.num_steps
-        g = streams(self.seed, it, "stage1", self.comm.rank, self.comm.world_size).local
+        rng = streams(self.seed, it, "stage1", self.comm.rank, self.comm.world_size)
+        g = rng.local
         metrics = MeanMetrics()
         # Two time scales (METHOD.md 4.4): n_fake fake-score updates, then one generator update.
         for _ in range(cfg.n_fake):
             with self.phase("fake update"):
                 batch = Batch.draw(self.task, cfg.batch_size, g)
-                k = int(torch.randint(K, (1,), generator=g))  # random stop, whole batch
+                # Random stop, whole batch, the same on every rank (sharded passes must match in number).
+                k = int(torch.randint(K, (1,), generator=rng.shared))
                 with torch.no_grad():
                     x_s, s = self.rollout(k, batch, g, with_grad=False)
                 out = fake_loss(self.roles, x_s, s, batch.cond, self.fake, g)
@@ -69,7 +71,7 @@ class ACDMD:
             metrics.add(out.metrics)
         with self.phase("generator update"):
             batch = Batch.draw(self.task, cfg.batch_size, g)
-            k = int(torch.randint(K, (1,), generator=g))
+            k = int(torch.randint(K, (1,), generator=rng.shared))
             x_s, s = self.rollout(k, batch, g, with_grad=True)
             out = dm_loss(self.roles, x_s, s, batch, self.dm, g)
             grad_norm = backward_clipped(self.state.gen_opt, out.loss, self.roles.generator_params, cfg.grad_clip)

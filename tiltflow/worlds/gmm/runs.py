@@ -135,8 +135,7 @@ class GMMWorld:
                     write_run_plots(run_dir, cfg, samples, reference, cfg.stage)
             return final
 
-        return WorldSetup(task, models, cfg.sampler, finish, evaluate_now, cfg.eval.every,
-                          {"model": f"gmm MLP {cfg.model.hidden}x{cfg.model.depth}"})
+        return WorldSetup(task, models, cfg.sampler, finish, evaluate_now, cfg.eval.every)
 
     def sample(self, cfg: GMMRunConfig, *, out: Path, texts: Sequence[str] = (), num: int | None = None,
                prompt: int | None = None, seed: int | None = None) -> str:
