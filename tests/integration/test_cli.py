@@ -182,3 +182,22 @@ def test_help_states_the_exit_codes(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "exit codes: 0 success, 2 usage/config/input error, 1 failure while running" in capsys.readouterr().out
+
+
+def test_diffusers_bad_prompt_file_and_unknown_reward_fail_before_any_model_loads(tmp_path, capsys):
+    binary = tmp_path / "prompts.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x01 not text")
+    common = ["--config", str(tiny_diffusers_yaml(tmp_path)), f"run_dir={tmp_path / 'run'}"]
+    assert main(["train", *common, f"prompt_file={binary}", "prompts=[]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "prompt_file" in err[0] and "UTF-8" in err[0], err
+    assert main(["train", *common, "rewards=[{name: hpsv3}]", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rewards[0].name" in err[0] and "hpsv3" in err[0], err
+
+
+def tiny_diffusers_yaml(tmp_path):
+    path = tmp_path / "tiny_diffusers.yaml"
+    path.write_text("world: diffusers\nstage: ac_dmd\ndevice: cpu\nprompts: [a red cat]\n"
+                    "model: {family: sd3, random_weights: true, arch: tiny_sd3, resolution: 32}\n")
+    return path

@@ -111,6 +111,10 @@ class DiffusersRunConfig(RunConfig):
         if self.model.family_shift and self.sampler.shift != 1.0:
             raise ConfigError("sampler.shift", f"got {self.sampler.shift} while model.family_shift is true (the "
                               "family's own shift is used); set model.family_shift: false to use sampler.shift")
+        for i, c in enumerate(self.rewards):
+            if c.name not in _DIFFERENTIABLE and ":" not in c.name:
+                raise ConfigError(f"rewards[{i}].name", f"unknown reward {c.name!r}; known: "
+                                  f"{', '.join(sorted(_DIFFERENTIABLE))}, or 'package.module:factory'")
         # A reward whose differentiability is unknown here (a user factory) is checked when it is built.
         known = [reward_differentiable(c.name) for c in self.rewards]
         if all(k is not None for k in known):

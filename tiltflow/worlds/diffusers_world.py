@@ -63,7 +63,13 @@ def read_prompts(cfg: DiffusersRunConfig) -> list[str]:
         p = Path(cfg.prompt_file)
         if not p.is_file():
             raise ConfigError("prompt_file", f"{str(p)!r} does not exist")
-        prompts += [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError("prompt_file", f"{str(p)!r} is not UTF-8 text (one prompt per line)") from None
+        if "\x00" in text:
+            raise ConfigError("prompt_file", f"{str(p)!r} holds NUL bytes: expected text, one prompt per line")
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ConfigError("prompt_file", f"{cfg.prompt_file!r} holds no prompts")
     return prompts
@@ -220,11 +226,12 @@ class DiffusersWorld:
         from tiltflow.flow.conventions import few_step_sigmas
 
         stage1 = cfg.stage in STAGE1_STAGES
+        prompts = read_prompts(cfg)  # bad input fails before any model loads
         init_state = _read_final(cfg.init_from)[0] if (not stage1 and cfg.init_from) else None
         adapter, models = build_models(cfg, init_state)
         sampler = resolved_sampler(cfg, adapter)
         scale = teacher_guidance_scale(cfg.model)
-        task = DiffusersTask(adapter, read_prompts(cfg), build_rewards(cfg.rewards, adapter.device), scale,
+        task = DiffusersTask(adapter, prompts, build_rewards(cfg.rewards, adapter.device), scale,
                              cfg.model.resolution)
         resolved = {"sampler_shift": sampler.shift, "sigmas": few_step_sigmas(sampler.num_steps, sampler.shift),
                     "sample_shape": list(task.sample_shape), "teacher_guidance_passes": 2 if scale != 1.0 else 1}
