@@ -68,8 +68,10 @@ def test_missing_model_folder_of_a_diffusers_run(capsys, tmp_path):
     from pathlib import Path
 
     config = Path(__file__).parents[2] / "configs" / "sd3" / "ac_dmd.yaml"
+    # Prompts inline: the reference config's prompt file is the user's to provide (a missing one is its own
+    # one-line error, checked before any model loads).
     assert main(["train", "--config", str(config), f"model.source={tmp_path / 'no_model'}", "device=cpu",
-                 f"run_dir={tmp_path / 'run'}"]) == 2
+                 f"run_dir={tmp_path / 'run'}", "prompt_file=null", "prompts=[a red cat]"]) == 2
     line = one_error_line(capsys, ignore="[transformers]")  # its torchvision notices
     assert str(tmp_path / "no_model") in line and "does not exist" in line
 

@@ -106,7 +106,7 @@ def test_the_fuzzer_reaches_valid_configs():
     # ValueError / RuntimeError, and a seed no generator takes loaded.
     ({"problem": {"rewards": [{"type": "quadratic", "A": [[1.0], [1.0, 2.0]], "b": [0.0, 0.0]}]}},
      "problem.rewards[0]"),
-    ({"problem": {"rewards": [{"type": "quadratic", "A": [], "b": []}]}}, "problem.rewards[0]"),
+    ({"problem": {"rewards": [{"type": "quadratic", "A": [], "b": []}]}}, "problem.rewards[0].A"),  # now checked
     ({"seed": 2**70}, "seed"),
     ({"seed": -1}, "seed"),
 ])

@@ -55,8 +55,10 @@ class RewardSpec:
         if self.type == "quadratic":
             require(self.A is not None and self.b is not None, path, "quadratic reward needs 'A' and 'b'")
             t = torch.tensor(self.A, dtype=torch.float64)
+            require(t.ndim == 2 and t.shape[0] == t.shape[1], join_path(path, "A"),
+                    f"got shape {tuple(t.shape)}, expected a square matrix")
             require(bool(torch.allclose(t, t.T)) and bool(torch.linalg.eigvalsh(t).min() >= 0),
-                   join_path(path, "A"), "must be symmetric positive semi-definite")
+                    join_path(path, "A"), "must be symmetric positive semi-definite")
 
 
 @dataclass
