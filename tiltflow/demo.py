@@ -34,7 +34,7 @@ from tiltflow.worlds.gmm.world import build_gmm
 
 STAGE1_METHODS = {"dmd2": "dmd2", "ac_dmd": "ac_dmd"}
 STAGE2_METHODS = {"grpo_only": "grpo_only", "bp_only": "bp_only", "dm_bp": "dm_bp",
-                  "rtdmd_reference": "rtdmd", "rtdmd_exact": "rtdmd_exact", "rtdmd_tilted": "rtdmd_tilted"}
+                  "rtdmd_reference": "rtdmd", "rtdmd_fullchain": "rtdmd_fullchain", "rtdmd_exact": "rtdmd_exact"}
 METHODS = ["teacher", "teacher_4step", *STAGE1_METHODS, *STAGE2_METHODS]
 TABLE_KEYS = ["reward_mean", "mode_tv", "energy_distance", "kl_estimate", "kl_base_estimate"]
 

@@ -18,13 +18,14 @@ from tiltflow.storage import load
 from tiltflow.training.spine import train
 from tiltflow.worlds.gmm import runs
 
-STAGES = ["ac_dmd", "dmd2", "rtdmd", "rtdmd_exact", "grpo_only", "bp_only", "dm_bp"]
+STAGES = ["ac_dmd", "dmd2", "rtdmd", "rtdmd_fullchain", "rtdmd_exact", "grpo_only", "bp_only", "dm_bp"]
 # Which loss terms each stage logs (the presets switch the others off).
 TERMS = {
     "ac_dmd": {"gen_dm_loss"},
     "dmd2": {"gen_dm_loss"},
     "rtdmd": {"pg_loss", "bp_loss", "dm_loss"},
-    "rtdmd_exact": {"pg_loss", "bp_loss", "dm_loss"},
+    "rtdmd_fullchain": {"pg_loss", "bp_loss", "dm_loss"},
+    "rtdmd_exact": {"dm_loss"},  # the reward enters through the tilted DM target only
     "grpo_only": {"pg_loss"},
     "bp_only": {"bp_loss"},
     "dm_bp": {"bp_loss", "dm_loss"},
@@ -104,7 +105,7 @@ def test_analytic_teacher_stage_runs(make_cfg, tmp_path):
     assert {"pg_loss", "bp_loss", "dm_loss"} <= records(run_dir)[-1].keys()
 
 
-@pytest.mark.parametrize("stage", ["ac_dmd", "rtdmd_exact"])
+@pytest.mark.parametrize("stage", ["ac_dmd", "rtdmd_fullchain"])
 def test_resume_equals_straight_run(stage, make_cfg, tmp_path):
     # ema_every=1 so the EMA (stage 2 default: every 8 steps) is part of what must resume exactly.
     common = ("stage2.ema_every=1",)

@@ -28,7 +28,7 @@ def test_stage2_with_local_differentiable_and_remote_indicator_reward(make_cfg, 
 
         rewards = Recording([LinearReward([1.0, 0.5]), remote], [0.5, 1.0])
         monkeypatch.setattr(runs, "build_rewards", lambda spec: rewards)
-        cfg = make_cfg("rtdmd_exact", tmp_path / "s2", f"init_from={s1}")
+        cfg = make_cfg("rtdmd_fullchain", tmp_path / "s2", f"init_from={s1}")
         before = torch.load(s1 / "final.pt", weights_only=True)["generator"]
         train(cfg, progress=False)
     after = torch.load(tmp_path / "s2" / "final.pt", weights_only=True)["generator_raw"]

@@ -45,7 +45,7 @@ def test_rtdmd_moves_the_student_to_the_tilted_target(tmp_path):
     s1_cfg = cfg("ac_dmd", "s1")
     ref = build_reference(s1_cfg, build_gmm(s1_cfg.problem), None)
     s1 = train(s1_cfg, world=GMMWorld(reference=ref), progress=False)
-    s2 = train(cfg("rtdmd_exact", "s2", f"init_from={tmp_path / 's1'}"), world=GMMWorld(reference=ref),
+    s2 = train(cfg("rtdmd_fullchain", "s2", f"init_from={tmp_path / 's1'}"), world=GMMWorld(reference=ref),
                progress=False)
     assert (tmp_path / "s2" / "samples.png").is_file() and (tmp_path / "s2" / "curves.png").is_file()
     assert s2["mode_tv"] <= s1["mode_tv"] - 0.1, (s1, s2)

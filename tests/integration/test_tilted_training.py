@@ -1,4 +1,4 @@
-"""The rtdmd_tilted stage (DM toward the diffused tilted target, METHOD.md 5.6) on the tiny 2-D problem:
+"""The rtdmd_exact stage (DM toward the diffused tilted target, METHOD.md 5.6) on the tiny 2-D problem:
 every estimator trains the generator and the fake score and leaves the teacher alone, logs only the DM
 term, and records the estimator that ran; the analytic teacher hands its exact posterior to split-SNIS."""
 
@@ -25,7 +25,7 @@ from tiltflow.worlds.gmm.runs import GMMWorld
 def test_tilted_stage_trains_generator_and_fake_only(make_cfg, tmp_path, teacher_run, overrides, estimator):
     teacher_file = (teacher_run / "teacher.pt").read_bytes()
     run_dir = tmp_path / "tilted"
-    cfg = make_cfg("rtdmd_tilted", run_dir, *overrides)
+    cfg = make_cfg("rtdmd_exact", run_dir, *overrides)
     assert cfg.stage2.tilt_estimator == estimator
     start = {k: v.clone() for k, v in load(teacher_run / "teacher.pt")["model"].items()}  # gen and fake start here
     train(cfg, progress=False)
@@ -46,7 +46,7 @@ def test_tilted_stage_trains_generator_and_fake_only(make_cfg, tmp_path, teacher
 
 def test_analytic_teacher_offers_its_exact_posterior_and_cfg_withdraws_it(make_cfg, tmp_path):
     for guidance, exact in ((1.0, True), (2.0, False)):
-        cfg = make_cfg("rtdmd_tilted", tmp_path / "r", "teacher.kind=analytic", "stage2.tilt_estimator=split_snis",
+        cfg = make_cfg("rtdmd_exact", tmp_path / "r", "teacher.kind=analytic", "stage2.tilt_estimator=split_snis",
                        f"teacher.guidance_scale={guidance}")
         setup = GMMWorld().build(cfg, progress=False)
         tilt = tilt_settings(cfg.stage2, setup.task, setup.models.roles())
@@ -63,8 +63,8 @@ def test_demo_runs_the_tilted_method_and_explains_its_row(tiny_yaml, tmp_path):
 
     cfg = load_run_config(tiny_yaml, [f"run_dir={tmp_path}"])
     results = run_demo(cfg, user_tree(tiny_yaml, [], STAGE_PRESETS, "stage"), tmp_path / "demo",
-                       log=lambda _: None, progress=False, methods=["rtdmd_tilted"])
-    assert list(results) == ["ac_dmd", "rtdmd_tilted"]  # stage 2 starts from the AC-DMD student
-    assert "linear_shift" in (tmp_path / "demo" / "rtdmd_tilted" / "config.yaml").read_text()
+                       log=lambda _: None, progress=False, methods=["rtdmd_exact"])
+    assert list(results) == ["ac_dmd", "rtdmd_exact"]  # stage 2 starts from the AC-DMD student
+    assert "linear_shift" in (tmp_path / "demo" / "rtdmd_exact" / "config.yaml").read_text()
     report = (tmp_path / "demo" / "report.md").read_text()
-    assert "| rtdmd_tilted |" in report and "- rtdmd_tilted: DM toward the diffused tilted target" in report
+    assert "| rtdmd_exact |" in report and "- rtdmd_exact: DM toward the diffused tilted target" in report

@@ -137,8 +137,8 @@ def test_wrong_type_inside_a_list_names_the_index(tmp_path):
         (["stage2.w_dm=-1"], "stage2.w_dm", ">= 0"),
         (["teacher.cond_dropout=1.0"], "teacher.cond_dropout", "[0, 1)"),
         (["stage1.tau_min=0.9", "stage1.tau_max=0.5"], "stage1", "tau_min < tau_max"),
-        (["stage=rtdmd_exact", "stage2.ppo_clip=0.2"], "stage2.ppo_clip", "null"),
-        (["stage=rtdmd_exact", "stage2.advantage=normalized"], "stage2.advantage", "raw"),
+        (["stage=rtdmd_fullchain", "stage2.ppo_clip=0.2"], "stage2.ppo_clip", "null"),
+        (["stage=rtdmd_fullchain", "stage2.advantage=normalized"], "stage2.advantage", "raw"),
         # Values that used to be accepted and then failed mid-run (ZeroDivisionError, ValueError from
         # AdamW / EMA / subgrpo_steps, or a silent no-op step): now caught at load time.
         (["checkpoint_every=0"], "checkpoint_every", ">= 1"),
@@ -341,7 +341,7 @@ def test_preset_applied_and_user_values_win(tmp_path):
 
 
 def test_preset_selected_by_override(tmp_path):
-    cfg = load(tmp_path, base_tree(), ["stage=rtdmd_exact", "stage2.num_trained_steps=2"])
+    cfg = load(tmp_path, base_tree(), ["stage=rtdmd_fullchain", "stage2.num_trained_steps=2"])
     s2 = cfg.stage2
     assert (s2.mode, s2.advantage, s2.ppo_clip, s2.w_pg, s2.w_bp, s2.dm_depth) == ("exact", "raw", None, None, None, 0)
     assert s2.num_trained_steps == 2  # the user's value, not the preset's 0 (= all)
@@ -362,7 +362,7 @@ def test_no_preset_for_plain_stages(tmp_path):
 # --- round trip and derived values -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", ["ac_dmd", "rtdmd_exact", "dm_bp"])
+@pytest.mark.parametrize("stage", ["ac_dmd", "rtdmd_fullchain", "dm_bp"])
 def test_round_trip_through_yaml(tmp_path, stage):
     cfg = load(tmp_path, base_tree(stage=stage), ["stage2.lr=1e-5", "seed=4"])
     again = from_dict(GMMRunConfig, yaml.safe_load(to_yaml(cfg)))

@@ -61,7 +61,7 @@ def test_hybrid_estimator_is_unbiased(reward):
     gen = AffineVelocity()
     r = LinearReward([1.5]) if reward == "linear" else QuadraticReward([[1.0]], [0.5])
     task = GMMTask(num_prompts=1, dim=1, rewards=RewardSet([r]))
-    tree = {**STAGE_PRESETS["rtdmd_exact"]["stage2"], "beta": 1.0, "w_dm": 0.0, "num_prompts": 64,
+    tree = {**STAGE_PRESETS["rtdmd_fullchain"]["stage2"], "beta": 1.0, "w_dm": 0.0, "num_prompts": 64,
             "group_size": 8, "num_trained_steps": K - 1, "n_fake": 0}
     cfg = from_dict(Stage2Config, tree)
     fake = AffineVelocity()

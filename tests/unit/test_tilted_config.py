@@ -1,5 +1,5 @@
 """Config of DM toward the diffused tilted target (stage2.dm_target: tilted, METHOD.md 5.6): the
-rtdmd_tilted preset, the estimator resolved against the rewards, and the settings that cannot go together."""
+rtdmd_exact preset, the estimator resolved against the rewards, and the settings that cannot go together."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def error_of(tmp_path: Path, data: dict, overrides: list[str] = ()) -> ConfigErr
 
 
 def test_preset_has_no_reward_terms_and_tilts_the_dm_target(tmp_path):
-    s2 = load(tmp_path, tree(LINEAR, stage="rtdmd_tilted")).stage2
+    s2 = load(tmp_path, tree(LINEAR, stage="rtdmd_exact")).stage2
     assert s2.dm_target == "tilted" and s2.weights() == (1.0, 0.0, 0.0)
     assert s2.dm_depth == 0 and s2.dm_scaling == "normalized" and s2.dm_reduction == "sum"
 
@@ -57,7 +57,7 @@ def test_preset_has_no_reward_terms_and_tilts_the_dm_target(tmp_path):
     ((LINEAR, HALFSPACE), "split_snis"),
 ])
 def test_auto_resolves_to_the_estimator_that_fits_and_is_saved(tmp_path, rewards, expected):
-    cfg = load(tmp_path, tree(*rewards, stage="rtdmd_tilted"))
+    cfg = load(tmp_path, tree(*rewards, stage="rtdmd_exact"))
     assert cfg.stage2.tilt_estimator == expected
     assert from_dict(GMMRunConfig, yaml.safe_load(to_yaml(cfg))) == cfg  # the run dir's config.yaml says it
 
@@ -68,29 +68,52 @@ def test_teacher_target_leaves_the_estimator_alone(tmp_path):
 
 
 def test_linear_shift_with_a_curved_reward_names_both_settings(tmp_path):
-    err = error_of(tmp_path, tree(QUADRATIC, stage="rtdmd_tilted"), ["stage2.tilt_estimator=linear_shift"])
+    err = error_of(tmp_path, tree(QUADRATIC, stage="rtdmd_exact"), ["stage2.tilt_estimator=linear_shift"])
     assert err.path == "stage2.tilt_estimator" and "problem.rewards" in str(err) and "quadratic" in str(err)
 
 
 def test_shifted_proposal_with_a_non_differentiable_reward_names_both_settings(tmp_path):
-    err = error_of(tmp_path, tree(HALFSPACE, stage="rtdmd_tilted"), ["stage2.tilt_estimator=shifted_proposal"])
+    err = error_of(tmp_path, tree(HALFSPACE, stage="rtdmd_exact"), ["stage2.tilt_estimator=shifted_proposal"])
     assert err.path == "stage2.tilt_estimator" and "problem.rewards" in str(err) and "halfspace" in str(err)
 
 
 @pytest.mark.parametrize(("stage", "overrides", "path"), [
     ("rtdmd", ["stage2.dm_target=tilted"], "stage2.w_pg"),  # the reference weights count the tilt twice
-    ("rtdmd_exact", ["stage2.dm_target=tilted"], "stage2.w_pg"),  # null = beta
-    ("rtdmd_tilted", ["stage2.w_bp=0.1"], "stage2.w_bp"),
-    ("rtdmd_tilted", ["stage2.w_pg=null"], "stage2.w_pg"),
-    ("rtdmd_tilted", ["stage2.dm_scaling=fisher"], "stage2.dm_scaling"),
-    ("rtdmd_tilted", ["stage2.tilt_num_pairs=0"], "stage2.tilt_num_pairs"),
-    ("rtdmd_tilted", ["stage2.tilt_posterior_steps=0"], "stage2.tilt_posterior_steps"),
+    ("rtdmd_fullchain", ["stage2.dm_target=tilted"], "stage2.w_pg"),  # null = beta
+    ("rtdmd_exact", ["stage2.w_bp=0.1"], "stage2.w_bp"),
+    ("rtdmd_exact", ["stage2.w_pg=null"], "stage2.w_pg"),
+    ("rtdmd_exact", ["stage2.dm_scaling=fisher"], "stage2.dm_scaling"),
+    ("rtdmd_exact", ["stage2.tilt_num_pairs=0"], "stage2.tilt_num_pairs"),
+    ("rtdmd_exact", ["stage2.tilt_posterior_steps=0"], "stage2.tilt_posterior_steps"),
 ])
 def test_settings_that_do_not_go_with_the_tilted_target(tmp_path, stage, overrides, path):
     err = error_of(tmp_path, tree(LINEAR, stage=stage), overrides)
     assert err.path == path
     if path in ("stage2.w_pg", "stage2.w_bp"):
         assert "stage2.dm_target" in str(err) and "twice" in str(err)
+
+
+def test_the_old_name_is_a_config_error_naming_the_new_preset(tmp_path):
+    err = error_of(tmp_path, tree(LINEAR, stage="rtdmd_tilted"))
+    assert err.path == "stage" and "rtdmd_exact" in str(err)
+
+
+@pytest.mark.parametrize(("overrides", "path"), [
+    (["stage2.mode=exact"], "stage2.mode"),  # a config written for the old rtdmd_exact
+    (["stage2.dm_target=teacher"], "stage2.dm_target"),
+])
+def test_rtdmd_exact_in_its_old_meaning_names_rtdmd_fullchain(tmp_path, overrides, path):
+    err = error_of(tmp_path, tree(LINEAR, stage="rtdmd_exact"), overrides)
+    assert err.path == path and "rtdmd_fullchain" in str(err)
+
+
+def test_fullchain_keeps_the_old_rtdmd_exact_preset_and_the_fisher_option(tmp_path):
+    cfg = load(tmp_path, tree(LINEAR, stage="rtdmd_fullchain"), ["stage2.dm_scaling=fisher"])
+    s2 = cfg.stage2
+    assert s2.mode == "exact" and s2.dm_target == "teacher" and s2.weights() == (1.0, 1.0, 1.0)
+    assert s2.advantage == "raw" and s2.ppo_clip is None and s2.dm_depth == 0 and s2.dm_scaling == "fisher"
+    err = error_of(tmp_path, tree(LINEAR, stage="rtdmd_exact"), ["stage2.dm_scaling=fisher"])
+    assert err.path == "stage2.dm_scaling" and "rtdmd_fullchain" in str(err)
 
 
 def test_resolution_rules():
@@ -111,7 +134,7 @@ class _Roles:
 
 def test_algorithm_resolves_auto_from_the_task(tmp_path):
     """Worlds whose config does not resolve 'auto' get it resolved by the algorithm from the Task."""
-    cfg = load(tmp_path, tree(LINEAR, stage="rtdmd_tilted")).stage2
+    cfg = load(tmp_path, tree(LINEAR, stage="rtdmd_exact")).stage2
     cfg.tilt_estimator = "auto"
     cases = [([LinearReward([1.0, 0.5]), LinearReward([0.0, 2.0], name="linear_1")], [1.0, 0.5], "linear_shift"),
              ([QuadraticReward(torch.eye(2), [0.0, 0.0])], [1.0], "shifted_proposal"),
@@ -133,5 +156,5 @@ def test_the_recorded_problems_resolve(tmp_path):
             "mixed_rewards": "split_snis"}
     for name, expected in want.items():
         data = read_yaml(root / f"{name}.yaml")
-        data["stage"] = "rtdmd_tilted"
+        data["stage"] = "rtdmd_exact"
         assert load(tmp_path, data).stage2.tilt_estimator == expected, name

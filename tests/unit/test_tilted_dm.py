@@ -81,9 +81,9 @@ def test_importance_sampled_direction_has_zero_mean_at_p_tilde(estimator, scalin
 def test_teacher_dm_plus_reward_force_does_not_vanish_at_p_tilde():
     """The old exact mode's per-sample force with the KL scaling: DM toward the teacher, minus beta grad r.
 
-    Measured once with the normalised scaling (the rtdmd_exact preset's), same seed: the mean force was
-    (0.038, 0.055) with standard errors (0.014, 0.006), 4.4 standard errors in norm, short of the 8 fixed
-    above; so that case is not asserted (METHOD.md 8 records the number)."""
+    Measured once with the normalised scaling (the rtdmd_fullchain preset's, formerly rtdmd_exact), same
+    seed: the mean force was (0.038, 0.055) with standard errors (0.014, 0.006), 4.4 standard errors in
+    norm, short of the 8 fixed above; so that case is not asserted (METHOD.md 8 records the number)."""
     force = directions(None, "kl") - BETA * A
     mean, se = mean_and_se(force)
     assert mean.norm() > NONZERO_SE * se.norm(), f"mean {mean.tolist()} vs standard error {se.tolist()}"

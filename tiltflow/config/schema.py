@@ -156,10 +156,12 @@ class Stage2Config:
             for name, w in zip(("w_pg", "w_bp"), self.weights()[1:]):
                 require(w == 0, join_path(path, name), f"got {getattr(self, name)} (= {w}) with "
                         f"{join_path(path, 'dm_target')} = 'tilted': the tilted target already carries the "
-                        "reward, so it would be counted twice; set it to 0 (the rtdmd_tilted stage does)")
+                        "reward, so it would be counted twice; set it to 0 (the rtdmd_exact stage does; DM toward the "
+                        "teacher plus the reward terms is the rtdmd_fullchain stage)")
             require(self.dm_scaling != "fisher", join_path(path, "dm_scaling"),
                     f"'fisher' differentiates the teacher's denoiser; {join_path(path, 'dm_target')} = "
-                    "'tilted' supports 'normalized' and 'kl'")
+                    "'tilted' (the rtdmd_exact stage) supports 'normalized' and 'kl'; the Fisher route is "
+                    "stage=rtdmd_fullchain stage2.dm_scaling=fisher")
             require(self.tilt_num_pairs >= 1, join_path(path, "tilt_num_pairs"),
                     f"got {self.tilt_num_pairs}, expected >= 1")
             require(self.tilt_posterior_steps >= 1, join_path(path, "tilt_posterior_steps"),
@@ -213,11 +215,15 @@ class ParallelConfig:
 
 
 STAGE1_STAGES = ("ac_dmd", "dmd2")
-STAGE2_STAGES = ("rtdmd", "rtdmd_exact", "rtdmd_tilted", "grpo_only", "bp_only", "dm_bp")
+STAGE2_STAGES = ("rtdmd", "rtdmd_exact", "rtdmd_fullchain", "grpo_only", "bp_only", "dm_bp")
+# Stage names that were renamed: a config that still names one gets a config error naming its successor.
+RENAMED_STAGES = {"rtdmd_tilted": "'rtdmd_tilted' is now called 'rtdmd_exact' (DM toward the diffused tilted "
+                                  "target, METHOD.md 5.6); use stage=rtdmd_exact"}
 # "teacher" trains a world's own teacher (worlds whose teacher is not a pretrained model).
 STAGES = ("teacher", *STAGE1_STAGES, *STAGE2_STAGES)
-Stage = Literal["teacher", "ac_dmd", "dmd2", "rtdmd", "rtdmd_exact", "rtdmd_tilted", "grpo_only", "bp_only",
-                "dm_bp"]
+# "rtdmd_tilted" is accepted by the type only so that validate can say what it became (RENAMED_STAGES).
+Stage = Literal["teacher", "ac_dmd", "dmd2", "rtdmd", "rtdmd_exact", "rtdmd_fullchain", "grpo_only", "bp_only",
+                "dm_bp", "rtdmd_tilted"]
 
 
 @dataclass
@@ -244,6 +250,15 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self, path: str) -> None:
+        require(self.stage not in RENAMED_STAGES, "stage", RENAMED_STAGES.get(self.stage, ""))
+        if self.stage == "rtdmd_exact":
+            # rtdmd_exact used to be DM toward the teacher through the whole chain plus beta times the reward
+            # gradient (stage2.mode 'exact'); a config written for that meaning must not silently run the new one.
+            require(self.stage2.mode != "exact" and self.stage2.dm_target == "tilted", "stage2.mode" if
+                    self.stage2.mode == "exact" else "stage2.dm_target",
+                    "stage=rtdmd_exact is now DM toward the diffused tilted target (dm_target 'tilted', no reward "
+                    "terms); the former rtdmd_exact (full-chain DM + beta times the reward gradient, stage2.mode "
+                    "'exact') is stage=rtdmd_fullchain")
         for name in ("checkpoint_every", "log_every", "checkpoint_keep"):
             require(getattr(self, name) >= 1, name, f"got {getattr(self, name)}, expected >= 1")
         require(0 <= self.seed < 2**63, "seed", f"got {self.seed}, expected an integer in [0, 2**63)")
@@ -256,7 +271,7 @@ class RunConfig:
             require(s2.num_trained_steps <= k - 1, "stage2.num_trained_steps",
                    f"got {s2.num_trained_steps}, expected <= sampler.num_steps - 1 = {k - 1} (the stochastic steps)")
             require(s2.dm_depth <= k, "stage2.dm_depth", f"got {s2.dm_depth}, expected <= sampler.num_steps = {k}")
-        if self.stage2.mode == "exact" and self.stage in ("rtdmd", "rtdmd_exact"):
+        if self.stage2.mode == "exact" and self.stage in ("rtdmd", "rtdmd_fullchain"):
             require(self.stage2.advantage == "raw", "stage2.advantage", "exact mode needs 'raw' advantages")
             require(self.stage2.ppo_clip is None, "stage2.ppo_clip", "exact mode uses no clipping (null)")
 
@@ -270,16 +285,19 @@ class RunConfig:
 
 
 # Stage presets: applied before the file and the overrides (which win). Baselines of METHOD.md 6.
-_EXACT = {"mode": "exact", "w_dm": 1.0, "w_pg": None, "w_bp": None, "advantage": "raw", "ppo_clip": None,
+# DM toward the teacher through the whole chain plus beta times the unbiased reward gradient (what
+# rtdmd_exact meant before 2026-12-02): NOT exact, its fixed point over-tilts by the factor F of METHOD.md 5.6.
+_FULLCHAIN = {"mode": "exact", "w_dm": 1.0, "w_pg": None, "w_bp": None, "advantage": "raw", "ppo_clip": None,
           "logprob_reduction": "sum", "bp_loss": "linear", "dm_depth": 0, "dm_scaling": "normalized",
           "dm_reduction": "sum", "num_trained_steps": 0}
-# DM toward the diffused tilted target (METHOD.md 5.6): no reward terms, DM through the whole chain.
-_TILTED = {"w_dm": 1.0, "w_pg": 0.0, "w_bp": 0.0, "dm_depth": 0, "dm_scaling": "normalized",
+# The exact mode: DM toward the diffused tilted target (METHOD.md 5.6): no reward terms, DM through the whole
+# chain; p_tilde is its fixed point.
+_EXACT = {"w_dm": 1.0, "w_pg": 0.0, "w_bp": 0.0, "dm_depth": 0, "dm_scaling": "normalized",
            "dm_reduction": "sum", "dm_target": "tilted", "tilt_estimator": "auto", "dm_tau_max": 0.85}
 STAGE_PRESETS: dict[str, dict] = {
     "dmd2": {"sampler": {"eta": 1.0}, "stage1": {"subinterval": False, "fake": {"consistency_gamma": 0.0}}},
     "rtdmd_exact": {"stage2": dict(_EXACT)},
-    "rtdmd_tilted": {"stage2": dict(_TILTED)},
+    "rtdmd_fullchain": {"stage2": dict(_FULLCHAIN)},
     "grpo_only": {"stage2": {"w_dm": 0.0, "w_bp": 0.0}},
     "bp_only": {"stage2": {"w_dm": 0.0, "w_pg": 0.0}},
     "dm_bp": {"stage2": {"w_pg": 0.0}},

@@ -87,13 +87,19 @@ def _stage_groups(out: Path, curves: dict[str, dict[str, list[tuple[float, float
 
 # Which stage-2 rows target p_tilde exactly, in plain words (METHOD.md 5.6).
 ROW_NOTES = {
-    "rtdmd_exact": "- rtdmd_exact: DM toward the teacher through the whole chain plus beta times the reward gradient. "
-                   "Not exact: DM compares diffused levels, so its fixed point is a smoothed tilt whose strength "
-                   "depends on the DM weighting, not p_tilde.\n",
-    "rtdmd_tilted": "- rtdmd_tilted: DM toward the diffused tilted target, the teacher's denoiser replaced by the "
-                    "tilted one (no reward terms). Exact: p_tilde is its fixed point, up to the teacher's errors, "
-                    "the fake score's tracking and, for the importance-sampling estimators, the reverse "
-                    "sampler's posterior error.\n",
+    "rtdmd_reference": "- rtdmd_reference: the paper's reference weights (DM toward the teacher at weight 0.001, "
+                       "normalised GRPO advantages, a small reward back-propagation term). Not exact: beta enters "
+                       "only implicitly, so it settles at some tilt of its own (on a bounded reward: at an "
+                       "effective beta), and with an unbounded reward nothing holds it back.\n",
+    "rtdmd_fullchain": "- rtdmd_fullchain: DM toward the teacher through the whole chain plus beta times the unbiased "
+                       "reward gradient (what rtdmd_exact meant before 2026-12-02). Not exact: DM compares diffused "
+                       "levels, so its fixed point over-tilts by a factor F (3.98 for a Gaussian of width 0.3 under "
+                       "the score form) or, with the normalised DM direction, by a factor that depends on the data's "
+                       "scale and dimension; it misses p_tilde.\n",
+    "rtdmd_exact": "- rtdmd_exact: DM toward the diffused tilted target, the teacher's denoiser replaced by the tilted "
+                   "one (no reward terms). Exact: p_tilde is its fixed point for any tau-weighting and "
+                   "normalisation, up to the teacher's errors, the fake score's tracking and, for the "
+                   "importance-sampling estimators, the posterior sampler's error.\n",
 }
 
 
