@@ -116,9 +116,9 @@ def test_world_run_stage1_stage2_export_and_sample(tmp_path):
     for name in ("config.yaml", "resolved.json", "metrics.jsonl", "checkpoint.pt", "final.safetensors",
                  "samples/grid.png"):
         assert (tmp_path / "s2" / name).is_file(), name
-    from tiltflow.worlds.diffusers_world import _read_final
+    from tiltflow.worlds.diffusers_world import read_final
 
-    adapter, models = build_models(s2, _read_final(tmp_path / "s2")[0])
+    adapter, models = build_models(s2, read_final(tmp_path / "s2"))
     _check_stock_pipeline_reproduces(SD3Adapter, "tiny_sd3", adapter, models, tmp_path / "s2" / "export_lora")
     paths = world_sample(s2, ["a cat"], tmp_path / "samples")
     assert len(paths) == 1 and paths[0].stat().st_size > 0

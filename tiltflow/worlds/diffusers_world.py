@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from tiltflow.config.diffusers import DiffusersRunConfig, ModelSpec, RewardChoice
+from tiltflow.config.diffusers import DiffusersRunConfig, LoraSpec, ModelSpec, RewardChoice
 from tiltflow.config.loader import ConfigError
 from tiltflow.config.schema import STAGE1_STAGES, SamplerConfig
 from tiltflow.models.ema import EMA
@@ -76,7 +76,8 @@ def read_prompts(cfg: DiffusersRunConfig) -> list[str]:
 
 
 class DiffusersTask:
-    """What ACDMD / RTDMD need from a world, over one adapter (algorithms.common.Task)."""
+    """What ACDMD / RTDMD need from a world, over one adapter (algorithms.common.Task); the shapes world's
+    task too."""
 
     def __init__(self, adapter: Any, prompts: Sequence[str], rewards: RewardSet, guidance_scale: float,
                  resolution: int):
@@ -138,77 +139,85 @@ def resolved_sampler(cfg: DiffusersRunConfig, adapter: Any) -> SamplerConfig:
     return dataclasses.replace(cfg.sampler, shift=float(shift))
 
 
-def _read_final(run_dir: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    from safetensors import safe_open
+def read_final(run_dir: str | Path) -> dict[str, Tensor]:
+    """A finished stage run's final.safetensors."""
     from safetensors.torch import load_file
 
     path = Path(run_dir) / "final.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist: is {str(run_dir)!r} a finished stage run?")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return load_file(str(path)), meta
+    return load_file(str(path))
 
 
-def _stage1_weights(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor] | None:
-    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+def exported_generator(state: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+    """The generator export (a scale-1 LoRA, or full weights) inside a final.safetensors, if any."""
+    sub = {k.removeprefix("export/"): v for k, v in (state or {}).items() if k.startswith("export/")}
     return sub or None
 
 
-def build_models(cfg: DiffusersRunConfig, init_state: dict[str, Tensor] | None) -> tuple[Any, Any]:
-    """(adapter, RoleModels). `init_state` (a final.safetensors) starts the generator from its stage-1
-    weights and the fake score from its fake weights."""
+def build_lora_roles(adapter: Any, lora: LoraSpec, init_state: dict[str, Tensor] | None, **kw: Any) -> Any:
+    """RoleModels over `adapter` (tiltflow.models.lora.build_roles). `init_state` (a final.safetensors)
+    starts the generator from its stage-1 export (its own init plus its trained weights) and the fake
+    score from its fake weights."""
     from tiltflow.models.lora import LoraSettings, build_roles
 
-    adapter = build_adapter(cfg.model, cfg.device, cfg.seed)
-    stage1 = None
-    if init_state is not None:  # the stage-1 generator = its own init plus its trained weights
-        stage1 = _stage1_weights(init_state, "export/")
-    models = build_roles(adapter, layout=cfg.lora.layout, finetune=cfg.lora.finetune,
-                         lora=LoraSettings(cfg.lora.rank, cfg.lora.alpha),
-                         generator_base=build_generator_base(cfg.model, adapter, cfg.seed),
-                         stage1_generator=stage1, student_guidance=cfg.model.student_guidance)
+    models = build_roles(adapter, layout=lora.layout, finetune=lora.finetune, lora=LoraSettings(lora.rank, lora.alpha),
+                         stage1_generator=exported_generator(init_state), **kw)
     if init_state is not None:
         models.load_trainable_state(init_state, roles=("fake",))
-    return adapter, models
+    return models
 
 
-def _pipeline_cls(adapter: Any) -> Any:
-    import diffusers
+def build_models(cfg: DiffusersRunConfig, init_state: dict[str, Tensor] | None) -> tuple[Any, Any]:
+    """(adapter, RoleModels), the roles started from `init_state` as build_lora_roles says."""
+    adapter = build_adapter(cfg.model, cfg.device, cfg.seed)
+    return adapter, build_lora_roles(adapter, cfg.lora, init_state, student_guidance=cfg.model.student_guidance,
+                                     generator_base=build_generator_base(cfg.model, adapter, cfg.seed))
 
-    return getattr(diffusers, adapter.pipeline_class)
 
-
-def generator_export(cfg: DiffusersRunConfig, models: Any, init_state: dict[str, Tensor] | None
-                     ) -> tuple[dict[str, Tensor], int]:
+def generator_export(cfg: Any, models: Any, init_state: dict[str, Tensor] | None) -> tuple[dict[str, Tensor], int]:
     """The whole generator as weights for stock diffusers: one scale-1 LoRA (the stage-1 LoRA, if any,
-    plus this stage's), or the full state dict when fine-tuning fully (rank 0)."""
+    plus this stage's), or the full state dict when fine-tuning fully (rank 0). Reads only cfg.lora."""
     from tiltflow.models.export import combine_lora_states
     from tiltflow.models.lora import GENERATOR, lora_state
 
     if cfg.lora.finetune == "full":
         return models.generator_weights(), 0
     parts = [(lora_state(models.generator, GENERATOR), cfg.lora.alpha / cfg.lora.rank)]
-    stage1 = _stage1_weights(init_state, "export/") if init_state is not None else None
+    stage1 = exported_generator(init_state)
     if stage1 is not None:
         parts.insert(0, (stage1, 1.0))
     return combine_lora_states(parts)
 
 
-def save_final(cfg: DiffusersRunConfig, adapter: Any, models: Any, init_state: dict[str, Tensor] | None) -> Path:
+def write_final(cfg: Any, models: Any, init_state: dict[str, Tensor] | None, **meta: str
+                ) -> tuple[dict[str, Tensor], int]:
+    """run_dir/final.safetensors: the trainable weights plus the generator export under export/, with
+    `meta` and the stage in its metadata. Returns the export and its LoRA rank (0: full weights)."""
     from safetensors.torch import save_file
 
-    from tiltflow.models.export import save_lora
-
-    run_dir = Path(cfg.run_dir)
     export, rank = generator_export(cfg, models, init_state)
     state = {k: v.float().cpu().contiguous() for k, v in models.trainable_state().items()}
     state.update({f"export/{k}": v.contiguous() for k, v in export.items()})
-    meta = {"family": cfg.model.family, "stage": cfg.stage, "finetune": cfg.lora.finetune, "export_rank": str(rank)}
-    save_file(state, str(run_dir / "final.safetensors"), metadata=meta)
-    if rank > 0:
-        save_lora(export, rank, run_dir / "export_lora", _pipeline_cls(adapter))
-    return run_dir / "final.safetensors"
+    meta.update(stage=cfg.stage, finetune=cfg.lora.finetune, export_rank=str(rank))
+    save_file(state, str(Path(cfg.run_dir) / "final.safetensors"), metadata=meta)
+    return export, rank
+
+
+def device_fault_describer(adapter: Any) -> Callable[[BaseException, str], BaseException | None]:
+    """WorldSetup.describe_fault over `adapter`: a device fault restated with its model and attention kernel."""
+    from tiltflow.models.adapters.attention import describe_failure, is_device_failure
+
+    return lambda err, where: describe_failure(adapter, where, err) if is_device_failure(err) else None
+
+
+def sampling_models(cfg: Any, build: Callable[[Any, Any], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """(adapter, RoleModels) to sample a run: its final generator, or the untrained init with
+    sample.weights: base. One transformer suffices to sample: the LoRA sits on the shared base."""
+    init_state = None if cfg.sample.weights == "base" else read_final(cfg.run_dir)
+    if cfg.lora.finetune == "lora":
+        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, layout="shared"))
+    return build(cfg, init_state)
 
 
 def teacher_guidance_scale(spec: ModelSpec) -> float:
@@ -223,11 +232,14 @@ class DiffusersWorld:
     config_class = DiffusersRunConfig
 
     def build(self, cfg: DiffusersRunConfig, *, progress: bool = True) -> WorldSetup:
+        import diffusers
+
         from tiltflow.flow.conventions import few_step_sigmas
+        from tiltflow.models.export import save_lora
 
         stage1 = cfg.stage in STAGE1_STAGES
         prompts = read_prompts(cfg)  # bad input fails before any model loads
-        init_state = _read_final(cfg.init_from)[0] if (not stage1 and cfg.init_from) else None
+        init_state = read_final(cfg.init_from) if (not stage1 and cfg.init_from) else None
         adapter, models = build_models(cfg, init_state)
         sampler = resolved_sampler(cfg, adapter)
         scale = teacher_guidance_scale(cfg.model)
@@ -240,18 +252,15 @@ class DiffusersWorld:
 
         def finish(ema: EMA) -> dict[str, Any]:
             ema.copy_to(ema.params)  # the final generator is the EMA one
-            save_final(cfg, adapter, models, init_state)
+            export, rank = write_final(cfg, models, init_state, family=cfg.model.family)
+            if rank > 0:  # a LoRA that stock diffusers pipelines load
+                save_lora(export, rank, run_dir / "export_lora", getattr(diffusers, adapter.pipeline_class))
             # What a person looks at first: the final generator on the first prompts (samples/grid.png).
             write_samples(cfg, adapter, models.generator_role, sampler, task.prompts[:4], run_dir / "samples")
             lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
             return json.loads(lines[-1]) if lines else {}
 
-        def describe_fault(err: BaseException, where: str) -> BaseException | None:
-            from tiltflow.models.adapters.common import describe_failure, is_device_failure
-
-            return describe_failure(adapter, where, err) if is_device_failure(err) else None
-
-        return WorldSetup(task, models, sampler, finish, describe_fault=describe_fault)
+        return WorldSetup(task, models, sampler, finish, describe_fault=device_fault_describer(adapter))
 
     def sample(self, cfg: DiffusersRunConfig, *, out: Path, texts: Sequence[str] = (), num: int | None = None,
                prompt: int | None = None, seed: int | None = None) -> str:
@@ -265,10 +274,7 @@ class DiffusersWorld:
 def sample(cfg: DiffusersRunConfig, prompts: Sequence[str], out_dir: str | Path) -> list[Path]:
     """Few-step samples of the run's final generator (or of the untrained init with sample.weights:
     base) as PNG files plus index.jsonl (prompt of each file) and a captioned grid.png."""
-    init_state = None if cfg.sample.weights == "base" else _read_final(cfg.run_dir)[0]
-    if cfg.lora.finetune == "lora":  # one transformer suffices to sample: the LoRA sits on the shared base
-        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, layout="shared"))
-    adapter, models = build_models(cfg, init_state)
+    adapter, models = sampling_models(cfg, build_models)
     return write_samples(cfg, adapter, models.generator_role, resolved_sampler(cfg, adapter), prompts, out_dir)
 
 

@@ -17,53 +17,18 @@ from torch import Tensor
 from tiltflow.config.schema import STAGE1_STAGES
 from tiltflow.config.shapes import ShapesRunConfig
 from tiltflow.models.ema import EMA
-from tiltflow.rewards.base import RewardSet
 from tiltflow.worlds.base import WorldSetup, text_sample_settings
-from tiltflow.worlds.diffusers_world import generator_export
+from tiltflow.worlds.diffusers_world import (
+    DiffusersTask,
+    build_lora_roles,
+    device_fault_describer,
+    read_final,
+    sampling_models,
+    write_final,
+)
 from tiltflow.worlds.shapes.evaluate import eval_prompts, evaluate_samples, write_eval, write_marked_grid
 from tiltflow.worlds.shapes.models import ShapesAdapter
 from tiltflow.worlds.shapes.scene import parse, prompt_sets
-
-
-class ShapesTask:
-    """What ACDMD / RTDMD need of the world (tiltflow.algorithms.common.Task)."""
-
-    def __init__(self, adapter: ShapesAdapter, prompts: Sequence[str], rewards: RewardSet, guidance_scale: float):
-        self.adapter = adapter
-        self.prompts = list(prompts)
-        self.rewards = rewards
-        self.guidance_scale = guidance_scale
-        self.device = adapter.device
-        self.sample_shape = adapter.latent_shape(adapter.resolution, adapter.resolution)
-
-    def sample_prompts(self, n: int, generator: torch.Generator) -> list[str]:
-        idx = torch.randint(len(self.prompts), (n,), generator=generator)
-        return [self.prompts[int(i)] for i in idx]
-
-    def encode(self, prompts: Sequence[str]) -> dict[str, Tensor]:
-        return self.adapter.encode(prompts)
-
-    def encode_uncond(self, n: int) -> dict[str, Tensor]:
-        return self.adapter.encode_uncond(n)
-
-    def decode(self, x: Tensor) -> Tensor:
-        return self.adapter.decode(x)
-
-
-def read_final(run_dir: str | Path) -> dict[str, Tensor]:
-    """A finished stage run's final.safetensors."""
-    from safetensors.torch import load_file
-
-    path = Path(run_dir) / "final.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist: is {str(run_dir)!r} a finished stage run?")
-    return load_file(str(path))
-
-
-def exported_generator(state: dict[str, Tensor]) -> dict[str, Tensor] | None:
-    """The generator export (a scale-1 LoRA, or full weights) inside a final.safetensors."""
-    sub = {k.removeprefix("export/"): v for k, v in state.items() if k.startswith("export/")}
-    return sub or None
 
 
 def read_prompts(cfg: ShapesRunConfig) -> list[str]:
@@ -85,16 +50,9 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
 
 
 def build_models(cfg: ShapesRunConfig, init_state: dict[str, Tensor] | None) -> tuple[ShapesAdapter, Any]:
-    from tiltflow.models.lora import LoraSettings, build_roles
-
     assert cfg.models_dir is not None
     adapter = ShapesAdapter.load(cfg.models_dir, cfg.device)
-    stage1 = exported_generator(init_state) if init_state is not None else None
-    models = build_roles(adapter, layout=cfg.lora.layout, finetune=cfg.lora.finetune,
-                         lora=LoraSettings(cfg.lora.rank, cfg.lora.alpha), stage1_generator=stage1)
-    if init_state is not None:
-        models.load_trainable_state(init_state, roles=("fake",))
-    return adapter, models
+    return adapter, build_lora_roles(adapter, cfg.lora, init_state)
 
 
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int], num_steps: int, device: torch.device) -> Any:
@@ -121,18 +79,6 @@ def few_step(models: Any, adapter: ShapesAdapter, sampler: Any, prompts: list[st
                       eta=sampler.eta if eta is None else eta).final
 
 
-def save_final(cfg: ShapesRunConfig, models: Any, init_state: dict[str, Tensor] | None) -> Path:
-    from safetensors.torch import save_file
-
-    export, rank = generator_export(cfg, models, init_state)  # reads only cfg.lora
-    state = {k: v.float().cpu().contiguous() for k, v in models.trainable_state().items()}
-    state.update({f"export/{k}": v.contiguous() for k, v in export.items()})
-    meta = {"world": "shapes", "stage": cfg.stage, "finetune": cfg.lora.finetune, "export_rank": str(rank)}
-    path = Path(cfg.run_dir) / "final.safetensors"
-    save_file(state, str(path), metadata=meta)
-    return path
-
-
 class ShapesWorld:
     """`world: shapes`."""
 
@@ -152,7 +98,7 @@ class ShapesWorld:
         adapter, models = build_models(cfg, init_state)
         assert cfg.models_dir is not None
         rewards = build_rewards(cfg.rewards, cfg.models_dir, adapter.device)
-        task = ShapesTask(adapter, read_prompts(cfg), rewards, cfg.guidance_scale)
+        task = DiffusersTask(adapter, read_prompts(cfg), rewards, cfg.guidance_scale, adapter.resolution)
         run_dir = Path(cfg.run_dir)
         prompts = eval_prompts(cfg.eval.prompt_set, cfg.eval.max_prompts, cfg.eval.num_per_prompt)
         seeds = [10_000 + i for i in range(len(prompts))]  # fixed: every evaluation sees the same noise
@@ -170,18 +116,13 @@ class ShapesWorld:
 
         def finish(ema: EMA) -> dict[str, Any]:
             ema.copy_to(ema.params)  # the final generator is the EMA one
-            save_final(cfg, models, init_state)
+            write_final(cfg, models, init_state, world="shapes")
             metrics, images = run_eval()
             write_eval(run_dir, "final", metrics, images, prompts)
             return metrics
 
-        def describe_fault(err: BaseException, where: str) -> BaseException | None:
-            from tiltflow.models.adapters.common import describe_failure, is_device_failure
-
-            return describe_failure(adapter, where, err) if is_device_failure(err) else None
-
         return WorldSetup(task, models, cfg.sampler, finish, evaluate if cfg.eval.every else None, cfg.eval.every,
-                          describe_fault)
+                          device_fault_describer(adapter))
 
     def sample(self, cfg: ShapesRunConfig, *, out: Path, texts: Sequence[str] = (), num: int | None = None,
                prompt: int | None = None, seed: int | None = None) -> str:
@@ -192,10 +133,7 @@ class ShapesWorld:
 
         cfg = dataclasses.replace(cfg, sample=text_sample_settings(cfg.sample, num, prompt, seed))
         prompts = check_prompts(list(texts)) if texts else read_prompts(cfg)
-        init_state = None if cfg.sample.weights == "base" else read_final(cfg.run_dir)
-        if cfg.lora.finetune == "lora":
-            cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, layout="shared"))
-        adapter, models = build_models(cfg, init_state)
+        adapter, models = sampling_models(cfg, build_models)
         todo = [p for p in prompts for _ in range(cfg.sample.num_per_prompt)]
         seeds = [cfg.sample.seed + i for i in range(len(todo))]
         out = Path(out)
