@@ -30,6 +30,8 @@ from tiltflow.models.adapters.attention import phase_context as phase_context  #
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PROBE_S = 2.0
+# Conditioning names -> the stock pipelines' keyword arguments (negative_<name> for the uncond branch).
+_PIPELINE_NAMES = {"prompt_embeds": "prompt_embeds", "pooled": "pooled_prompt_embeds"}
 
 
 class ModelUnavailableError(FileNotFoundError):
@@ -203,7 +205,7 @@ class DiffusersAdapter:
     """One diffusers pipeline seen as a tiltflow Backbone plus what a Task needs.
 
     Subclasses implement the family-specific hooks (`forward`, `_encode_prompts`, `stub_shapes`,
-    `latents_to_vae`, `vae_to_latents`, `latent_shape`, `sigma_shift`, `lora_target_modules`).
+    `latents_to_vae`, `vae_to_latents`, `latent_shape`, `sigma_shift`) and set `lora_pattern`.
     `forward(transformer, x, sigma, cond, guidance)` evaluates ANY transformer of this family (the base,
     a LoRA-wrapped one or a separate copy) in tiltflow's convention: x in tiltflow's latent layout,
     sigma (B,) in [0, 1], returns v = eps - x0 in float32.
@@ -212,6 +214,7 @@ class DiffusersAdapter:
     family: str = ""
     pipeline_class: str = ""  # the diffusers pipeline class name
     default_max_sequence_length: int = 0
+    lora_pattern: str = ""  # the Linear layers that carry LoRA adapters (re.fullmatch on module names)
 
     @classmethod
     def from_pretrained(cls, source: str, *, device: str | torch.device = "cpu", base_dtype: str = "auto",
@@ -331,6 +334,10 @@ class DiffusersAdapter:
         raise NotImplementedError
 
     # ---- latents and images ---------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         raise NotImplementedError
 
@@ -361,8 +368,19 @@ class DiffusersAdapter:
             z = self.vae.encode(pixels).latent_dist.mode()
         return self.vae_to_latents(z.float())
 
+    def to_pipeline_latents(self, x: Tensor) -> Tensor:
+        """What the stock pipeline takes as `latents=` (and returns with output_type='latent')."""
+        return x
+
+    def pipeline_kwargs(self, cond: dict[str, Tensor], uncond: dict[str, Tensor] | None = None,
+                        guidance_scale: float = 1.0) -> dict[str, Any]:
+        """Keyword arguments that make the stock pipeline use our embeddings and guidance."""
+        kw = {_PIPELINE_NAMES[k]: v for k, v in cond.items()}
+        kw.update({f"negative_{_PIPELINE_NAMES[k]}": v for k, v in (uncond or {}).items()})
+        return {**kw, "guidance_scale": guidance_scale}
+
     def lora_target_modules(self, transformer: nn.Module) -> list[str]:
-        raise NotImplementedError
+        return named_linear_modules(transformer, self.lora_pattern)
 
     def load_transformer(self, source: str) -> nn.Module:
         """Another transformer of this family at this precision (FLUX.2: the step-distilled generator

@@ -14,13 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tiltflow.models.adapters.common import (
-    DiffusersAdapter,
-    batch_sigma,
-    module_dtype,
-    named_linear_modules,
-    shift_from_mu,
-)
+from tiltflow.models.adapters.common import DiffusersAdapter, batch_sigma, module_dtype, shift_from_mu
 
 LORA_PATTERN = (r"(transformer_blocks|single_transformer_blocks)\.\d+\.attn\."
                 r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)")
@@ -52,6 +46,7 @@ class FluxAdapter(DiffusersAdapter):
     family = "flux1"
     pipeline_class = "FluxPipeline"
     default_max_sequence_length = 512
+    lora_pattern = LORA_PATTERN
 
     def __init__(self, pipe: Any, *, guidance: float = 3.5, **kw: Any):
         super().__init__(pipe, **kw)
@@ -90,10 +85,6 @@ class FluxAdapter(DiffusersAdapter):
         return {"prompt_embeds": (self.max_sequence_length, cfg.joint_attention_dim),
                 "pooled": (cfg.pooled_projection_dim,)}
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         f = self.vae_scale_factor
         if height % (2 * f) or width % (2 * f):
@@ -120,15 +111,8 @@ class FluxAdapter(DiffusersAdapter):
         _, h, w = self.latent_shape(height, width)
         return unpack_2x2(latents.float(), h, w)
 
-    def lora_target_modules(self, transformer: nn.Module) -> list[str]:
-        return named_linear_modules(transformer, LORA_PATTERN)
-
     def pipeline_kwargs(self, cond: dict[str, Tensor], uncond: dict[str, Tensor] | None = None,
                         guidance_scale: float = 1.0) -> dict[str, Any]:
-        """Keyword arguments that make the stock pipeline use our embeddings and guidance."""
-        kw: dict[str, Any] = {"prompt_embeds": cond["prompt_embeds"], "pooled_prompt_embeds": cond["pooled"],
-                              "guidance_scale": self.guidance, "true_cfg_scale": guidance_scale}
-        if uncond is not None:
-            kw.update(negative_prompt_embeds=uncond["prompt_embeds"], negative_pooled_prompt_embeds=uncond["pooled"])
-        return kw
+        """FLUX.1-dev's guidance input is self.guidance; guidance_scale is the pipeline's true CFG."""
+        return {**super().pipeline_kwargs(cond, uncond, self.guidance), "true_cfg_scale": guidance_scale}
 

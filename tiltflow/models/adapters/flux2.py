@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tiltflow.models.adapters.common import DiffusersAdapter, batch_sigma, named_linear_modules, shift_from_mu
+from tiltflow.models.adapters.common import DiffusersAdapter, batch_sigma, shift_from_mu
 
 # Double-stream attention projections, and the single-stream blocks' fused projections (qkv + MLP in,
 # attention + MLP out): without the latter, 20 of klein-4B's 25 blocks would carry no LoRA.
@@ -50,6 +50,7 @@ class Flux2Adapter(DiffusersAdapter):
     family = "flux2"
     pipeline_class = "Flux2KleinPipeline"
     default_max_sequence_length = 512
+    lora_pattern = LORA_PATTERN
 
     def __init__(self, pipe: Any, *, text_encoder_out_layers: Sequence[int] = (9, 18, 27), **kw: Any):
         self.text_encoder_out_layers = tuple(int(i) for i in text_encoder_out_layers)
@@ -88,10 +89,6 @@ class Flux2Adapter(DiffusersAdapter):
     def stub_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"prompt_embeds": (self.max_sequence_length, self.transformer.config.joint_attention_dim)}
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         f = 2 * self.vae_scale_factor
         if height % f or width % f:
@@ -121,21 +118,6 @@ class Flux2Adapter(DiffusersAdapter):
         mean, std = self._bn_stats(p)
         return (p - mean) / std
 
-    def to_pipeline_latents(self, x: Tensor) -> Tensor:
-        """Flux2KleinPipeline's `latents=`: the patchified latents, unpacked (B, 128, h, w)."""
-        return x
-
     def from_pipeline_latents(self, latents: Tensor, height: int, width: int) -> Tensor:
         """The pipeline's output_type='latent' is the de-normalised, unpatchified VAE z."""
         return self.vae_to_latents(latents.float())
-
-    def lora_target_modules(self, transformer: nn.Module) -> list[str]:
-        return named_linear_modules(transformer, LORA_PATTERN)
-
-    def pipeline_kwargs(self, cond: dict[str, Tensor], uncond: dict[str, Tensor] | None = None,
-                        guidance_scale: float = 1.0) -> dict[str, Any]:
-        """Keyword arguments that make the stock pipeline use our embeddings and guidance."""
-        kw: dict[str, Any] = {"prompt_embeds": cond["prompt_embeds"], "guidance_scale": guidance_scale}
-        if uncond is not None:
-            kw["negative_prompt_embeds"] = uncond["prompt_embeds"]
-        return kw

@@ -8,12 +8,10 @@ exactly as StableDiffusion3Pipeline.encode_prompt builds them.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from tiltflow.models.adapters.common import DiffusersAdapter, batch_sigma, named_linear_modules
+from tiltflow.models.adapters.common import DiffusersAdapter, batch_sigma
 
 # Attention projections of the joint blocks (attn) and of SD3.5's extra self-attention (attn2).
 LORA_PATTERN = (r"transformer_blocks\.\d+\.(attn|attn2)\."
@@ -25,6 +23,7 @@ class SD3Adapter(DiffusersAdapter):
     family = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
     default_max_sequence_length = 256
+    lora_pattern = LORA_PATTERN
 
     def forward(self, transformer: nn.Module, x: Tensor, sigma: Tensor, cond: dict[str, Tensor],
                 guidance: float | None = None) -> Tensor:
@@ -51,10 +50,6 @@ class SD3Adapter(DiffusersAdapter):
         return {"prompt_embeds": (CLIP_TOKENS + self.max_sequence_length, cfg.joint_attention_dim),
                 "pooled": (cfg.pooled_projection_dim,)}
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         step = self.vae_scale_factor * self.transformer.config.patch_size
         if height % step or width % step:
@@ -66,21 +61,5 @@ class SD3Adapter(DiffusersAdapter):
         """Static shift from the scheduler config (3.0 for SD3-M and SD3.5-M), whatever the resolution."""
         return float(self.pipe.scheduler.config.shift)
 
-    def to_pipeline_latents(self, x: Tensor) -> Tensor:
-        """What StableDiffusion3Pipeline takes as `latents=` (and returns with output_type='latent')."""
-        return x
-
     def from_pipeline_latents(self, latents: Tensor, height: int, width: int) -> Tensor:
         return latents.float()
-
-    def lora_target_modules(self, transformer: nn.Module) -> list[str]:
-        return named_linear_modules(transformer, LORA_PATTERN)
-
-    def pipeline_kwargs(self, cond: dict[str, Tensor], uncond: dict[str, Tensor] | None = None,
-                        guidance_scale: float = 1.0) -> dict[str, Any]:
-        """Keyword arguments that make the stock pipeline use our embeddings and guidance."""
-        kw: dict[str, Any] = {"prompt_embeds": cond["prompt_embeds"], "pooled_prompt_embeds": cond["pooled"],
-                              "guidance_scale": guidance_scale}
-        if uncond is not None:
-            kw.update(negative_prompt_embeds=uncond["prompt_embeds"], negative_pooled_prompt_embeds=uncond["pooled"])
-        return kw

@@ -6,8 +6,6 @@ model.safetensors, tokenizer.json, preprocessor_config.json) and served by the C
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ from tiltflow.config.shapes import ShapesRunConfig
 from tiltflow.storage import load, save_atomic
 from tiltflow.worlds.shapes.data import image_pool
 from tiltflow.worlds.shapes.scene import HELD_OUT_BINDINGS, Scene, hard_negatives, prompt_sets
+from tiltflow.worlds.shapes.teacher import export_folder, log_row, step_generator
 from tiltflow.worlds.shapes.text import MAX_TOKENS, build_tokenizer, text_config
 
 REWARD_STATE = "reward_model_train.pt"
@@ -110,7 +109,7 @@ def train_reward_model(cfg: ShapesRunConfig, deadline: float, *, progress: bool 
         step = int(state["step"])
     t0 = time.monotonic()
     while step < rc.num_iters:
-        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 7 + 2)
+        g = step_generator(cfg.seed, step, 2)
         rng = np.random.default_rng([cfg.seed, step, 2])
         idx = torch.randint(pool.shape[0], (rc.batch_size,), generator=g)
         x = pool[idx.to(device)].permute(0, 3, 1, 2).float() / 255.0
@@ -129,8 +128,7 @@ def train_reward_model(cfg: ShapesRunConfig, deadline: float, *, progress: bool 
         step += 1
         if step % rc.log_every == 0 or step == rc.num_iters:
             row = {"step": step, "loss": loss.item(), "elapsed_s": time.monotonic() - t0}
-            with (run_dir / "reward_model_metrics.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            log_row(run_dir, "reward_model", row)
             if progress:
                 print(f"reward model step {step}/{rc.num_iters} loss {row['loss']:.4f}", flush=True)
         if step % rc.checkpoint_every == 0 or time.monotonic() > deadline:
@@ -145,11 +143,7 @@ def train_reward_model(cfg: ShapesRunConfig, deadline: float, *, progress: bool 
 
 
 def export_clip(model: Any, tokenizer: Any, resolution: int, folder: Path) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    copy.deepcopy(model).half().save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    image_processor(resolution).save_pretrained(str(tmp))
-    tmp.replace(folder)
+    export_folder(model, folder, tokenizer, image_processor(resolution))
 
 
 def load_clip_reward(folder: str | Path, device: str = "cpu", name: str = "clip") -> Any:

@@ -66,7 +66,7 @@ def train_world_models(cfg: ShapesRunConfig, *, progress: bool = True) -> dict[s
     return out
 
 
-def _log(run_dir: Path, name: str, row: dict[str, Any]) -> None:
+def log_row(run_dir: Path, name: str, row: dict[str, Any]) -> None:
     with (run_dir / f"{name}_metrics.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -136,7 +136,7 @@ def train_teacher(cfg: ShapesRunConfig, deadline: float, *, progress: bool = Tru
         if step % tc.log_every == 0 or step == tc.num_iters:
             row = {"step": step, "loss": sum(losses) / len(losses), "lr": lr_at(step - 1, tc.lr, tc.warmup_iters),
                    "elapsed_s": time.monotonic() - t0}
-            _log(run_dir, "teacher", row)
+            log_row(run_dir, "teacher", row)
             if progress:
                 print(f"teacher step {step}/{tc.num_iters} loss {row['loss']:.4f}", flush=True)
             losses = []
@@ -154,6 +154,13 @@ def train_teacher(cfg: ShapesRunConfig, deadline: float, *, progress: bool = Tru
 
 def export_teacher(ema: torch.nn.Module, folder: Path) -> None:
     """The EMA teacher as a diffusers folder in fp16 safetensors (written to a temporary folder first)."""
+    export_folder(ema, folder)
+
+
+def export_folder(model: Any, folder: Path, *others: Any) -> None:
+    """`model` in fp16 safetensors plus what `others` save_pretrained, written to a temporary folder first."""
     tmp = folder.with_name(folder.name + ".tmp")
-    copy.deepcopy(ema).half().save_pretrained(str(tmp), safe_serialization=True)
+    copy.deepcopy(model).half().save_pretrained(str(tmp), safe_serialization=True)
+    for other in others:
+        other.save_pretrained(str(tmp))
     tmp.replace(folder)
