@@ -40,9 +40,10 @@ class PromptSpec:
 
 @dataclass
 class RewardSpec:
-    """linear: r = a.x; quadratic: r = -(x-b).A(x-b)/2; halfspace: r = 1[a.x >= c] (not differentiable)."""
+    """linear: r = a.x; quadratic: r = -(x-b).A(x-b)/2; halfspace: r = 1[a.x >= c] (not differentiable);
+    tanh: r = tanh(a.x - c) (bounded, differentiable)."""
 
-    type: Literal["linear", "quadratic", "halfspace"] = "linear"
+    type: Literal["linear", "quadratic", "halfspace", "tanh"] = "linear"
     weight: float = 1.0
     a: list[float] | None = None
     A: list[list[float]] | None = None
@@ -50,7 +51,7 @@ class RewardSpec:
     c: float = 0.0
 
     def validate(self, path: str) -> None:
-        if self.type in ("linear", "halfspace"):
+        if self.type in ("linear", "halfspace", "tanh"):
             require(self.a is not None, join_path(path, "a"), f"reward type {self.type!r} needs a vector 'a'")
         if self.type == "quadratic":
             require(self.A is not None and self.b is not None, path, "quadratic reward needs 'A' and 'b'")

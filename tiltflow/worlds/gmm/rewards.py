@@ -1,8 +1,8 @@
 """Rewards of the analytic world whose tilted targets are exact (WORLDS.md section 1, "Rewards").
 
-Linear r = a.x and quadratic r = -(x - b).A(x - b)/2 are differentiable (pathwise and policy-gradient terms
-of METHOD.md 5.1); the half-space indicator r = 1[a.x >= c] is not (policy gradient only). Prompts are
-accepted and ignored: these rewards do not depend on the condition.
+Linear r = a.x, quadratic r = -(x - b).A(x - b)/2 and the bounded r = tanh(a.x - c) are differentiable
+(pathwise and policy-gradient terms of METHOD.md 5.1); the half-space indicator r = 1[a.x >= c] is not
+(policy gradient only). Prompts are accepted and ignored: these rewards do not depend on the condition.
 """
 
 from __future__ import annotations
@@ -80,3 +80,18 @@ class HalfspaceReward:
         _check_samples(samples, self.a.shape[0], self.name)
         x = samples.detach()
         return RewardOutput(scores=(x @ self.a.to(x) >= self.c).to(x.dtype))
+
+
+class TanhReward:
+    """r(x) = tanh(a.x - c): bounded in (-1, 1), differentiable (the bounded regime of real reward models)."""
+
+    differentiable: bool = True
+
+    def __init__(self, a: Tensor | Sequence[float], c: float = 0.0, *, name: str = "tanh"):
+        self.a = _vector(a, "a")
+        self.c = float(c)
+        self.name = name
+
+    def __call__(self, samples: Tensor, prompts: Sequence[Any] | None = None) -> RewardOutput:
+        _check_samples(samples, self.a.shape[0], self.name)
+        return RewardOutput(scores=torch.tanh(samples @ self.a.to(samples) - self.c))

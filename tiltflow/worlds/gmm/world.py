@@ -14,8 +14,8 @@ from tiltflow.config.gmm import ProblemSpec, RewardSpec
 from tiltflow.rewards.base import RewardSet
 from tiltflow.worlds.gmm.mixture import ConditionalGMM, GaussianMixture
 from tiltflow.worlds.gmm.posterior import GMMPosterior
-from tiltflow.worlds.gmm.rewards import HalfspaceReward, LinearReward, QuadraticReward
-from tiltflow.worlds.gmm.targets import HalfspaceTiltedTarget, Target, tilt_linear, tilt_quadratic
+from tiltflow.worlds.gmm.rewards import HalfspaceReward, LinearReward, QuadraticReward, TanhReward
+from tiltflow.worlds.gmm.targets import HalfspaceTiltedTarget, TanhTiltedTarget, Target, tilt_linear, tilt_quadratic
 
 
 def build_gmm(spec: ProblemSpec, dtype: torch.dtype = torch.float64) -> ConditionalGMM:
@@ -30,6 +30,8 @@ def _reward(spec: RewardSpec, index: int):
         return LinearReward(spec.a, name=name)
     if spec.type == "quadratic":
         return QuadraticReward(spec.A, spec.b, name=name)
+    if spec.type == "tanh":
+        return TanhReward(spec.a, spec.c, name=name)
     return HalfspaceReward(spec.a, spec.c, name=name)
 
 
@@ -47,6 +49,8 @@ def exact_target(base: GaussianMixture, spec: ProblemSpec, beta: float) -> Targe
         return tilt_linear(base, torch.tensor(r.a, dtype=base.dtype), b)
     if r.type == "quadratic":
         return tilt_quadratic(base, torch.tensor(r.A, dtype=base.dtype), torch.tensor(r.b, dtype=base.dtype), b)
+    if r.type == "tanh":
+        return TanhTiltedTarget(base, torch.tensor(r.a, dtype=base.dtype), r.c, b)
     return HalfspaceTiltedTarget(base, torch.tensor(r.a, dtype=base.dtype), r.c, b)
 
 
