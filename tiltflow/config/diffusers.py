@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tiltflow.config.loader import ConfigError
-from tiltflow.config.schema import RunConfig
+from tiltflow.config.schema import RunConfig, require
 
 FAMILIES = ("sd3", "flux1", "flux2")
 
@@ -35,12 +35,10 @@ class ModelSpec:
 
     def validate(self, path: str) -> None:
         if self.random_weights:
-            if not self.arch:
-                raise ConfigError(f"{path}.arch", "random_weights needs an architecture name (e.g. sd35_medium)")
-        elif not self.source:
-            raise ConfigError(f"{path}.source", "give a hub id or local folder, or set random_weights: true")
-        if self.resolution % 16:
-            raise ConfigError(f"{path}.resolution", f"got {self.resolution}, expected a multiple of 16")
+            require(bool(self.arch), f"{path}.arch", "random_weights needs an architecture name (e.g. sd35_medium)")
+        else:
+            require(bool(self.source), f"{path}.source", "give a hub id or local folder, or set random_weights: true")
+        require(self.resolution % 16 == 0, f"{path}.resolution", f"got {self.resolution}, expected a multiple of 16")
         if self.guidance_scale < 0:
             raise ConfigError(f"{path}.guidance_scale", f"got {self.guidance_scale}, expected >= 0")
 
@@ -53,10 +51,9 @@ class LoraSpec:
     alpha: float = 64.0
 
     def validate(self, path: str) -> None:
-        if self.layout == "shared" and self.finetune == "full":
-            raise ConfigError(f"{path}.finetune", "full fine-tuning needs layout: separate")
-        if self.rank < 1:
-            raise ConfigError(f"{path}.rank", f"got {self.rank}, expected >= 1")
+        require(not (self.layout == "shared" and self.finetune == "full"), f"{path}.finetune",
+                "full fine-tuning needs layout: separate")
+        require(self.rank >= 1, f"{path}.rank", f"got {self.rank}, expected >= 1")
 
 
 @dataclass
@@ -75,7 +72,6 @@ class SampleSpec:
     seed: int = 0
     eta: float | None = None  # null = sampler.eta
     weights: Literal["final", "base"] = "final"  # "base": the untrained generator init (a 4-step baseline)
-
 
 
 # Differentiability of the rewards the registry knows by name (None: a user factory, known once built).
@@ -106,8 +102,8 @@ class DiffusersRunConfig(RunConfig):
         if self.stage == "teacher":
             raise ConfigError("stage", "the diffusers world has no teacher stage: its teacher is the pretrained "
                               "model.source; choose one of ac_dmd, dmd2, rtdmd, rtdmd_exact, grpo_only, bp_only, dm_bp")
-        if not self.prompts and not self.prompt_file:
-            raise ConfigError("prompts", "give prompts (a list) or prompt_file (one prompt per line)")
+        require(bool(self.prompts or self.prompt_file), "prompts",
+                "give prompts (a list) or prompt_file (one prompt per line)")
         if self.model.family_shift and self.sampler.shift != 1.0:
             raise ConfigError("sampler.shift", f"got {self.sampler.shift} while model.family_shift is true (the "
                               "family's own shift is used); set model.family_shift: false to use sampler.shift")

@@ -4,6 +4,7 @@ nothing from a config is ever evaluated as code."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -26,6 +27,14 @@ class ConfigError(ValueError):
 
 class UsageError(ValueError):
     """A command-line argument that cannot work, named with what was expected (exit code 2)."""
+
+
+# Plain field types: (accepts the YAML value as it is, what the error says was expected).
+_SCALARS: dict[type, tuple[Any, str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
 
 
 def _type_name(tp: Any) -> str:
@@ -57,27 +66,20 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(value, a, path)
-            except ConfigError as e:
-                errors.append(str(e))
+            if a is not type(None):
+                with contextlib.suppress(ConfigError):  # not this member: try the next
+                    return _convert(value, a, path)
         raise ConfigError(path, f"got {value!r}, expected {_type_name(tp)}")
     if origin in (list, Sequence):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(path, f"got {type(value).__name__} {value!r}, expected {_type_name(tp)}")
         (inner,) = typing.get_args(tp)
         return [_convert(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(path, f"got {value!r}, expected true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, f"got {value!r}, expected an integer")
+    if tp in _SCALARS:
+        accepts, expected = _SCALARS[tp]
+        if not accepts(value):
+            raise ConfigError(path, f"got {value!r}, expected {expected}")
         return value
     if tp is float:
         if isinstance(value, str):
@@ -89,10 +91,6 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"got {value!r}, expected a number")
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(path, f"got {value!r}, expected a string")
-        return value
     raise ConfigError(path, f"unsupported field type {tp!r}")
 
 

@@ -49,10 +49,8 @@ def discover_folder(folder: str | Path) -> list[Sample]:
     subdirs = sorted(d for d in folder.iterdir() if (d / "metadata.jsonl").is_file())
     if subdirs:
         return _read_geneval_layout(subdirs)
-    raise FileNotFoundError(
-        f"{folder} has neither {SIDECAR} nor GenEval-style <index>/metadata.jsonl folders; "
-        "see tiltflow.eval.harness for the layouts"
-    )
+    raise FileNotFoundError(f"{folder} has neither {SIDECAR} nor GenEval-style <index>/metadata.jsonl folders; "
+                            "see tiltflow.eval.harness for the layouts")
 
 
 def _read_sidecar(folder: Path) -> list[Sample]:
@@ -92,15 +90,8 @@ def _read_geneval_layout(subdirs: list[Path]) -> list[Sample]:
     return samples
 
 
-def generate_samples(
-    prompts: Sequence[Prompt],
-    generate: Generate,
-    out_dir: Path,
-    *,
-    samples_per_prompt: int = 1,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> list[Sample]:
+def generate_samples(prompts: Sequence[Prompt], generate: Generate, out_dir: Path, *, samples_per_prompt: int = 1,
+                     batch_size: int = 8, progress: bool = True) -> list[Sample]:
     """Generate `samples_per_prompt` images per prompt; save OUT/samples/<i>_<k>.png and the sidecar."""
     from tqdm import tqdm
 
@@ -255,31 +246,20 @@ def _run(args: argparse.Namespace, generate: Generate | None) -> int:
     progress = not args.no_progress
     if args.images is not None:
         if args.prompts is not None:
-            raise ValueError(
-                "--prompts is not used with --images: the folder's prompts.jsonl (or GenEval "
-                "metadata) gives the prompts"
-            )
+            raise ValueError("--prompts is not used with --images: the folder's prompts.jsonl (or GenEval "
+                             "metadata) gives the prompts")
         samples = limit_samples(discover_folder(args.images), args.limit)
         source = {"images": str(args.images)}
     else:
         if args.prompts is None:
             raise ValueError("generating needs --prompts FILE")
         prompts = load_prompts(args.prompts, format=args.prompt_format)[: args.limit]
-        samples = generate_samples(
-            prompts,
-            generate,
-            args.out,
-            samples_per_prompt=args.samples_per_prompt,
-            batch_size=args.batch_size,
-            progress=progress,
-        )
+        samples = generate_samples(prompts, generate, args.out, samples_per_prompt=args.samples_per_prompt,
+                                   batch_size=args.batch_size, progress=progress)
         source = {"prompts": str(args.prompts), "samples_per_prompt": args.samples_per_prompt}
     results = score_samples(samples, reward_set, batch_size=args.batch_size, progress=progress)
-    extra = {
-        "source": source,
-        "limit": args.limit,
-        "rewards_spec": [{"name": s.name, "weight": s.weight, "kwargs": s.kwargs} for s in specs],
-    }
+    extra = {"source": source, "limit": args.limit,
+             "rewards_spec": [{"name": s.name, "weight": s.weight, "kwargs": s.kwargs} for s in specs]}
     summary = write_reports(results, reward_set.names + [TOTAL], args.out, extra=extra, grid_size=args.grid_size)
     print(summary_markdown(summary), end="")
     return 0

@@ -37,14 +37,8 @@ class PromptResult:
         return sum(values) / len(values)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "prompt": str(self.prompt),
-            "metadata": getattr(self.prompt, "metadata", {}),
-            "images": self.images,
-            "scores": self.scores,
-            "mean": {name: self.mean(name) for name in self.scores},
-        }
+        return {"index": self.index, "prompt": str(self.prompt), "metadata": getattr(self.prompt, "metadata", {}),
+                "images": self.images, "scores": self.scores, "mean": {name: self.mean(name) for name in self.scores}}
 
 
 def t_quantile_975(dof: int) -> float:
@@ -67,12 +61,8 @@ def summarize(results: Sequence[PromptResult], names: Sequence[str]) -> dict[str
     for tag in tags:
         members = [r for r in results if str(getattr(r.prompt, "metadata", {}).get("tag")) == tag]
         by_tag[tag] = {name: sum(r.mean(name) for r in members) / len(members) for name in names}
-    return {
-        "rewards": rewards,
-        "by_tag": by_tag,
-        "num_prompts": len(results),
-        "num_images": sum(len(r.images) for r in results),
-    }
+    return {"rewards": rewards, "by_tag": by_tag, "num_prompts": len(results),
+            "num_images": sum(len(r.images) for r in results)}
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -86,12 +76,8 @@ def _stats(values: list[float]) -> dict[str, Any]:
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
-    lines = [
-        f"Prompts: {summary['num_prompts']}, images: {summary['num_images']}",
-        "",
-        "| reward | mean | 95% CI | ± | prompts |",
-        "|---|---:|---:|---:|---:|",
-    ]
+    lines = [f"Prompts: {summary['num_prompts']}, images: {summary['num_images']}", "",
+             "| reward | mean | 95% CI | ± | prompts |", "|---|---:|---:|---:|---:|"]
     for name, s in summary["rewards"].items():
         ci = "n/a" if s["ci95_low"] is None else f"[{s['ci95_low']:.4f}, {s['ci95_high']:.4f}]"
         half = "n/a" if s["ci95_halfwidth"] is None else f"{s['ci95_halfwidth']:.4f}"
@@ -104,14 +90,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reports(
-    results: Sequence[PromptResult],
-    names: Sequence[str],
-    out_dir: Path,
-    *,
-    extra: dict[str, Any] | None = None,
-    grid_size: int = 16,
-) -> dict[str, Any]:
+def write_reports(results: Sequence[PromptResult], names: Sequence[str], out_dir: Path, *,
+                  extra: dict[str, Any] | None = None, grid_size: int = 16) -> dict[str, Any]:
     """Write per_prompt.jsonl, summary.json, summary.md, index.html and grid.png; return the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "per_prompt.jsonl").open("w") as handle:

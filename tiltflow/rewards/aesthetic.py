@@ -34,10 +34,8 @@ class AestheticHead(nn.Module):
         indices = sorted({int(m.group(1)) for k in state if (m := _LAYER_KEY.match(k))})
         unknown = [k for k in state if not _LAYER_KEY.match(k)]
         if not indices or unknown:
-            raise ValueError(
-                f"aesthetic head: expected keys layers.N.weight/bias, got unexpected {unknown[:5]} "
-                f"and {len(indices)} layers"
-            )
+            raise ValueError(f"aesthetic head: expected keys layers.N.weight/bias, got unexpected {unknown[:5]} "
+                             f"and {len(indices)} layers")
         self.linears = nn.ModuleList()
         for i in indices:
             weight, bias = state[f"layers.{i}.weight"], state.get(f"layers.{i}.bias")
@@ -78,20 +76,12 @@ class AestheticReward:
         return RewardOutput(scores=self.head(embeds.to(self.head.linears[0].weight.dtype)))
 
 
-def build_aesthetic(
-    head: str | Path | None = None,
-    *,
-    clip: str | Path = DEFAULT_CLIP,
-    device: str = "cpu",
-    dtype: str = "float32",
-    name: str = "aesthetic",
-) -> AestheticReward:
+def build_aesthetic(head: str | Path | None = None, *, clip: str | Path = DEFAULT_CLIP, device: str = "cpu",
+                    dtype: str = "float32", name: str = "aesthetic") -> AestheticReward:
     """head: local path to the released MLP head (.pth, loaded weights_only, or a .safetensors copy)."""
     if head is None:
-        raise ValueError(
-            f"aesthetic: pass head=PATH to the MLP head {HEAD_FILE!r} (released with LAION's "
-            "improved-aesthetic-predictor); see docs/rewards.md"
-        )
+        raise ValueError(f"aesthetic: pass head=PATH to the MLP head {HEAD_FILE!r} (released with LAION's "
+                         "improved-aesthetic-predictor); see docs/rewards.md")
     head_path = Path(head).expanduser()
     if not head_path.is_file():
         raise FileNotFoundError(f"aesthetic: head file {head_path} does not exist (expected {HEAD_FILE})")
@@ -99,8 +89,6 @@ def build_aesthetic(
     encoder = load_clip(clip, device=device, dtype=dtype, vision_only=True, what="aesthetic CLIP model")
     projection_dim = encoder.model.config.projection_dim
     if mlp.in_features != projection_dim:
-        raise ValueError(
-            f"aesthetic: head expects {mlp.in_features}-d embeddings but the CLIP model gives "
-            f"{projection_dim}-d (the released head needs CLIP ViT-L/14)"
-        )
+        raise ValueError(f"aesthetic: head expects {mlp.in_features}-d embeddings but the CLIP model gives "
+                         f"{projection_dim}-d (the released head needs CLIP ViT-L/14)")
     return AestheticReward(encoder, mlp, name=name)

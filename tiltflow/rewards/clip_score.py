@@ -47,15 +47,8 @@ class ClipSimilarityReward:
         return RewardOutput(scores=self.scale * cosine, extras={"cosine": cosine.detach()})
 
 
-def build_clip_score(
-    model: str | Path = DEFAULT_CLIP,
-    *,
-    processor: str | Path | None = None,
-    scale: float = 100.0,
-    device: str = "cpu",
-    dtype: str = "float32",
-    name: str = "clip_score",
-) -> ClipSimilarityReward:
+def build_clip_score(model: str | Path = DEFAULT_CLIP, *, processor: str | Path | None = None, scale: float = 100.0,
+                     device: str = "cpu", dtype: str = "float32", name: str = "clip_score") -> ClipSimilarityReward:
     """CLIPScore on a transformers CLIPModel (hub id or local folder; default openai/clip-vit-large-patch14)."""
     encoder = load_clip(model, processor=processor, device=device, dtype=dtype, what="CLIPScore model")
     return ClipSimilarityReward(encoder, name=name, scale=scale)

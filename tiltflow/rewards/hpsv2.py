@@ -40,26 +40,13 @@ VIT_H_14: dict[str, Any] = {
 
 def openclip_preprocess(image_size: int) -> ImagePreprocess:
     """open_clip's eval transform for a square model input of `image_size`."""
-    return ImagePreprocess(
-        shortest_edge=image_size,
-        crop_size=(image_size, image_size),
-        resample="bicubic",
-        mean=OPENAI_CLIP_MEAN,
-        std=OPENAI_CLIP_STD,
-        crop_rounding="round",
-    )
+    return ImagePreprocess(shortest_edge=image_size, crop_size=(image_size, image_size), resample="bicubic",
+                           mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, crop_rounding="round")
 
 
-def build_hpsv2(
-    checkpoint: str | Path = DEFAULT_CHECKPOINT,
-    *,
-    filename: str = CHECKPOINT_FILE,
-    tokenizer: str | Path = DEFAULT_TOKENIZER,
-    openclip_config: Mapping[str, Any] | str | Path = VIT_H_14,
-    device: str = "cpu",
-    dtype: str = "float32",
-    name: str = "hpsv2",
-) -> ClipSimilarityReward:
+def build_hpsv2(checkpoint: str | Path = DEFAULT_CHECKPOINT, *, filename: str = CHECKPOINT_FILE,
+                tokenizer: str | Path = DEFAULT_TOKENIZER, openclip_config: Mapping[str, Any] | str | Path = VIT_H_14,
+                device: str = "cpu", dtype: str = "float32", name: str = "hpsv2") -> ClipSimilarityReward:
     """HPSv2.1 reward.
 
     checkpoint: the .pt/.safetensors file, a folder holding `filename`, or a hub repo id.

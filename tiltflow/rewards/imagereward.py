@@ -17,11 +17,9 @@ from tiltflow.rewards.base import RewardOutput
 from tiltflow.rewards.preprocess import check_images, prompt_texts
 
 DEFAULT_MODEL = "ImageReward-v1.0"
-INSTALL_HINT = (
-    "ImageReward needs the optional package `image-reward` (pip install image-reward; it brings "
-    "timm and torchvision), or serve it with tiltflow-reward-server in another environment and "
-    "use the 'remote' reward"
-)
+INSTALL_HINT = ("ImageReward needs the optional package `image-reward` (pip install image-reward; it brings "
+                "timm and torchvision), or serve it with tiltflow-reward-server in another environment and "
+                "use the 'remote' reward")
 
 
 def _import_imagereward() -> Any:
@@ -56,14 +54,8 @@ class ImageRewardScorer:
         return RewardOutput(scores=torch.tensor(scores, dtype=torch.float32, device=samples.device))
 
 
-def build_imagereward(
-    model: str = DEFAULT_MODEL,
-    *,
-    device: str = "cpu",
-    download_root: str | None = None,
-    med_config: str | None = None,
-    name: str = "imagereward",
-) -> ImageRewardScorer:
+def build_imagereward(model: str = DEFAULT_MODEL, *, device: str = "cpu", download_root: str | None = None,
+                      med_config: str | None = None, name: str = "imagereward") -> ImageRewardScorer:
     """model: "ImageReward-v1.0" (fetched from THUDM/ImageReward by the package) or a local checkpoint path."""
     package = _import_imagereward()
     loaded = package.load(model, device=device, download_root=download_root, med_config=med_config)

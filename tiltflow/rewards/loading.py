@@ -69,11 +69,9 @@ def resolve_model_dir(source: str | Path, requirements: Sequence[FileRequirement
     cached = _from_cache(repo_id, requirements)
     if cached is not None:
         return cached
-    hint = (
-        f"needs: {describe(requirements)}. Download them where the hub is reachable, e.g. "
-        f"`hf download {repo_id} <files>`, or pass a local folder that holds them (there is no folder "
-        f"{str(path)!r} here)"
-    )
+    hint = (f"needs: {describe(requirements)}. Download them where the hub is reachable, e.g. "
+            f"`hf download {repo_id} <files>`, or pass a local folder that holds them (there is no folder "
+            f"{str(path)!r} here)")
     if hub_offline():
         raise ModelFilesNotFound(
             f"{what}: {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; {hint}"
@@ -117,14 +115,8 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
 def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-    }
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if dtype not in table:
         raise ValueError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
     return table[dtype]
@@ -222,9 +214,8 @@ class ClipEncoder:
         tokens = self.tokenizer(
             texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
         )
-        out = self.model.text_model(
-            input_ids=tokens["input_ids"].to(self.device), attention_mask=tokens["attention_mask"].to(self.device)
-        )
+        out = self.model.text_model(input_ids=tokens["input_ids"].to(self.device),
+                                    attention_mask=tokens["attention_mask"].to(self.device))
         return _normalize(self.model.text_projection(out.pooler_output))
 
     def logit_scale(self) -> float:
@@ -242,15 +233,8 @@ def load_tokenizer(folder: Path) -> Any:
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def load_clip(
-    source: str | Path,
-    *,
-    processor: str | Path | None = None,
-    device: str = "cpu",
-    dtype: str | torch.dtype = "float32",
-    vision_only: bool = False,
-    what: str = "CLIP model",
-) -> ClipEncoder:
+def load_clip(source: str | Path, *, processor: str | Path | None = None, device: str = "cpu",
+              dtype: str | torch.dtype = "float32", vision_only: bool = False, what: str = "CLIP model") -> ClipEncoder:
     """A frozen ClipEncoder from a transformers CLIP folder or hub id.
 
     processor: where preprocessor_config.json and the tokenizer live (default: `source`).

@@ -64,30 +64,17 @@ def hf_config_from_openclip(model_cfg: Mapping[str, Any], *, tokenizer_ids: Mapp
     width_v, width_t = int(vision.get("width", 768)), int(text.get("width", 512))
     head_width = int(vision.get("head_width", 64))
     ids = dict(tokenizer_ids or {})
-    text_config = dict(
-        hidden_size=width_t,
-        intermediate_size=int(width_t * float(text.get("mlp_ratio", 4.0))),
-        num_hidden_layers=int(text.get("layers", 12)),
-        num_attention_heads=int(text.get("heads", 8)),
-        vocab_size=int(text.get("vocab_size", 49408)),
-        max_position_embeddings=int(text.get("context_length", 77)),
-        hidden_act=act,
-        layer_norm_eps=1e-5,
-        **ids,
-    )
-    vision_config = dict(
-        hidden_size=width_v,
-        intermediate_size=int(width_v * float(vision.get("mlp_ratio", 4.0))),
-        num_hidden_layers=int(vision.get("layers", 12)),
-        num_attention_heads=width_v // head_width,
-        image_size=int(vision.get("image_size", 224)),
-        patch_size=int(vision.get("patch_size", 16)),
-        hidden_act=act,
-        layer_norm_eps=1e-5,
-    )
-    return CLIPConfig(
-        text_config=text_config, vision_config=vision_config, projection_dim=int(model_cfg.get("embed_dim", 512))
-    )
+    text_config = dict(hidden_size=width_t, intermediate_size=int(width_t * float(text.get("mlp_ratio", 4.0))),
+                       num_hidden_layers=int(text.get("layers", 12)), num_attention_heads=int(text.get("heads", 8)),
+                       vocab_size=int(text.get("vocab_size", 49408)),
+                       max_position_embeddings=int(text.get("context_length", 77)), hidden_act=act, layer_norm_eps=1e-5,
+                       **ids)
+    vision_config = dict(hidden_size=width_v, intermediate_size=int(width_v * float(vision.get("mlp_ratio", 4.0))),
+                         num_hidden_layers=int(vision.get("layers", 12)), num_attention_heads=width_v // head_width,
+                         image_size=int(vision.get("image_size", 224)), patch_size=int(vision.get("patch_size", 16)),
+                         hidden_act=act, layer_norm_eps=1e-5)
+    return CLIPConfig(text_config=text_config, vision_config=vision_config,
+                      projection_dim=int(model_cfg.get("embed_dim", 512)))
 
 
 def openclip_to_hf_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -107,10 +94,8 @@ def openclip_to_hf_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(
-            f"open_clip state dict has {len(unknown)} keys this mapping does not know, e.g. "
-            f"{unknown[:5]}; only the standard ViT CLIP layout is supported"
-        )
+        raise ValueError(f"open_clip state dict has {len(unknown)} keys this mapping does not know, e.g. "
+                         f"{unknown[:5]}; only the standard ViT CLIP layout is supported")
     return out
 
 

@@ -16,14 +16,8 @@ DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
-def build_pickscore(
-    model: str | Path = DEFAULT_MODEL,
-    *,
-    processor: str | Path = DEFAULT_PROCESSOR,
-    device: str = "cpu",
-    dtype: str = "float32",
-    name: str = "pickscore",
-) -> ClipSimilarityReward:
+def build_pickscore(model: str | Path = DEFAULT_MODEL, *, processor: str | Path = DEFAULT_PROCESSOR,
+                    device: str = "cpu", dtype: str = "float32", name: str = "pickscore") -> ClipSimilarityReward:
     """PickScore from a hub id or local folder; differentiable in the pixels."""
     encoder = load_clip(model, processor=processor, device=device, dtype=dtype, what="PickScore model")
     return ClipSimilarityReward(encoder, name=name, scale="logit_scale")

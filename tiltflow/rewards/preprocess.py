@@ -60,15 +60,11 @@ class ImagePreprocess:
         """Build from a transformers preprocessor_config.json dictionary (CLIPImageProcessor fields)."""
         resample_code = int(config.get("resample", 3))
         if resample_code not in _PIL_RESAMPLE:
-            raise ValueError(
-                f"preprocessor 'resample'={resample_code} is not supported; expected one of "
-                f"{sorted(_PIL_RESAMPLE)} (PIL bilinear, bicubic)"
-            )
+            raise ValueError(f"preprocessor 'resample'={resample_code} is not supported; expected one of "
+                             f"{sorted(_PIL_RESAMPLE)} (PIL bilinear, bicubic)")
         if config.get("do_rescale", True) and abs(float(config.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
-            raise ValueError(
-                f"preprocessor 'rescale_factor'={config['rescale_factor']} is not 1/255; inputs here "
-                "are already in [0, 1]"
-            )
+            raise ValueError(f"preprocessor 'rescale_factor'={config['rescale_factor']} is not 1/255; inputs here "
+                             "are already in [0, 1]")
         shortest_edge, size = None, None
         if config.get("do_resize", True):
             shortest_edge, size = _parse_resize(config.get("size", {"shortest_edge": 224}))

@@ -99,16 +99,8 @@ class RemoteReward:
 
     differentiable = False
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        name: str = "remote",
-        timeout_s: float = 120.0,
-        retries: int = 3,
-        backoff_s: float = 0.5,
-        encoding: str = "npy-uint8",
-    ):
+    def __init__(self, url: str, *, name: str = "remote", timeout_s: float = 120.0, retries: int = 3,
+                 backoff_s: float = 0.5, encoding: str = "npy-uint8"):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"remote reward url must start with http:// or https://, got {url!r}")
         if encoding not in ENCODINGS:
@@ -125,18 +117,13 @@ class RemoteReward:
             check_images(samples)
         if len(prompts) != samples.shape[0]:
             raise ValueError(f"got {len(prompts)} prompts for {samples.shape[0]} images")
-        body = {
-            "protocol": PROTOCOL,
-            "images": encode_images(samples, self.encoding),
-            "prompts": encode_prompts(prompts),
-        }
+        body = {"protocol": PROTOCOL, "images": encode_images(samples, self.encoding),
+                "prompts": encode_prompts(prompts)}
         answer = self._request("POST", "/score", json.dumps(body).encode())
         scores = _parse_scores(answer, samples.shape[0], self.url)
         extras = answer.get("extras", {})
-        return RewardOutput(
-            scores=torch.tensor(scores, dtype=torch.float32, device=samples.device),
-            extras=extras if isinstance(extras, dict) else {},
-        )
+        return RewardOutput(scores=torch.tensor(scores, dtype=torch.float32, device=samples.device),
+                            extras=extras if isinstance(extras, dict) else {})
 
     def info(self) -> dict[str, Any]:
         """The server's GET /info answer (name, protocol, differentiable)."""
@@ -207,11 +194,8 @@ def _parse_scores(answer: Mapping[str, Any], batch_size: int, url: str) -> list[
     if not isinstance(scores, list) or len(scores) != batch_size:
         got = f"a list of {len(scores)}" if isinstance(scores, list) else repr(scores)[:100]
         raise RemoteRewardError(f"reward server {url} answered 'scores'={got}, expected a list of {batch_size} numbers")
-    bad = [
-        i
-        for i, s in enumerate(scores)
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s)
-    ]
+    bad = [i for i, s in enumerate(scores)
+           if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s)]
     if bad:
         raise RemoteRewardError(f"reward server {url} answered non-finite or non-numeric scores at {bad[:10]}")
     return [float(s) for s in scores]

@@ -56,14 +56,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         if self.path in ("/info", "/health"):
             reward = self.server.reward
-            self._send(
-                200,
-                {
-                    "protocol": PROTOCOL,
-                    "name": reward.name,
-                    "differentiable": bool(getattr(reward, "differentiable", False)),
-                },
-            )
+            info = {"protocol": PROTOCOL, "name": reward.name,
+                    "differentiable": bool(getattr(reward, "differentiable", False))}
+            self._send(200, info)
         else:
             self._send(404, {"error": f"unknown path {self.path!r}; use GET /info or POST /score"})
 
@@ -90,13 +85,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(500, {"error": f"reward {self.server.reward.name!r} failed: {type(err).__name__}: {err}"})
             return
         if len(scores) != len(prompts) or not all(math.isfinite(s) for s in scores):
-            self._send(
-                500,
-                {
-                    "error": f"reward returned {len(scores)} scores (non-finite ones included) for "
-                    f"{len(prompts)} prompts"
-                },
-            )
+            self._send(500, {"error": f"reward returned {len(scores)} scores (non-finite ones included) for "
+                                      f"{len(prompts)} prompts"})
             return
         self._send(200, {"scores": scores, "extras": _jsonable(output.extras)})
 

@@ -36,68 +36,31 @@ def write_tiny_clip_tokenizer(folder: Path, *, model_max_length: int = 16) -> in
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    config = {
-        "model_max_length": model_max_length,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "tokenizer_class": "CLIPTokenizer",
-    }
+    config = {"model_max_length": model_max_length, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+              "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return len(vocab)
 
 
 def write_processor_config(folder: Path, *, image_size: int, resample: int = 3) -> None:
     """preprocessor_config.json of a CLIPImageProcessor with shortest edge = crop = image_size."""
-    config = {
-        "image_processor_type": "CLIPImageProcessor",
-        "do_resize": True,
-        "size": {"shortest_edge": image_size},
-        "resample": resample,
-        "do_center_crop": True,
-        "crop_size": {"height": image_size, "width": image_size},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "do_convert_rgb": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-    }
+    config = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+              "resample": resample, "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
+              "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+              "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
 
 
-def tiny_clip_config(
-    vocab_size: int,
-    *,
-    projection_dim: int = 16,
-    image_size: int = 32,
-    context_length: int = 16,
-    eos_token_id: int | None = None,
-) -> Any:
+def tiny_clip_config(vocab_size: int, *, projection_dim: int = 16, image_size: int = 32, context_length: int = 16,
+                     eos_token_id: int | None = None) -> Any:
     from transformers import CLIPConfig
 
     eos = vocab_size - 1 if eos_token_id is None else eos_token_id
-    text = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=context_length,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=8,
-    )
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=vocab_size,
+                max_position_embeddings=context_length, bos_token_id=vocab_size - 2, eos_token_id=eos, pad_token_id=eos)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=8)
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
 
 

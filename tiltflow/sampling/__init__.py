@@ -4,12 +4,4 @@ from tiltflow.sampling.cps import StepOutput, cps_step, gaussian_log_prob
 from tiltflow.sampling.noise import NoisePlan, group_noise
 from tiltflow.sampling.sampler import Trajectory, sample
 
-__all__ = [
-    "NoisePlan",
-    "StepOutput",
-    "Trajectory",
-    "cps_step",
-    "gaussian_log_prob",
-    "group_noise",
-    "sample",
-]
+__all__ = ["NoisePlan", "StepOutput", "Trajectory", "cps_step", "gaussian_log_prob", "group_noise", "sample"]

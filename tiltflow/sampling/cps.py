@@ -50,16 +50,8 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor | float, reduction: s
     return per_dim.sum(1) if reduction == "sum" else per_dim.mean(1)
 
 
-def cps_step(
-    x: Tensor,
-    v: Tensor,
-    sigma: Tensor | float,
-    sigma_next: Tensor | float,
-    *,
-    eta: float,
-    noise: Tensor | None,
-    reduction: str = "sum",
-) -> StepOutput:
+def cps_step(x: Tensor, v: Tensor, sigma: Tensor | float, sigma_next: Tensor | float, *, eta: float,
+             noise: Tensor | None, reduction: str = "sum") -> StepOutput:
     """One CPS step. `noise` (same shape as x) is required unless the step is deterministic."""
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")

@@ -20,10 +20,8 @@ def _seed_from(*keys: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def group_noise(
-    shape: Sequence[int], group_keys: Sequence[object], *, seed: int, step: int, iteration: int,
-    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-) -> Tensor:
+def group_noise(shape: Sequence[int], group_keys: Sequence[object], *, seed: int, step: int, iteration: int,
+                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
     """One noise draw per sample where samples with the same group key get the same noise.
 
     The draw depends only on (seed, key, step, iteration), so it is the same on every rank.

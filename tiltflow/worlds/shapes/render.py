@@ -88,11 +88,6 @@ def render(scene: Scene, size: int = BASE_SIZE, seed: int = 0) -> np.ndarray:
     return image
 
 
-def render_batch(scenes: Sequence[Scene], size: int, seeds: Sequence[int]) -> np.ndarray:
-    """(B, size, size, 3) uint8."""
-    return np.stack([render(s, size, int(sd)) for s, sd in zip(scenes, seeds)])
-
-
 def to_tensor_images(images: np.ndarray):  # -> torch.Tensor
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [0, 1]."""
     import torch
