@@ -3,6 +3,7 @@ are installed and asked for (logging.tensorboard / logging.wandb)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,15 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in keep))
 
 
+def _optional(module: str, setting: str, what: str) -> Any:
+    """An optional backend's module (pip package `setting`), or the error saying how to install it or switch it off."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise RuntimeError(f"logging.{setting} is true but {what} is not installed: pip install {setting} "
+                           f"(or set logging.{setting}=false)") from err
+
+
 class Logger:
     """Writes each record to metrics.jsonl and to the optional backends."""
 
@@ -41,20 +51,11 @@ class Logger:
         self.jsonl = MetricsLog(run_dir / "metrics.jsonl")
         self.tb = self.wandb = None
         if enabled and cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:
-                raise RuntimeError("logging.tensorboard is true but TensorBoard is not installed: "
-                                   "pip install tensorboard (or set logging.tensorboard=false)") from err
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            writer = _optional("torch.utils.tensorboard", "tensorboard", "TensorBoard").SummaryWriter
+            self.tb = writer(log_dir=str(run_dir / "tensorboard"))
         if enabled and cfg.wandb:
-            try:
-                import wandb
-            except ImportError as err:
-                raise RuntimeError("logging.wandb is true but wandb is not installed: pip install wandb "
-                                   "(or set logging.wandb=false)") from err
-            self.wandb = wandb.init(project=cfg.wandb_project, name=run_name or None, dir=str(run_dir),
-                                    config=config, resume="allow")
+            self.wandb = _optional("wandb", "wandb", "wandb").init(
+                project=cfg.wandb_project, name=run_name or None, dir=str(run_dir), config=config, resume="allow")
 
     def resume_at(self, step: int) -> None:
         if self.enabled:
