@@ -31,7 +31,14 @@ from torch import Tensor
 
 from tiltflow.algorithms.ac_dmd import ACDMD
 from tiltflow.algorithms.rtdmd import RTDMD
-from tiltflow.config.schema import FakeConfig, ParallelConfig, SamplerConfig, Stage1Config, Stage2Config
+from tiltflow.config.schema import (
+    STAGE_PRESETS,
+    FakeConfig,
+    ParallelConfig,
+    SamplerConfig,
+    Stage1Config,
+    Stage2Config,
+)
 from tiltflow.distributed import LOCAL
 from tiltflow.flow.conventions import few_step_sigmas
 from tiltflow.models.arch import ARCH_DIR, load_arch
@@ -182,8 +189,13 @@ def algorithm(stage: str, b: Built, args: Any, *, warmup: bool = False) -> Any:
     if stage == "1":
         cfg: Any = Stage1Config(batch_size=args.batch, lr=lr, n_fake=args.n_fake, ema_decay=0.99, fake=fake)
         return ACDMD(cfg, b.sampler, b.task, b.roles, build_train_state(cfg, b.roles), seed=args.seed)
+    # --dm-target tilted: the exact mode (the rtdmd_exact preset: DM toward the diffused tilted target, no
+    # reward terms) with the chosen estimator of the tilted denoiser, instead of the reference weights.
+    exact = dict(STAGE_PRESETS["rtdmd_exact"]["stage2"], tilt_estimator=args.tilt_estimator,
+                 tilt_num_pairs=args.tilt_num_pairs, tilt_posterior_steps=args.tilt_posterior_steps)
     cfg = Stage2Config(num_prompts=1, group_size=args.batch, accumulation=1 if warmup else args.rollout_batches,
-                       fake=dataclasses.replace(fake, lr=3e-6))
+                       fake=dataclasses.replace(fake, lr=3e-6), **(exact if args.dm_target == "tilted" else {}))
+    cfg.validate("stage2")
     return RTDMD(cfg, b.sampler, b.task, b.roles, build_train_state(cfg, b.roles), seed=args.seed)
 
 
@@ -563,6 +575,16 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--n-fake", type=int, default=10, help="stage 1: fake updates per generator update")
     p.add_argument("--rollout-batches", type=int, default=1, help="stage 2: rollout batches per iteration "
                    "(reference 16)")
+    p.add_argument("--dm-target", choices=["teacher", "tilted"], default="teacher",
+                   help="stage 2: teacher = the reference recipe (default); tilted = the exact mode (rtdmd_exact: DM "
+                        "toward the diffused tilted target, w_pg = w_bp = 0), docs/method.md 5.6")
+    p.add_argument("--tilt-estimator", choices=["auto", "split_snis", "shifted_proposal"], default="auto",
+                   help="with --dm-target tilted: the tilted denoiser's estimator (auto: shifted_proposal for a "
+                        "differentiable reward, else split_snis)")
+    p.add_argument("--tilt-num-pairs", type=int, default=4, help="with --dm-target tilted: M (2M posterior draws "
+                   "per DM sample)")
+    p.add_argument("--tilt-posterior-steps", type=int, default=8, help="with --dm-target tilted: k, reverse-sampler "
+                   "steps from tau to 0 (2 M k teacher calls per DM sample)")
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--lora-alpha", type=float, default=64.0)
     p.add_argument("--profile", action="store_true", help="also profile one more iteration (torch.profiler): "
