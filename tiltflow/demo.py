@@ -4,6 +4,10 @@ each trained through the one training spine.
 Writes <out>/results.json (method -> metrics), <out>/report.md (table, scatter plots over the p_tilde
 density, metric curves) and one sub-run directory per trained method (resumable: a finished method is
 only re-evaluated).
+
+The full demo (no --methods) then runs the bounded problem (tiltflow/configs/gmm/bounded.yaml, r = tanh(a.x)):
+the reference recipe in its own regime next to the exact mode, and the reference's effective beta, into
+<out>/bounded/ (its own results.json and report.md; a summary at the end of <out>/report.md).
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from typing import Any
 import torch
 
 from tiltflow.config.gmm import GMMRunConfig
-from tiltflow.config.loader import deep_merge, from_dict, to_dict, to_yaml
+from tiltflow.config.loader import deep_merge, from_dict, load_config, to_dict, to_yaml, user_tree
 from tiltflow.config.schema import STAGE_PRESETS
 from tiltflow.training.spine import train
+from tiltflow.worlds.gmm.effective_beta import DEFAULT_GRID as DEFAULT_GRID_NOTE
+from tiltflow.worlds.gmm.effective_beta import effective_beta
 from tiltflow.worlds.gmm.evaluate import (
     Reference,
     build_reference,
@@ -36,6 +42,11 @@ STAGE1_METHODS = {"dmd2": "dmd2", "ac_dmd": "ac_dmd"}
 STAGE2_METHODS = {"grpo_only": "grpo_only", "bp_only": "bp_only", "dm_bp": "dm_bp",
                   "rtdmd_reference": "rtdmd", "rtdmd_fullchain": "rtdmd_fullchain", "rtdmd_exact": "rtdmd_exact"}
 METHODS = ["teacher", "teacher_4step", *STAGE1_METHODS, *STAGE2_METHODS]
+BOUNDED_CONFIG = Path(__file__).resolve().parent / "configs" / "gmm" / "bounded.yaml"
+BOUNDED_METHODS = ["rtdmd_reference", "rtdmd_exact"]
+# The reference recipe also stopped early (these fractions of stage2.num_iters), to show where it passes on
+# its way (100 and 200 of the bounded problem's 400 iterations).
+BOUNDED_SNAPSHOTS = {"rtdmd_reference": [0.25, 0.5]}
 TABLE_KEYS = ["reward_mean", "mode_tv", "energy_distance", "kl_estimate", "kl_base_estimate"]
 
 
@@ -51,7 +62,12 @@ def method_config(base: GMMRunConfig, stage: str, run_dir: Path, init_from: Path
 
 
 def run_demo(cfg: GMMRunConfig, user_tree: dict, out: Path, *, log: Callable[[str], None] = print,
-             progress: bool = True, methods: list[str] | None = None) -> dict[str, dict[str, float]]:
+             progress: bool = True, methods: list[str] | None = None,
+             bounded: GMMRunConfig | bool | None = None) -> dict[str, dict[str, float]]:
+    """bounded: None runs the bounded problem after the main one when no methods were picked (the full
+    demo); False skips it; a config runs that bounded problem."""
+    if bounded is None:
+        bounded = methods is None
     methods = METHODS if methods is None else [m for m in METHODS if m in methods]
     needs_stage1 = any(m in STAGE2_METHODS for m in methods) and not (out / "ac_dmd" / "final.pt").exists()
     if needs_stage1 and "ac_dmd" not in methods:
@@ -97,8 +113,126 @@ def run_demo(cfg: GMMRunConfig, user_tree: dict, out: Path, *, log: Callable[[st
 
     write_report(out, cfg, results, samples, ref, timings, total)
     log(format_table(results))
+    if bounded is not False:
+        bcfg = bounded if isinstance(bounded, GMMRunConfig) else load_bounded_config()
+        summary = run_bounded(bcfg, out, log=log, progress=progress)
+        total = round(time.time() - t_start, 1)
+        with (out / "report.md").open("a") as f:
+            f.write(bounded_summary(summary, total))
     log(f"[demo] done in {total} s; report: {out / 'report.md'}")
     return results
+
+
+def load_bounded_config() -> GMMRunConfig:
+    return load_config(GMMRunConfig, BOUNDED_CONFIG, [], presets=STAGE_PRESETS, preset_key="stage")
+
+
+def run_bounded(cfg: GMMRunConfig, main_out: Path, *, log: Callable[[str], None] = print,
+                progress: bool = True) -> dict[str, Any]:
+    """The reference recipe and the exact mode on the bounded problem, into <main_out>/bounded: stage 2
+    from the main run's AC-DMD student and teacher when the mixtures are the same (p does not depend on the
+    reward), else this problem's own. Then the reference's effective beta (tiltflow.worlds.gmm.effective_beta)."""
+    out = main_out / "bounded"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    t_start = time.time()
+    main_cfg = main_out / "config.yaml"
+    same_p = main_cfg.exists() and from_dict(GMMRunConfig, _read(main_cfg)).problem.prompts == cfg.problem.prompts
+    base = main_out if same_p and (main_out / "ac_dmd" / "final.pt").exists() else out
+    tree = user_tree(BOUNDED_CONFIG if cfg == load_bounded_config() else None, [], STAGE_PRESETS, "stage")
+    gmm = build_gmm(cfg.problem)
+    if not (base / "teacher" / "teacher.pt").exists():
+        log("[demo:bounded] training the neural teacher (flow matching)")
+        train(method_config(cfg, "teacher", base / "teacher", None, base / "teacher", tree), progress=progress)
+    teacher_cfg = copy.deepcopy(cfg)
+    teacher_cfg.teacher_run = str(base / "teacher")
+    ref = build_reference(cfg, gmm, run_teacher(teacher_cfg, gmm, progress))
+    world = GMMWorld(reference=ref)
+    if not (base / "ac_dmd" / "final.pt").exists():
+        log("[demo:bounded] training ac_dmd (stage 1)")
+        train(method_config(cfg, "ac_dmd", base / "ac_dmd", None, base / "teacher", tree), world=world,
+              progress=progress)
+    results: dict[str, dict[str, float]] = {}
+    samples: dict[str, list[torch.Tensor]] = {}
+    timings: dict[str, float] = {}
+    n = cfg.eval.num_samples
+    gen, _ = load_generator(base / "ac_dmd")
+    samples["ac_dmd"] = few_step_generate(gen, cfg, gmm.num_prompts, n)
+    results["ac_dmd"] = evaluate(samples["ac_dmd"], ref)
+    stops = {m: sorted({int(f * cfg.stage2.num_iters) for f in BOUNDED_SNAPSHOTS.get(m, [])} - {0})
+             for m in BOUNDED_METHODS}
+    runs = [(f"{m}@{k}", m, k) for m in BOUNDED_METHODS for k in stops[m]]
+    runs += [(m, m, None) for m in BOUNDED_METHODS]
+    for name, method, iters in runs:
+        t0 = time.time()
+        extra = deep_merge(tree, {"stage2": {"num_iters": iters}}) if iters else tree
+        mcfg = method_config(cfg, STAGE2_METHODS[method], out / name, base / "ac_dmd", base / "teacher", extra)
+        log(f"[demo:bounded] training {name} (stage {mcfg.stage}, {mcfg.stage2.num_iters} iterations from "
+            f"{base / 'ac_dmd'})")
+        train(mcfg, world=world, progress=progress)
+        gen, _ = load_generator(out / name)
+        samples[name] = few_step_generate(gen, mcfg, gmm.num_prompts, n)
+        results[name] = evaluate(samples[name], ref)
+        timings[name] = round(time.time() - t0, 1)
+        log(f"[demo:bounded] {name}: " + ", ".join(f"{k}={results[name][k]:.4g}" for k in TABLE_KEYS))
+    eff = {name: effective_beta(samples[name], gmm, cfg.problem, results[name]["reward_mean"])
+           for name, _, _ in runs}
+    total = round(time.time() - t_start, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "effective_beta.json").write_text(json.dumps(eff, indent=2))
+    from tiltflow.worlds.gmm.report import write_report
+
+    write_report(out, cfg, results, samples, ref, timings, total)
+    with (out / "report.md").open("a") as f:
+        f.write(effective_beta_text(cfg.stage2.beta, eff))
+    log(format_table(results))
+    for name, e in eff.items():
+        log(f"[demo:bounded] {name} settles nearest the exact tilt at beta = {e['beta_energy']:g} (energy "
+            f"distance {e['energy_at_beta_energy']:.4f}); reward-matching beta = {_fmt(e['beta_reward'])}")
+    return {"results": results, "effective_beta": eff, "beta": cfg.stage2.beta, "wall_s": total}
+
+
+def _read(path: Path) -> dict:
+    from tiltflow.config.loader import read_yaml
+
+    return read_yaml(path)
+
+
+def _fmt(x: float | None) -> str:
+    return "outside the grid's reach" if x is None else f"{x:.3f}"
+
+
+def effective_beta_text(beta: float, eff: dict[str, dict]) -> str:
+    lines = ["## Effective beta", "",
+             f"The problem's beta is {beta:g}. For each method: the beta on a grid of {len(DEFAULT_GRID_NOTE)} "
+             "values whose exact tilt p exp(beta r) / Z is closest to the method's samples (energy distance to "
+             "exact samples of that tilt, averaged over prompts), and the beta whose exact E[r] equals the "
+             "method's mean reward.", "", "| method | beta (energy distance) | energy distance there | "
+             "beta (reward) |", "|---|---|---|---|"]
+    for name, e in eff.items():
+        lines.append(f"| {name} | {e['beta_energy']:g} | {e['energy_at_beta_energy']:.4f} | {_fmt(e['beta_reward'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def bounded_summary(summary: dict[str, Any], total_s: float) -> str:
+    res, eff = summary["results"], summary["effective_beta"]
+    any_res = next(iter(res.values()))
+    span = any_res["reward_target"] - any_res["reward_base"]
+    lines = ["", "## The bounded problem (r = tanh(a.x), bounded/report.md)", "",
+             f"Same mixtures, reward r = tanh(a.x) with beta = {summary['beta']:g}: the regime the reference "
+             "recipe was made for. p_tilde is exact (rejection sampling; mode weights and E[r] by quadrature). "
+             f"E_p_tilde[r] = {any_res['reward_target']:.4f}, E_p[r] = {any_res['reward_base']:.4f}, energy "
+             f"distance p vs p_tilde = {any_res['energy_base']:.4f}.", "",
+             "| method | reward | reward error | mode TV | energy / base | effective beta (energy) | "
+             "effective beta (reward) |", "|---|---|---|---|---|---|---|"]
+    for name, m in res.items():
+        e = eff.get(name)
+        err = (m["reward_mean"] - any_res["reward_target"]) / span
+        lines.append(f"| {name} | {m['reward_mean']:.4f} | {100 * err:+.1f}% | {m['mode_tv']:.4f} | "
+                     f"{100 * m['energy_distance'] / any_res['energy_base']:.1f}% | "
+                     f"{e['beta_energy'] if e else '-'} | {_fmt(e['beta_reward']) if e else '-'} |")
+    lines += ["", f"Whole demo, both problems: {total_s:.1f} s wall time.", ""]
+    return "\n".join(lines)
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:

@@ -68,3 +68,32 @@ def test_demo_runs_the_tilted_method_and_explains_its_row(tiny_yaml, tmp_path):
     assert "linear_shift" in (tmp_path / "demo" / "rtdmd_exact" / "config.yaml").read_text()
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| rtdmd_exact |" in report and "- rtdmd_exact: DM toward the diffused tilted target" in report
+
+
+def test_demo_bounded_section_runs_reference_and_exact_and_locates_them(tiny_yaml, tmp_path):
+    """The full demo's bounded part on the tiny problem with r = tanh(a.x) and the analytic teacher: stage 2
+    from the main run's AC-DMD student (same mixtures), the reference recipe (also stopped early) and the
+    exact mode, each with an effective beta on the grid, written to bounded/ and summarised in report.md."""
+    from tiltflow.config.loader import user_tree
+    from tiltflow.config.schema import STAGE_PRESETS
+    from tiltflow.demo import run_demo
+    from tiltflow.worlds.gmm.effective_beta import DEFAULT_GRID
+    from tiltflow.worlds.registry import load_run_config
+
+    cfg = load_run_config(tiny_yaml, [f"run_dir={tmp_path}"])
+    bounded = load_run_config(tiny_yaml, [f"run_dir={tmp_path}", "teacher.kind=analytic", "stage2.num_iters=4",
+                                          "problem.rewards=[{type: tanh, a: [0.5, 0.25]}]"])
+    run_demo(cfg, user_tree(tiny_yaml, [], STAGE_PRESETS, "stage"), tmp_path / "demo", log=lambda _: None,
+             progress=False, methods=["ac_dmd"], bounded=bounded)
+    out = tmp_path / "demo" / "bounded"
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["ac_dmd", "rtdmd_reference@1", "rtdmd_reference@2", "rtdmd_reference",
+                             "rtdmd_exact"]
+    assert not (out / "ac_dmd").exists()  # the main run's student was reused
+    eff = json.loads((out / "effective_beta.json").read_text())
+    for name in results.keys() - {"ac_dmd"}:
+        assert eff[name]["beta_energy"] in DEFAULT_GRID and len(eff[name]["energy_curve"]) == len(DEFAULT_GRID)
+    assert "tilt_estimator: shifted_proposal" in (out / "rtdmd_exact" / "config.yaml").read_text()
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "## The bounded problem" in report and "| rtdmd_exact |" in report
+    assert "## Effective beta" in (out / "report.md").read_text()

@@ -85,8 +85,12 @@ def _stage_groups(out: Path, curves: dict[str, dict[str, list[tuple[float, float
     return {f"{kind[st]} ({steps} steps)": names for (st, steps), names in sorted(rows.items())}
 
 
-# Which stage-2 rows target p_tilde exactly, in plain words (METHOD.md 5.6).
+# Which rows target p_tilde exactly, in plain words (METHOD.md 5.6).
 ROW_NOTES = {
+    "teacher": "- teacher, teacher_4step, dmd2, ac_dmd: samplers of the untilted p (the teacher, or students "
+               "distilled from it). They are not meant to reach p_tilde; they show where stage 2 starts.\n",
+    "grpo_only": "- grpo_only, bp_only, dm_bp: the reward terms alone or DM plus reward back-propagation at the "
+                 "reference weights. Not exact: no beta is realised; with an unbounded reward they run away.\n",
     "rtdmd_reference": "- rtdmd_reference: the paper's reference weights (DM toward the teacher at weight 0.001, "
                        "normalised GRPO advantages, a small reward back-propagation term). Not exact: beta enters "
                        "only implicitly, so it settles at some tilt of its own (on a bounded reward: at an "
@@ -120,7 +124,10 @@ def write_report(out: Path, cfg: RunConfig, results: dict[str, dict[str, float]]
         lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in COLUMNS) + f" | {timings.get(name, 0):.1f} |")
     lines += ["", "mode_tv, energy_distance and kl_estimate compare with p_tilde (lower is better); energy_to_base "
               "and kl_base_estimate compare with the untilted p (what stage 1 should match).", ""]
-    lines += [ROW_NOTES[name] for name in results if name in ROW_NOTES]
+    notes = [ROW_NOTES[name] for name in results if name in ROW_NOTES]
+    if notes:
+        lines += ["**Which rows are exact.** Only rtdmd_exact has p_tilde as its fixed point; every other row "
+                  "is either meant to match p or settles somewhere else, for the reason given:", "", *notes]
     for f in _scatter(out, cfg, samples, ref):
         lines += [f"![{f}]({f})", ""]
     curves = _curves(out, list(results), any_res)
