@@ -187,7 +187,7 @@ def run_bounded(cfg: GMMRunConfig, main_out: Path, *, log: Callable[[str], None]
         f.write(effective_beta_text(cfg.stage2.beta, eff))
     log(format_table(results))
     for name, e in eff.items():
-        log(f"[demo:bounded] {name} settles nearest the exact tilt at beta = {e['beta_energy']:g} (energy "
+        log(f"[demo:bounded] {name} ends nearest the exact tilt at beta = {e['beta_energy']:g} (energy "
             f"distance {e['energy_at_beta_energy']:.4f}); reward-matching beta = {_fmt(e['beta_reward'])}")
     return {"results": results, "effective_beta": eff, "beta": cfg.stage2.beta, "wall_s": total}
 
