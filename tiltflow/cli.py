@@ -86,10 +86,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         missing = [flag for dest, flag in _IMAGE_EVAL_REQUIRED.items() if getattr(args, dest, None) is None]
         if missing:
             raise UsageError(f"tiltflow eval needs {' and '.join(missing)} (or --run DIR for a gmm run)")
+        if args.overrides:
+            raise UsageError(f"tiltflow eval: KEY=VALUE overrides ({' '.join(args.overrides)}) need --run DIR")
         return run_eval(args)
     import json
 
-    cfg = _run_config(args.run, [])
+    cfg = _run_config(args.run, args.overrides)
     result = _world(cfg, "evaluate_run").evaluate_run(cfg, num=args.num, seed=args.seed)
     print(f"samples: {result['samples']}\nreference: {result['reference']}", file=sys.stderr)
     print(json.dumps(result["metrics"], indent=2))
@@ -161,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "output folder")
     p.set_defaults(func=cmd_sample)
     p = verb("eval", "evaluate a gmm run (--run) or score images with rewards (see docs/rewards.md)")
-    p.add_argument("--run", type=Path, default=None, help="a gmm run directory to evaluate against p_tilde")
+    p.add_argument("--run", type=Path, default=None, help="a run directory: gmm runs are evaluated against "
+                   "p_tilde, shapes runs with the verifier (a teacher run samples the teacher)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="with --run: dotted overrides of the run's config, e.g. eval.teacher_steps=4 device=cpu")
     p.add_argument("--num", type=int, default=4000, help="samples per prompt (gmm)")
     p.add_argument("--seed", type=int, default=999, help="seed of the samples (gmm; 999 is what runs report)")
     try:

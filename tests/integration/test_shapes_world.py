@@ -124,8 +124,21 @@ def test_model_cards_are_filled(models_dir):
 
 
 def test_time_limit_finish_exports_what_it_has(tmp_path):
-    """on_time_limit=finish: one call out of time still leaves a reward model and a teacher (after 1 step each)."""
+    """on_time_limit=finish: one call out of time still leaves a reward model and a teacher (after 1 step each),
+    and the card counts the step taken even when it was not a logging step (log_every 100)."""
     out = train(_cfg("stage=teacher", f"run_dir={tmp_path}", "teacher.time_limit_s=1e-9",
-                     "teacher.on_time_limit=finish"), progress=False)
+                     "teacher.on_time_limit=finish", "teacher.warmup_iters=0", "teacher.log_every=100"),
+                progress=False)
     assert out["finished"] == 1.0 and out["teacher/step"] == 1.0 and out["reward_model/step"] == 1.0
     assert "| training steps | 1 of 4 planned |" in (tmp_path / "teacher" / "README.md").read_text()
+
+
+def test_time_limit_finish_never_exports_a_teacher_in_its_warmup(tmp_path):
+    """The first GPU call (2026-12-02) spent its whole budget on the reward model and exported a 1-step teacher
+    as "finished": a teacher still in its warm-up pauses instead, and the next call resumes it."""
+    cfg = ["stage=teacher", f"run_dir={tmp_path}", "teacher.on_time_limit=finish", "teacher.warmup_iters=3"]
+    out = train(_cfg(*cfg, "teacher.time_limit_s=1e-9"), progress=False)
+    assert out["finished"] == 0.0 and out["teacher/step"] == 1.0 and not (tmp_path / "teacher").exists()
+    assert load(tmp_path / TEACHER_STATE)["step"] == 1
+    again = train(_cfg(*cfg), progress=False)
+    assert again["finished"] == 1.0 and again["teacher/step"] == 4.0 and (tmp_path / "teacher").is_dir()

@@ -1,5 +1,6 @@
 """Evaluation in the shapes world: samples for a fixed prompt set (fixed seeds), their verifier score
-overall and per category, the rewards' means, and a grid of samples with captions and pass/fail marks."""
+overall and per category, the rewards' means, diversity within a prompt and the Frechet distance to renders
+(both in the CLIP reward model's image-embedding space), and a grid of samples with pass/fail marks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tiltflow.worlds.shapes.scene import Scene, prompt_sets
+from tiltflow.worlds.shapes.render import render
+from tiltflow.worlds.shapes.scene import Scene, parse, prompt_sets
 from tiltflow.worlds.shapes.verifier import score, to_uint8, verify
 
 # (prompts, batch index) -> x0 samples of shape (B, 3, H, W) in [-1, 1]
@@ -44,7 +46,65 @@ def evaluate_samples(generate: Generate, prompts: list[str], batch_size: int, re
     imgs = np.concatenate(images)
     metrics = score(imgs, prompts)
     metrics.update({f"reward/{k}": float(torch.cat(v).mean()) for k, v in per_reward.items()})
+    embed = image_embedder(rewards)
+    if embed is not None:
+        metrics.update(embedding_metrics(embed, imgs, prompts, batch_size))
     return metrics, imgs
+
+
+def image_embedder(rewards: Any) -> Callable[[Tensor], Tensor] | None:
+    """The image embedding (B, 3, H, W) in [0, 1] -> (B, D) of the first CLIP-type reward, if any."""
+    for reward in getattr(rewards, "rewards", []):
+        encoder = getattr(reward, "encoder", None)
+        if encoder is not None and hasattr(encoder, "image_embeds"):
+            return encoder.image_embeds
+    return None
+
+
+def _embed_all(embed: Callable[[Tensor], Tensor], images: np.ndarray, batch_size: int) -> Tensor:
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 255.0
+        out.append(embed(x).double().cpu())
+    return torch.cat(out)
+
+
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two sets of row vectors (float64); the trace
+    of the matrix square root is that of the symmetric S_a^(1/2) S_b S_a^(1/2), whose eigenvalues are >= 0."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    w, v = torch.linalg.eigh(cov_a)
+    root_a = (v * w.clamp_min(0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+
+
+def embedding_metrics(embed: Callable[[Tensor], Tensor], images: np.ndarray, prompts: list[str],
+                      batch_size: int, render_seed: int = 90_000) -> dict[str, float]:
+    """diversity/within_prompt: the mean pairwise cosine distance (1 - cos) between the embeddings of the
+    samples of one prompt, averaged over prompts with at least two samples. fd/reward_embed: the Frechet
+    distance between the samples' embeddings and those of renders of the same prompts (one render per sample,
+    seed render_seed + i), i.e. against the data distribution of the evaluated prompt set."""
+    with torch.no_grad():
+        feats = _embed_all(embed, images, batch_size)
+        size = images.shape[1]
+        renders = np.stack([render(parse(p), size, render_seed + i) for i, p in enumerate(prompts)])
+        ref = _embed_all(embed, renders, batch_size)
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+    spreads = []
+    for idx in groups.values():
+        if len(idx) > 1:
+            f = torch.nn.functional.normalize(feats[idx], dim=-1)
+            cos = f @ f.T
+            n = len(idx)
+            spreads.append(float((n * n - cos.sum()) / (n * (n - 1))))  # the diagonal's 1 - 1 adds nothing
+    out = {"fd/reward_embed": frechet_distance(feats, ref)}
+    if spreads:
+        out["diversity/within_prompt"] = float(np.mean(spreads))
+    return out
 
 
 def write_marked_grid(images: np.ndarray, prompts: Sequence[str], target: Path, *, max_images: int = 48,

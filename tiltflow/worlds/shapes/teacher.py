@@ -133,17 +133,22 @@ def train_teacher(cfg: ShapesRunConfig, deadline: float, *, progress: bool = Tru
                 pe.lerp_(pm, 1 - tc.ema_decay)
         step += 1
         losses.append(loss.item())
-        if step % tc.log_every == 0 or step == tc.num_iters:
+        out_of_time = time.monotonic() > deadline
+        if step % tc.log_every == 0 or step == tc.num_iters or out_of_time:  # the last row is the last step
             row = {"step": step, "loss": sum(losses) / len(losses), "lr": lr_at(step - 1, tc.lr, tc.warmup_iters),
                    "elapsed_s": time.monotonic() - t0}
             log_row(run_dir, "teacher", row)
             if progress:
                 print(f"teacher step {step}/{tc.num_iters} loss {row['loss']:.4f}", flush=True)
             losses = []
-        if step % tc.checkpoint_every == 0 or time.monotonic() > deadline:
+        if step % tc.checkpoint_every == 0 or out_of_time:
             save(step)
-            if time.monotonic() > deadline and step < tc.num_iters:
-                if tc.on_time_limit == "pause":
+            if out_of_time and step < tc.num_iters:
+                # A teacher still in its warm-up is not worth exporting: pause then, whatever on_time_limit says
+                # (the reward model can take a whole call's budget; the next call resumes the teacher).
+                if tc.on_time_limit == "pause" or step < tc.warmup_iters:
+                    print(f"time limit reached at teacher step {step} of {tc.num_iters}: paused (checkpoint "
+                          f"saved{'; still in its warm-up, so not exported' if step < tc.warmup_iters else ''})")
                     return {"teacher/finished": 0.0, "teacher/step": float(step)}
                 print(f"time limit reached at step {step} of {tc.num_iters}: exporting the teacher as it stands")
                 break
