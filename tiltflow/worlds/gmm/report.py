@@ -90,7 +90,8 @@ ROW_NOTES = {
     "teacher": "- teacher, teacher_4step, dmd2, ac_dmd: samplers of the untilted p (the teacher, or students "
                "distilled from it). They are not meant to reach p_tilde; they show where stage 2 starts.\n",
     "grpo_only": "- grpo_only, bp_only, dm_bp: the reward terms alone or DM plus reward back-propagation at the "
-                 "reference weights. Not exact: no beta is realised; with an unbounded reward they run away.\n",
+                 "reference weights. Not exact: no beta is realised; with an unbounded reward grpo_only and bp_only "
+                 "run away.\n",
     "rtdmd_reference": "- rtdmd_reference: the paper's reference weights (DM toward the teacher at weight 0.001, "
                        "normalised GRPO advantages, a small reward back-propagation term). Not exact: beta enters "
                        "only implicitly, so it settles at some tilt of its own (on a bounded reward: at an "
