@@ -153,7 +153,7 @@ def test_algorithm_resolves_auto_from_the_task(tmp_path):
 def test_the_recorded_problems_resolve(tmp_path):
     root = Path(__file__).resolve().parents[2] / "tiltflow" / "configs" / "gmm"
     want = {"default": "linear_shift", "d8_linear": "linear_shift", "quadratic": "shifted_proposal",
-            "mixed_rewards": "split_snis"}
+            "mixed_rewards": "split_snis", "bounded": "shifted_proposal"}
     for name, expected in want.items():
         data = read_yaml(root / f"{name}.yaml")
         data["stage"] = "rtdmd_exact"
