@@ -23,3 +23,17 @@ def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """A sharded tensor (DTensor) gathered to its full value (a collective: call it on every rank, in the same
+    order); any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def barrier() -> None:
+    """Wait for every rank (e.g. until rank 0 has written the run files); nothing in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

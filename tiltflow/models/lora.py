@@ -76,8 +76,11 @@ def lora_state(transformer: nn.Module, name: str) -> dict[str, Tensor]:
     """Adapter `name` as a peft state dict (keys without the adapter name), detached fp32 copies."""
     from peft.utils import get_peft_model_state_dict
 
+    from tiltflow.distributed.state import full_tensor
+
     sd = get_peft_model_state_dict(transformer, adapter_name=name)
-    return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
+    # Sharded (FSDP2) adapters are gathered: every rank must call this, and every rank gets the whole adapter.
+    return {k: full_tensor(v.detach()).float().cpu().clone() for k, v in sd.items()}
 
 
 def merge_lora(transformer: nn.Module, settings: LoraSettings, targets: Sequence[str],
@@ -97,8 +100,16 @@ class AdapterSwitch:
         self.transformer = transformer
         self.layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
         ids = {id(p) for p in trainable}
-        self.lora_params = [(p, id(p) in ids) for n, p in transformer.named_parameters() if "lora_" in n]
+        self.trainable_names = {n for n, p in transformer.named_parameters() if "lora_" in n and id(p) in ids}
+        self.lora_params: list[tuple[nn.Parameter, bool]] = []
+        self.rebind()
         self.current: tuple[str, ...] | None = None
+
+    def rebind(self) -> None:
+        """Hold the transformer's current LoRA parameters (fully_shard replaces every parameter object by a
+        sharded one of the same name: the switch must restore requires_grad on those)."""
+        self.lora_params = [(p, n in self.trainable_names) for n, p in self.transformer.named_parameters()
+                            if "lora_" in n]
 
     def activate(self, names: tuple[str, ...]) -> None:
         if names == self.current:
@@ -165,25 +176,50 @@ class RoleModels:
     fake_role: RoleBackbone
     switches: list[AdapterSwitch] = field(default_factory=list)
 
+    def rebind(self) -> None:
+        """Re-read the trainable parameters by name from the modules. fully_shard (FSDP2) replaces each
+        parameter object by a sharded DTensor parameter of the same name; objects captured before it would be
+        stale (an optimiser over them never sees a gradient)."""
+        for attr, module in (("generator_named", self.generator), ("fake_named", self.fake)):
+            live = dict(module.named_parameters())
+            named = getattr(self, attr)
+            if any(live.get(n) is not p for n, p in named):
+                missing = [n for n, _ in named if n not in live]
+                if missing:
+                    raise RuntimeError(f"{attr}: the module lost {len(missing)} parameters, e.g. {missing[:2]}")
+                setattr(self, attr, [(n, live[n]) for n, _ in named])
+        for switch in self.switches:
+            switch.rebind()
+
     def roles(self) -> Roles:
+        self.rebind()
         return Roles(teacher=self.teacher_role, generator=self.generator_role, fake=self.fake_role,
                      generator_params=[p for _, p in self.generator_named],
                      fake_params=[p for _, p in self.fake_named])
 
     def trainable_state(self) -> dict[str, Tensor]:
+        """Detached copies of the trainable parameters: this rank's shards when sharded (a checkpoint of a
+        sharded run gathers them itself; an export gathers with tiltflow.distributed.state.full_tensor)."""
+        self.rebind()
         out = {f"generator/{n}": p.detach().clone() for n, p in self.generator_named}
         out.update({f"fake/{n}": p.detach().clone() for n, p in self.fake_named})
         return out
 
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, Tensor], roles: Sequence[str] = ("generator", "fake")) -> None:
+        self.rebind()
         for role in roles:
             named = self.generator_named if role == "generator" else self.fake_named
             missing = [n for n, _ in named if f"{role}/{n}" not in state]
             if missing:
                 raise KeyError(f"state lacks {len(missing)} {role} parameters, e.g. {missing[:2]}")
             for n, p in named:
-                p.copy_(state[f"{role}/{n}"].to(p.device, p.dtype))
+                value = state[f"{role}/{n}"].to(p.device, p.dtype)
+                if hasattr(p, "device_mesh") and not hasattr(value, "device_mesh"):  # a full tensor into shards
+                    from torch.distributed.tensor import distribute_tensor
+
+                    value = distribute_tensor(value, p.device_mesh, p.placements)
+                p.copy_(value)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"generator": self.generator, "fake": self.fake}
@@ -210,8 +246,10 @@ class RoleModels:
 
     def generator_weights(self) -> dict[str, Tensor]:
         """What initialises a stage-2 generator: the LoRA state (lora) or the full state dict (full)."""
-        if self.finetune == "full":
-            return {k: v.detach().float().cpu().clone() for k, v in self.generator.state_dict().items()}
+        if self.finetune == "full":  # gathered when sharded (every rank calls this)
+            from tiltflow.distributed.state import full_tensor
+
+            return {k: full_tensor(v.detach()).float().cpu().clone() for k, v in self.generator.state_dict().items()}
         return lora_state(self.generator, GENERATOR)
 
 

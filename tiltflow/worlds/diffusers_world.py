@@ -10,6 +10,7 @@ pipelines load with `load_lora_weights`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from torch import Tensor
 from tiltflow.config.diffusers import DiffusersRunConfig, LoraSpec, ModelSpec, RewardChoice
 from tiltflow.config.loader import ConfigError
 from tiltflow.config.schema import STAGE1_STAGES, SamplerConfig
+from tiltflow.distributed.state import barrier, full_tensor, is_main_process
 from tiltflow.models.ema import EMA
 from tiltflow.rewards.base import RewardOutput, RewardSet
 from tiltflow.worlds.base import WorldSetup, text_sample_settings
@@ -193,14 +195,17 @@ def generator_export(cfg: Any, models: Any, init_state: dict[str, Tensor] | None
 def write_final(cfg: Any, models: Any, init_state: dict[str, Tensor] | None, **meta: str
                 ) -> tuple[dict[str, Tensor], int]:
     """run_dir/final.safetensors: the trainable weights plus the generator export under export/, with
-    `meta` and the stage in its metadata. Returns the export and its LoRA rank (0: full weights)."""
+    `meta` and the stage in its metadata. Returns the export and its LoRA rank (0: full weights).
+    Under FSDP2 every rank calls this (sharded weights are gathered to full tensors, a collective) and
+    rank 0 alone writes the file."""
     from safetensors.torch import save_file
 
     export, rank = generator_export(cfg, models, init_state)
-    state = {k: v.float().cpu().contiguous() for k, v in models.trainable_state().items()}
+    state = {k: full_tensor(v).float().cpu().contiguous() for k, v in models.trainable_state().items()}
     state.update({f"export/{k}": v.contiguous() for k, v in export.items()})
     meta.update(stage=cfg.stage, finetune=cfg.lora.finetune, export_rank=str(rank))
-    save_file(state, str(Path(cfg.run_dir) / "final.safetensors"), metadata=meta)
+    if is_main_process():
+        save_file(state, str(Path(cfg.run_dir) / "final.safetensors"), metadata=meta)
     return export, rank
 
 
@@ -248,15 +253,18 @@ class DiffusersWorld:
         resolved = {"sampler_shift": sampler.shift, "sigmas": few_step_sigmas(sampler.num_steps, sampler.shift),
                     "sample_shape": list(task.sample_shape), "teacher_guidance_passes": 2 if scale != 1.0 else 1}
         run_dir = Path(cfg.run_dir)
-        (run_dir / "resolved.json").write_text(json.dumps(resolved, indent=1) + "\n")
+        if is_main_process():
+            (run_dir / "resolved.json").write_text(json.dumps(resolved, indent=1) + "\n")
 
         def finish(ema: EMA) -> dict[str, Any]:
+            # Under FSDP2 every rank gathers the weights and samples (collectives); rank 0 writes.
             ema.copy_to(ema.params)  # the final generator is the EMA one
             export, rank = write_final(cfg, models, init_state, family=cfg.model.family)
-            if rank > 0:  # a LoRA that stock diffusers pipelines load
+            if rank > 0 and is_main_process():  # a LoRA that stock diffusers pipelines load
                 save_lora(export, rank, run_dir / "export_lora", getattr(diffusers, adapter.pipeline_class))
             # What a person looks at first: the final generator on the first prompts (samples/grid.png).
             write_samples(cfg, adapter, models.generator_role, sampler, task.prompts[:4], run_dir / "samples")
+            barrier()  # every rank returns once rank 0's files are complete (metrics.jsonl included)
             lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
             return json.loads(lines[-1]) if lines else {}
 
@@ -281,7 +289,9 @@ def sample(cfg: DiffusersRunConfig, prompts: Sequence[str], out_dir: str | Path)
 @torch.no_grad()
 def write_samples(cfg: DiffusersRunConfig, adapter: Any, generator: Any, sampler: SamplerConfig,
                   prompts: Sequence[str], out_dir: str | Path) -> list[Path]:
-    """cfg.sample.num_per_prompt images of each prompt by `generator` in sampler.num_steps CPS steps."""
+    """cfg.sample.num_per_prompt images of each prompt by `generator` in sampler.num_steps CPS steps. A
+    sharded generator samples on every rank (its forwards gather the weights: a collective); every rank
+    draws the same noise for the same prompts, and rank 0 alone writes the files."""
     from PIL import Image
 
     from tiltflow.eval.report import write_grid
@@ -295,9 +305,11 @@ def write_samples(cfg: DiffusersRunConfig, adapter: Any, generator: Any, sampler
     todo = [p for p in prompts for _ in range(cfg.sample.num_per_prompt)]
     g = torch.Generator().manual_seed(cfg.sample.seed)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    main = is_main_process()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    with (out / "index.jsonl").open("w") as index:
+    with (out / "index.jsonl").open("w") if main else contextlib.nullcontext() as index:
         for start in range(0, len(todo), cfg.sample.batch_size):
             batch = todo[start:start + cfg.sample.batch_size]
             cond = adapter.encode(batch)
@@ -306,8 +318,10 @@ def write_samples(cfg: DiffusersRunConfig, adapter: Any, generator: Any, sampler
             images = (adapter.decode(x) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             for j, (prompt, img) in enumerate(zip(batch, images)):
                 path = out / f"{start + j:05d}.png"
-                Image.fromarray(img).save(path)
-                index.write(json.dumps({"file": path.name, "prompt": prompt}) + "\n")
+                if index is not None:
+                    Image.fromarray(img).save(path)
+                    index.write(json.dumps({"file": path.name, "prompt": prompt}) + "\n")
                 paths.append(path)
-    write_grid([str(p) for p in paths[:64]], out / "grid.png", captions=todo[:64])
+    if main:
+        write_grid([str(p) for p in paths[:64]], out / "grid.png", captions=todo[:64])
     return paths
