@@ -16,6 +16,7 @@ from torch import Tensor
 
 from tiltflow.config.schema import STAGE1_STAGES
 from tiltflow.config.shapes import ShapesRunConfig
+from tiltflow.distributed.state import barrier, is_main_process
 from tiltflow.models.ema import EMA
 from tiltflow.worlds.base import WorldSetup, text_sample_settings
 from tiltflow.worlds.diffusers_world import (
@@ -86,8 +87,16 @@ class ShapesWorld:
     config_class = ShapesRunConfig
 
     def train_teacher(self, cfg: ShapesRunConfig, *, progress: bool = True) -> dict[str, Any]:
+        import torch.distributed as dist
+
         from tiltflow.worlds.shapes.teacher import train_world_models
 
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from tiltflow.config.loader import ConfigError
+
+            raise ConfigError("stage", "the shapes world's teacher stage (its own small models) runs in one "
+                              f"process, not on {dist.get_world_size()} ranks: launch it without torchrun; the "
+                              "distillation stages run on several ranks")
         return train_world_models(cfg, progress=progress)
 
     def build(self, cfg: ShapesRunConfig, *, progress: bool = True) -> WorldSetup:
@@ -111,14 +120,18 @@ class ShapesWorld:
 
             return evaluate_samples(generate, prompts, b, rewards, adapter.decode)
 
+        # Under FSDP2 every rank evaluates the whole prompt set with the same seeds: the sharded generator's
+        # forwards are collectives, and the metrics come out identical on every rank (rank 0 logs them).
         def evaluate(step: int) -> dict[str, float]:
             return {f"eval_{k}": v for k, v in run_eval()[0].items()}
 
         def finish(ema: EMA) -> dict[str, Any]:
             ema.copy_to(ema.params)  # the final generator is the EMA one
-            write_final(cfg, models, init_state, world="shapes")
+            write_final(cfg, models, init_state, world="shapes")  # gathers on every rank, rank 0 writes
             metrics, images = run_eval()
-            write_eval(run_dir, "final", metrics, images, prompts)
+            if is_main_process():
+                write_eval(run_dir, "final", metrics, images, prompts)
+            barrier()  # every rank returns once rank 0's files are complete
             return metrics
 
         return WorldSetup(task, models, cfg.sampler, finish, evaluate if cfg.eval.every else None, cfg.eval.every,
