@@ -113,7 +113,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     methods = args.methods.split(",") if args.methods else None
     unknown = sorted(set(methods or []) - set(METHODS))
     if unknown:
-        raise UsageError(f"unknown --methods {unknown}; choose from {METHODS}")
+        from tiltflow.config.schema import RENAMED_STAGES
+
+        renamed = [RENAMED_STAGES[m] for m in unknown if m in RENAMED_STAGES]
+        raise UsageError(f"unknown --methods {unknown}; choose from {METHODS}" + "".join(f" ({r})" for r in renamed))
     user = user_tree(path, args.overrides, STAGE_PRESETS, "stage")
     run_demo(cfg, user, args.out, methods=methods)
     return 0
@@ -143,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     def verb(name: str, help_text: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_text, description=help_text, epilog=EXIT_CODES)
 
-    p = verb("train", "train one stage (teacher, ac_dmd, dmd2, rtdmd, rtdmd_exact, grpo_only, bp_only, dm_bp) of "
+    p = verb("train", "train one stage (teacher, ac_dmd, dmd2, rtdmd, rtdmd_exact, rtdmd_fullchain, grpo_only, bp_only, "
+             "dm_bp) of "
              "any world into run_dir; resumes if run_dir holds a checkpoint")
     _add_config_args(p, required=True)
     p.set_defaults(func=cmd_train)
