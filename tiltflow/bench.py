@@ -40,8 +40,10 @@ from tiltflow.config.schema import (
     Stage2Config,
 )
 from tiltflow.distributed import LOCAL
+from tiltflow.distributed.fsdp import DYNAMO_LIMITS
 from tiltflow.flow.conventions import few_step_sigmas
 from tiltflow.models.arch import ARCH_DIR, load_arch
+from tiltflow.models.base import cfg_conditions
 from tiltflow.models.lora import LoraSettings, RoleModels, build_roles
 from tiltflow.models.roles import Roles
 from tiltflow.rewards.base import RewardOutput, RewardSet
@@ -98,6 +100,10 @@ class CountedRole:
     def velocity(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
         return self.log.record("transformer", self.name, x.shape[0], self.role.velocity(x, sigma, cond))
 
+    def cfg_conditions(self, cond: Any, uncond: Any) -> Any:
+        """As the role does CFG: one pass at batch 2B (then counted as one pass of that batch) or two."""
+        return cfg_conditions(self.role, cond, uncond)
+
 
 class CountedReward:
     def __init__(self, reward: Any, log: PassLog):
@@ -151,8 +157,9 @@ def stage1_lora(adapter: Any, transformer: torch.nn.Module, rank: int, seed: int
 
 
 def build(args: Any, stage2: bool) -> Built:
-    """Random-weight models, LoRA roles, then the spine's plan (activation checkpointing), then per-block
-    compile, before anything runs (torchtitan's order; one GPU: no sharding)."""
+    """Random-weight models, LoRA roles, then the spine's plan (activation checkpointing, then per-block
+    compile; the teacher's CFG batched or not) before anything runs (torchtitan's order; one GPU: no
+    sharding)."""
     family = load_arch(args.arch)["family"]
     scale = args.guidance_scale
     extra = {"guidance": scale} if family == "flux1" else {}
@@ -163,14 +170,11 @@ def build(args: Any, stage2: bool) -> Built:
     s1 = stage1_lora(adapter, gen_init, args.lora_rank, args.seed) if stage2 else None
     models = build_roles(adapter, layout=args.layout, lora=LoraSettings(args.lora_rank, args.lora_alpha),
                          generator_base=gen_base, stage1_generator=s1)
-    apply_parallel_plan(models, ParallelConfig(activation_checkpointing=args.activation_checkpointing), LOCAL)
-    distinct = {id(m): m for m in (models.teacher, models.generator, models.fake)}.values()
-    for m in distinct:
+    plan = ParallelConfig(activation_checkpointing=args.activation_checkpointing, batched_cfg=args.batched_cfg,
+                          compile=args.compile)
+    apply_parallel_plan(models, plan, LOCAL)
+    for m in {id(m): m for m in (models.teacher, models.generator, models.fake)}.values():
         m.train()
-        if args.compile == "blocks":
-            for name in ("transformer_blocks", "single_transformer_blocks"):
-                for block in getattr(m, name, []):
-                    block.compile()
     log = PassLog()
     rewards = RewardSet([CountedReward(MeanBrightness(), log)])
     task = CountedTask(adapter, PROMPTS, rewards, 1.0 if family == "flux1" else scale, args.resolution, log=log)
@@ -468,8 +472,9 @@ def command(args: Any) -> str:
             parts.append(flag)
         else:
             parts += [flag, str(v)]
-    if args.activation_checkpointing is False:
-        parts.append("--no-activation-checkpointing")
+    for k in ("activation_checkpointing", "batched_cfg"):  # switches whose off state is worth spelling out
+        if getattr(args, k, None) is False:
+            parts.append("--no-" + k.replace("_", "-"))
     return " ".join(parts)
 
 
@@ -523,15 +528,14 @@ def run_bench(args: Any) -> int:
                  "CUDA, fp32 LoRA; stage 2 = one iteration of rollout_batches rollout batches (the reference "
                  "accumulates 16)", "runs": []}
     stages = ["1", "infer", "2"] if args.stage == "all" else [args.stage]
-    dyn = {k: v for k, v in (("recompile_limit", 64), ("accumulated_recompile_limit", 4096),
-                             ("automatic_dynamic_shapes", False)) if hasattr(torch._dynamo.config, k)}
+    dyn = {k: v for k, v in DYNAMO_LIMITS.items() if hasattr(torch._dynamo.config, k)}
 
     def save(row: dict[str, Any]) -> None:
         report["runs"].append({"arch": args.arch, "layout": args.layout, "resolution": args.resolution, **row})
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
 
-    with torch._dynamo.config.patch(**dyn):  # one static graph per shape, several roles per block
+    with torch._dynamo.config.patch(**dyn):  # several roles per block (compile_blocks: one static graph per shape)
         built: Built | None = None
         for stage in stages:
             if built is None or stage == "2":
@@ -562,7 +566,11 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--attention-backend", default="auto",
                    choices=["auto", "default", "cudnn", "flash", "efficient", "math"])
     p.add_argument("--compile", choices=["none", "blocks"], default="none",
-                   help="torch.compile each transformer block, before anything runs")
+                   help="torch.compile each transformer block, before anything runs (as parallel.compile)")
+    p.add_argument("--batched-cfg", action=argparse.BooleanOptionalAction, default=False,
+                   help="the teacher's CFG as one pass at batch 2B, counted as such (as parallel.batched_cfg, "
+                        "which is on by default in training; off here so that pass counts and results stay "
+                        "comparable with the earlier two-pass ones)")
     p.add_argument("--repeats", type=int, default=3, help="timed iterations (median, min, max)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     p.add_argument("--device", default="cuda")

@@ -212,6 +212,13 @@ class ParallelConfig:
     mixed_precision: bool = True  # under FSDP2 on CUDA: bf16 gathers and compute, fp32 master weights and reductions
     # Debugging the sharding: every rank trains on rank 0's data, so N ranks must reproduce one process.
     same_data_on_every_rank: bool = False
+    # The teacher's classifier-free guidance as one transformer pass at batch 2B (cond and uncond concatenated
+    # along the batch, then split) where the conditioning concatenates; false: two passes at batch B. Worlds
+    # whose backbones do not offer it (gmm) and FLUX.1-dev (guidance is an input: one pass) are unaffected.
+    batched_cfg: bool = True
+    # torch.compile each transformer block (after activation checkpointing, before fully_shard), or none.
+    # The first iterations compile (minutes for a full-size model); inductor needs a C compiler on the CPU.
+    compile: Literal["none", "blocks"] = "none"
 
 
 STAGE1_STAGES = ("ac_dmd", "dmd2")

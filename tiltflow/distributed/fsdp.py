@@ -1,5 +1,6 @@
 """Sharding plans (torch.distributed.fsdp.fully_shard, "FSDP2"), in torchtitan's order: each block of a
-model is sharded on its own, then the root. A plan is plain data: which modules, cut into which blocks."""
+model is compiled (if asked) and sharded on its own, then the root. A plan is plain data: which modules,
+cut into which blocks."""
 
 from __future__ import annotations
 
@@ -16,6 +17,37 @@ class ShardUnit:
 
     root: nn.Module
     blocks: Sequence[nn.Module]
+
+
+# torch._dynamo settings for compiled blocks: every block of a transformer runs the same code (one compile
+# cache) for several roles (LoRA adapters on or off), with and without gradient, at several batches (B, the
+# 2B of batched CFG and of the consistency pass, ...): one static graph per case (dynamic=False), and room
+# for all of them.
+DYNAMO_LIMITS = {"recompile_limit": 64, "accumulated_recompile_limit": 4096}
+# torch.compile's backend for compile_blocks when none is given. Tests set "aot_eager" here: inductor works
+# on a CPU with a C compiler, but compiling even a tiny model's graphs takes minutes on a small one.
+COMPILE_BACKEND = "inductor"
+
+
+def compile_blocks(units: Sequence[ShardUnit], *, backend: str | None = None) -> int:
+    """torch.compile each distinct block of the units in place (nn.Module.compile: the module and its
+    parameters stay what they are, so fully_shard and the optimisers see the same objects), and raise
+    dynamo's recompile limits to DYNAMO_LIMITS for the process. Returns the number of blocks compiled.
+    Used by the training spine (parallel.compile: blocks) and by `tiltflow bench --compile blocks`."""
+    import torch._dynamo.config as dynamo_config
+
+    backend = backend or COMPILE_BACKEND
+
+    for key, value in DYNAMO_LIMITS.items():
+        if hasattr(dynamo_config, key):
+            setattr(dynamo_config, key, max(getattr(dynamo_config, key), value))
+    seen: set[int] = set()
+    for unit in units:
+        for block in unit.blocks:
+            if id(block) not in seen:
+                seen.add(id(block))
+                block.compile(backend=backend, dynamic=False)
+    return len(seen)
 
 
 def fsdp_shard(units: Sequence[ShardUnit], *, device_type: str, bf16: bool) -> None:

@@ -19,9 +19,10 @@ from tiltflow.algorithms.rtdmd import RTDMD
 from tiltflow.config.loader import ConfigError, to_dict
 from tiltflow.config.schema import STAGE1_STAGES, ParallelConfig, RunConfig, Stage1Config, Stage2Config
 from tiltflow.distributed import Comm, ReplicatedDataComm
-from tiltflow.distributed.fsdp import FSDPGradSync, fsdp_shard
+from tiltflow.distributed.fsdp import FSDPGradSync, compile_blocks, fsdp_shard
 from tiltflow.distributed.launch import init_distributed
 from tiltflow.distributed.state import is_main_process
+from tiltflow.models.base import cfg_owner
 from tiltflow.models.ema import EMA
 from tiltflow.models.roles import Roles
 from tiltflow.storage import load
@@ -99,12 +100,23 @@ def _written_sharded(path: Path) -> bool:
         return False
 
 
-def apply_parallel_plan(models: TrainModels, cfg: ParallelConfig, comm: Comm, device_type: str = "cpu") -> GradSync:
-    """Prepare the models in torchtitan's order: activation checkpointing, then sharding (FSDP2: each block,
-    then the root). Returns the gradient-sync hook the algorithm calls in its accumulation loop: one process
-    has nothing to synchronise; FSDP2 reduce-scatters on the last micro-batch only."""
+def apply_parallel_plan(models: TrainModels, cfg: ParallelConfig, comm: Comm, device_type: str = "cpu",
+                        *, compile_backend: str | None = None) -> GradSync:
+    """Prepare the models in torchtitan's order: activation checkpointing, then torch.compile of each
+    transformer block (parallel.compile: blocks; every distinct transformer, the teacher's too), then sharding
+    (FSDP2: each block, then the root). The teacher's CFG is set to one batched pass or two
+    (parallel.batched_cfg). Returns the gradient-sync hook the algorithm calls in its accumulation loop: one
+    process has nothing to synchronise; FSDP2 reduce-scatters on the last micro-batch only. `compile_backend`
+    is torch.compile's backend (None: tiltflow.distributed.fsdp.COMPILE_BACKEND, inductor)."""
+    owner = cfg_owner(models.roles().teacher)
+    if hasattr(owner, "batched_cfg"):
+        owner.batched_cfg = cfg.batched_cfg
     if cfg.activation_checkpointing:
         models.enable_activation_checkpointing()
+    if cfg.compile == "blocks":
+        if compile_blocks(models.shard_units(include_teacher=True), backend=compile_backend) == 0:
+            raise ConfigError("parallel.compile", "got 'blocks', but this world's models have no transformer "
+                                                  "blocks to compile; use parallel.compile=none")
     if comm.world_size == 1:
         return always_sync
     units = models.shard_units(include_teacher=cfg.shard_teacher)

@@ -196,6 +196,23 @@ def batch_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
     return s.expand(x.shape[0]).contiguous() if s.ndim == 0 else s.reshape(x.shape[0])
 
 
+def join_conditions(cond: Any, uncond: Any) -> Any:
+    """[cond; uncond] concatenated along the batch dim (dim 0), for classifier-free guidance as one pass at
+    batch 2B; None where they cannot be: not dicts of tensors with the same keys, or tensors whose shapes
+    differ beyond the batch dim (e.g. prompt embeddings of other lengths), dtypes or devices."""
+    if not (isinstance(cond, dict) and isinstance(uncond, dict)) or cond.keys() != uncond.keys() or not cond:
+        return None
+    out = {}
+    for name, c in cond.items():
+        u = uncond[name]
+        if not (isinstance(c, Tensor) and isinstance(u, Tensor)) or c.ndim == 0:
+            return None
+        if c.shape != u.shape or c.dtype != u.dtype or c.device != u.device:
+            return None
+        out[name] = torch.cat([c, u])
+    return out
+
+
 def to_unit_range(images: Tensor) -> Tensor:
     """VAE output in [-1, 1] -> images in [0, 1] (B, 3, H, W), float32, still differentiable."""
     return ((images.float() + 1) / 2).clamp(0, 1)
@@ -213,6 +230,10 @@ class DiffusersAdapter:
 
     family: str = ""
     pipeline_class: str = ""  # the diffusers pipeline class name
+    # CFG (tiltflow.models.base.guided_velocity) as one transformer pass at batch 2B, cond and uncond
+    # concatenated, where the conditioning concatenates; False: two passes at batch B. The spine sets it
+    # from parallel.batched_cfg.
+    batched_cfg: bool = True
     default_max_sequence_length: int = 0
     lora_pattern: str = ""  # the Linear layers that carry LoRA adapters (re.fullmatch on module names)
 
@@ -305,6 +326,13 @@ class DiffusersAdapter:
     def forward(self, transformer: nn.Module, x: Tensor, sigma: Tensor, cond: dict[str, Tensor],
                 guidance: float | None = None) -> Tensor:
         raise NotImplementedError
+
+    def cfg_conditions(self, cond: dict[str, Tensor], uncond: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """The conditioning of CFG's one batched pass, [cond; uncond], or None for two passes (batched_cfg
+        off, or conditioning that does not concatenate). Every family's transformer here treats the
+        samples of a batch independently (no attention mask, per-sample timestep and guidance), so the
+        batched pass computes the two passes' values."""
+        return join_conditions(cond, uncond) if self.batched_cfg else None
 
     # ---- prompts --------------------------------------------------------------------------------
     def encoder_settings(self) -> str:

@@ -65,7 +65,8 @@ class Flux2Adapter(DiffusersAdapter):
         g = None
         if guidance is not None:
             if not transformer.config.guidance_embeds:
-                raise ValueError(f"FLUX.2-klein has no guidance embedding (CFG is two passes); got guidance={guidance}")
+                raise ValueError(f"FLUX.2-klein has no guidance embedding (CFG goes through guided_velocity); "
+                                 f"got guidance={guidance}")
             g = torch.full((b,), float(guidance), device=x.device, dtype=torch.float32)
         txt = cond["prompt_embeds"]
         img_ids, txt_ids = position_ids(b, h, w, txt.shape[1], x.device)

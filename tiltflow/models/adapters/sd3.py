@@ -28,7 +28,7 @@ class SD3Adapter(DiffusersAdapter):
     def forward(self, transformer: nn.Module, x: Tensor, sigma: Tensor, cond: dict[str, Tensor],
                 guidance: float | None = None) -> Tensor:
         if guidance is not None:
-            raise ValueError("SD3 has no guidance input; CFG is applied by guided_velocity (two passes)")
+            raise ValueError("SD3 has no guidance input; CFG is applied by guided_velocity")
         timestep = batch_sigma(sigma, x) * 1000.0  # SD3 convention: timestep = 1000 sigma
         with self.precision.context(), self.attention():
             v = transformer(hidden_states=self._cast(x, transformer), timestep=timestep,

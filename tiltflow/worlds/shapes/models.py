@@ -1,6 +1,7 @@
 """The shapes world's teacher: a diffusers SD3Transformer2DModel on pixels (3 channels, no VAE) with the
 world's text encoder, seen as a tiltflow Backbone through a small adapter that follows the SD3 adapter's
-conventions (tiltflow/models/adapters/sd3.py: timestep = 1000 sigma, v = eps - x0, CFG by two passes).
+conventions (tiltflow/models/adapters/sd3.py: timestep = 1000 sigma, v = eps - x0, CFG by guided_velocity:
+one pass at batch 2B, or two passes with batched_cfg off).
 Images are x0 in [-1, 1]; decode maps them to [0, 1]."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tiltflow.models.adapters.common import batch_sigma, named_linear_modules
+from tiltflow.models.adapters.common import batch_sigma, join_conditions, named_linear_modules
 from tiltflow.models.adapters.sd3 import LORA_PATTERN
 from tiltflow.worlds.shapes.scene import parse
 from tiltflow.worlds.shapes.text import TextEncoder
@@ -54,7 +55,8 @@ class ShapesAdapter:
     Any transformer of the same architecture (LoRA-wrapped, a copy) runs through `forward`."""
 
     family = "sd3"
-    guidance = None  # no guidance input: CFG is two passes
+    guidance = None  # no guidance input: CFG goes through guided_velocity
+    batched_cfg = True  # CFG as one pass at batch 2B (cf. DiffusersAdapter.batched_cfg); the spine sets it
 
     def __init__(self, transformer: nn.Module, text: TextEncoder, device: str | torch.device = "cpu"):
         self.transformer = transformer
@@ -82,6 +84,11 @@ class ShapesAdapter:
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
         return self.forward(self.transformer, x, sigma, cond)
+
+    def cfg_conditions(self, cond: dict[str, Tensor], uncond: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """[cond; uncond] for CFG as one pass (the SD3 transformer treats a batch's samples independently),
+        or None for two passes."""
+        return join_conditions(cond, uncond) if self.batched_cfg else None
 
     def encode(self, prompts: Sequence[Any]) -> dict[str, Tensor]:
         """Captions -> conditioning; a caption outside the vocabulary raises VocabularyError naming the word."""
