@@ -6,6 +6,7 @@ model.safetensors, tokenizer.json, preprocessor_config.json) and served by the C
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -53,12 +54,19 @@ def _allowed(s: Scene) -> bool:
     return not any((g.colour, g.shape) in HELD_OUT_BINDINGS for g in s.groups)
 
 
+@functools.cache
+def _negative_kinds(scene: Scene) -> tuple[tuple[str, ...], ...]:
+    """The allowed hard-negative captions of a scene, one tuple per kind that has any (cached: the training
+    loop asks for the same 149 scenes every step)."""
+    kinds = [tuple(n.text for n in negs if _allowed(n)) for negs in hard_negatives(scene).values()]
+    return tuple(c for c in kinds if c)
+
+
 def negative_texts(scenes: list[Scene], k: int, rng: np.random.Generator) -> list[list[str]]:
     """k hard-negative captions per scene, spread over the kinds it has; none names a held-out binding."""
     out = []
     for s in scenes:
-        kinds = [[n.text for n in negs if _allowed(n)] for negs in hard_negatives(s).values()]
-        kinds = [c for c in kinds if c]
+        kinds = _negative_kinds(s)
         picks = []
         for j in range(k):
             kind = kinds[(j + int(rng.integers(len(kinds)))) % len(kinds)]
@@ -73,14 +81,19 @@ def contrastive_loss(model: Any, pixels: torch.Tensor, texts: list[str], negativ
     text -> image over the batch; a caption repeated in the batch is not a negative of its twins."""
     b = len(texts)
     all_texts = texts + [t for negs in negatives for t in negs]
-    tokens = tokenizer(all_texts, padding="max_length", truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+    # Tokenise each distinct caption once (a batch repeats captions), and compare captions by index.
+    unique = list(dict.fromkeys(all_texts))
+    index = {t: i for i, t in enumerate(unique)}
+    ids = torch.tensor([index[t] for t in all_texts])
+    tokens = {k: v[ids] for k, v in tokenizer(unique, padding="max_length", truncation=True, max_length=MAX_TOKENS,
+                                              return_tensors="pt").items()}
     dev = pixels.device
     # The same embeddings as the scorer's ClipEncoder: pooled states through the projections.
     img = F.normalize(model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output), dim=-1)
     out = model.text_model(input_ids=tokens["input_ids"].to(dev), attention_mask=tokens["attention_mask"].to(dev))
     txt = F.normalize(model.text_projection(out.pooler_output), dim=-1)
     logits = model.logit_scale.exp() * img @ txt.T  # (B, B + B k)
-    same = torch.tensor([[a == t for t in all_texts] for a in texts], device=dev)
+    same = (ids[:b, None] == ids[None, :]).to(dev)
     same.fill_diagonal_(False)
     logits_i = logits.masked_fill(same, float("-inf"))
     target = torch.arange(b, device=dev)
