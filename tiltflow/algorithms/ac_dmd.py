@@ -10,15 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tiltflow.algorithms.common import (
-    Batch,
-    FiniteGuard,
-    MeanMetrics,
-    Phases,
-    Task,
-    TrainState,
-    backward_clipped,
-)
+from tiltflow.algorithms.common import Batch, FiniteGuard, MeanMetrics, Phases, Task, TrainState, optimizer_step
 from tiltflow.algorithms.dm import DMSettings, FakeSettings, TauRange, dm_loss, fake_loss
 from tiltflow.config.schema import SamplerConfig, Stage1Config
 from tiltflow.distributed import LOCAL, Comm
@@ -64,20 +56,17 @@ class ACDMD:
                 with torch.no_grad():
                     x_s, s = self.rollout(k, batch, g, with_grad=False)
                 out = fake_loss(self.roles, x_s, s, batch.cond, self.fake, g)
-                norm = backward_clipped(self.state.fake_opt, out.loss, self.roles.fake_params, cfg.grad_clip)
-                if self.guard.ok(it, "fake-score update", {"fake-score loss": out.loss, "fake-score gradient norm":
-                                                           norm}, self.roles.fake_params):
-                    self.state.fake_opt.step()
+                optimizer_step(self.state.fake_opt, out.loss, self.roles.fake_params, cfg.grad_clip, self.guard, it,
+                               "fake-score", "fake-score loss")
             metrics.add(out.metrics)
         with self.phase("generator update"):
             batch = Batch.draw(self.task, cfg.batch_size, g)
             k = int(torch.randint(K, (1,), generator=rng.shared))
             x_s, s = self.rollout(k, batch, g, with_grad=True)
             out = dm_loss(self.roles, x_s, s, batch, self.dm, g)
-            grad_norm = backward_clipped(self.state.gen_opt, out.loss, self.roles.generator_params, cfg.grad_clip)
-            if self.guard.ok(it, "generator update", {"generator DM loss": out.loss, "generator gradient norm":
-                                                      grad_norm}, self.roles.generator_params):
-                self.state.gen_opt.step()
+            grad_norm, stepped = optimizer_step(self.state.gen_opt, out.loss, self.roles.generator_params,
+                                                cfg.grad_clip, self.guard, it, "generator", "generator DM loss")
+            if stepped:
                 self.state.ema.update()
         metrics.add({**out.metrics, "gen_dm_loss": float(out.loss.detach()), "gen_grad_norm": float(grad_norm),
                      **self.guard.metrics()})

@@ -89,34 +89,6 @@ def always_sync(enabled: bool) -> AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def backward_clipped(opt: torch.optim.Optimizer, loss: Tensor, params: list[nn.Parameter], clip: float) -> Tensor:
-    """zero_grad, backward, clip the gradient norm; returns the norm before clipping (non-finite: a bad
-    gradient, which the caller's FiniteGuard catches before the optimiser step)."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    return torch.nn.utils.clip_grad_norm_(params, clip)
-
-
-def optimizer_step(opt: torch.optim.Optimizer, loss: Tensor, params: list[nn.Parameter], clip: float) -> float:
-    """zero_grad, backward, clip the gradient norm, step; returns the norm before clipping."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-    opt.step()
-    return norm
-
-
-def check_finite(terms: Mapping[str, Tensor], step: int, comm: Comm) -> None:
-    """One check (one host sync) for every loss term of an update; every rank raises together when any
-    rank sees a non-finite value, so no rank waits forever in a collective."""
-    values = torch.stack([t.detach().float().reshape(()) for t in terms.values()])
-    finite = torch.isfinite(values)
-    if comm.any(not bool(finite.all())):
-        bad = [f"{name} = {v}" for name, v, ok in zip(terms, values.tolist(), finite.tolist()) if not ok]
-        what = ", ".join(bad) if bad else "loss on another rank"
-        raise FloatingPointError(f"non-finite {what} at step {step}; stopping (the last checkpoint is left intact)")
-
-
 class FiniteGuard:
     """The finite-value guard of every update: one check (one host sync, agreed over ranks through `comm`)
     of its loss terms, rewards and gradient norms. on_nonfinite = "stop" raises FloatingPointError naming the
@@ -162,6 +134,20 @@ class FiniteGuard:
     def metrics(self) -> dict[str, float]:
         """`skipped_updates` (the run's total so far) when skipping is on."""
         return {"skipped_updates": float(self.skipped)} if self.on_nonfinite == "skip" else {}
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: Tensor, params: list[nn.Parameter], clip: float,
+                   guard: FiniteGuard, it: int, role: str, loss_name: str) -> tuple[Tensor, bool]:
+    """zero_grad, backward, clip the gradient norm, then the optimiser step unless `guard` finds the loss or
+    the norm non-finite (the "<role> update" is skipped or the run stops). Returns (the norm before
+    clipping, whether the optimiser stepped)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    stepped = guard.ok(it, f"{role} update", {loss_name: loss, f"{role} gradient norm": norm}, params)
+    if stepped:
+        opt.step()
+    return norm, stepped
 
 
 def _local(value: Tensor | float) -> Tensor | float:

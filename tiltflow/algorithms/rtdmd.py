@@ -23,7 +23,7 @@ from tiltflow.algorithms.common import (
     Task,
     TrainState,
     always_sync,
-    backward_clipped,
+    optimizer_step,
 )
 from tiltflow.algorithms.dm import DMSettings, FakeSettings, TauRange, TiltSettings, dm_loss, fake_loss
 from tiltflow.config.schema import SamplerConfig, Stage2Config, resolve_tilt_estimator
@@ -162,10 +162,8 @@ class RTDMD:
     def fake_update(self, ro: Rollout, g: torch.Generator, it: int) -> dict[str, float]:
         """One fake-score update on the rollout's final samples (s = 0 target, METHOD.md 5.5)."""
         out = fake_loss(self.roles, ro.traj.final, 0.0, ro.batch.cond, self.fake, g)
-        norm = backward_clipped(self.state.fake_opt, out.loss, self.roles.fake_params, self.cfg.grad_clip)
-        if self.guard.ok(it, "fake-score update", {"fake-score loss": out.loss, "fake-score gradient norm": norm},
-                         self.roles.fake_params):
-            self.state.fake_opt.step()
+        optimizer_step(self.state.fake_opt, out.loss, self.roles.fake_params, self.cfg.grad_clip, self.guard, it,
+                       "fake-score", "fake-score loss")
         return out.metrics
 
     def generator_terms(self, ro: Rollout, scores: RewardSetOutput, g: torch.Generator
