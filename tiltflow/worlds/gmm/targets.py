@@ -81,27 +81,22 @@ def tilt_quadratic(mix: GaussianMixture, A: Tensor, b: Tensor | Sequence[float],
     return GaussianMixture.from_log_weights(log_w, new_means, new_covs)
 
 
-class HalfspaceTiltedTarget:
-    """p_tilde(x) = p(x) exp(beta 1[a.x >= c]) / Z with Z = 1 + (e^beta - 1) P(a.x >= c), any real beta.
+class _TiltAlongA:
+    """What the tilts by a reward of a.x share: under component k, a.x ~ N(a.mu_k, a.S_k a); the mode weights
+    come from the unnormalised log mode masses `_log_mass` (K,) and the normaliser log Z that a subclass sets,
+    and the exact sampler rejects from the base with the largest value `_max_log_tilt` of beta r."""
 
-    Under component k, a.x ~ N(a.mu_k, a.S_k a), so Phi_k = P_k(a.x >= c) is a normal CDF and the tilted
-    mixture has modes k with weights w_k (1 + (e^beta - 1) Phi_k) / Z. Everything is in log space, so large
-    beta does not overflow.
-    """
+    _log_mass: Tensor
+    log_normalizer: Tensor
+    _max_log_tilt: float
 
-    def __init__(self, base: GaussianMixture, a: Tensor | Sequence[float], c: float, beta: float):
-        self.base = base
-        self.reward = HalfspaceReward(torch.as_tensor(a).to(base.means), c)
-        self.a, self.c, self.beta = self.reward.a, float(c), float(beta)
+    def __init__(self, base: GaussianMixture, reward: HalfspaceReward | TanhReward, beta: float):
+        self.base, self.reward = base, reward
+        self.a, self.c, self.beta = reward.a, reward.c, float(beta)
         if self.a.shape != (base.dim,):
             raise ValueError(f"a must have shape ({base.dim},), got {tuple(self.a.shape)}")
-        z = (base.means @ self.a - self.c) / torch.einsum("d,kde,e->k", self.a, base.covs, self.a).sqrt()
-        self.log_component_probs = torch.special.log_ndtr(z)  # log Phi_k, (K,)
-        log_w = base.weights.log()
-        # unnormalised log mode mass: log w_k + log((1 - Phi_k) + e^beta Phi_k)
-        self._log_mass = log_w + torch.logaddexp(torch.special.log_ndtr(-z), self.beta + self.log_component_probs)
-        self.log_normalizer = torch.logsumexp(self._log_mass, dim=0)  # log Z
-        self.log_halfspace_prob = torch.logsumexp(log_w + self.log_component_probs, dim=0)  # log P under p
+        self._a_mean = base.means @ self.a  # (K,)
+        self._a_std = torch.einsum("d,kde,e->k", self.a, base.covs, self.a).sqrt()  # (K,)
 
     @property
     def dim(self) -> int:
@@ -115,42 +110,47 @@ class HalfspaceTiltedTarget:
     def mode_weights(self) -> Tensor:
         return torch.softmax(self._log_mass, dim=0)
 
-    def expected_reward(self) -> float:
-        """E_tilde[1[a.x >= c]] = e^beta P / Z."""
-        return float(torch.exp(self.beta + self.log_halfspace_prob - self.log_normalizer))
-
     def log_prob(self, x: Tensor) -> Tensor:
-        return self.base.log_prob(x) + self.beta * self.reward(x).scores - self.log_normalizer
+        return self.base.log_prob(x) + self.beta * self.reward(x).scores.to(x.dtype) - self.log_normalizer
 
     def assign(self, x: Tensor) -> Tensor:
-        """The base mixture's most responsible component (the tilt only reweights each component)."""
+        """The base mixture's most responsible component (the tilt multiplies every component by the same
+        function of x, so the responsibilities do not change)."""
         return self.base.assign(x)
 
-    def sample(
-        self, n: int, generator: torch.Generator | None = None, *, max_proposals: int = 50_000_000
-    ) -> tuple[Tensor, Tensor]:
-        """Exact rejection sampling from the base: accept with probability exp(beta r - max(beta, 0)).
+    def sample(self, n: int, generator: torch.Generator | None = None, *,
+               max_proposals: int = 50_000_000) -> tuple[Tensor, Tensor]:
+        """Exact rejection sampling from the base: accept with probability exp(beta r - max beta r).
 
         Returns x (n, d) and the base component each sample was drawn from.
         """
-        log_rate = float(self.log_normalizer) - max(self.beta, 0.0)  # acceptance probability
-        xs, idxs, kept, proposed = [], [], 0, 0
-        while kept < n:
-            m = min(int(math.ceil(1.2 * (n - kept) * math.exp(-log_rate))) + 64, 4_000_000)
-            proposed += m
-            if proposed > max_proposals:
-                raise RuntimeError(
-                    f"rejection sampling needs more than {max_proposals} proposals (acceptance "
-                    f"rate {math.exp(log_rate):.3g}); use the SIR reference sampler instead"
-                )
-            x, idx = self.base.sample(m, generator)
-            log_acc = self.beta * self.reward(x).scores - max(self.beta, 0.0)
-            u = torch.rand(m, generator=generator, dtype=x.dtype, device=x.device)
-            keep = u < log_acc.exp()
-            xs.append(x[keep])
-            idxs.append(idx[keep])
-            kept += int(keep.sum())
-        return torch.cat(xs)[:n], torch.cat(idxs)[:n]
+        bound = self._max_log_tilt
+        return _rejection_sample(self.base, lambda x: self.beta * self.reward(x).scores - bound,
+                                 float(self.log_normalizer) - bound, n, generator, max_proposals)
+
+
+class HalfspaceTiltedTarget(_TiltAlongA):
+    """p_tilde(x) = p(x) exp(beta 1[a.x >= c]) / Z with Z = 1 + (e^beta - 1) P(a.x >= c), any real beta.
+
+    Under component k, a.x ~ N(a.mu_k, a.S_k a), so Phi_k = P_k(a.x >= c) is a normal CDF and the tilted
+    mixture has modes k with weights w_k (1 + (e^beta - 1) Phi_k) / Z. Everything is in log space, so large
+    beta does not overflow.
+    """
+
+    def __init__(self, base: GaussianMixture, a: Tensor | Sequence[float], c: float, beta: float):
+        super().__init__(base, HalfspaceReward(torch.as_tensor(a).to(base.means), c), beta)
+        self._max_log_tilt = max(self.beta, 0.0)
+        z = (self._a_mean - self.c) / self._a_std
+        self.log_component_probs = torch.special.log_ndtr(z)  # log Phi_k, (K,)
+        log_w = base.weights.log()
+        # unnormalised log mode mass: log w_k + log((1 - Phi_k) + e^beta Phi_k)
+        self._log_mass = log_w + torch.logaddexp(torch.special.log_ndtr(-z), self.beta + self.log_component_probs)
+        self.log_normalizer = torch.logsumexp(self._log_mass, dim=0)  # log Z
+        self.log_halfspace_prob = torch.logsumexp(log_w + self.log_component_probs, dim=0)  # log P under p
+
+    def expected_reward(self) -> float:
+        """E_tilde[1[a.x >= c]] = e^beta P / Z."""
+        return float(torch.exp(self.beta + self.log_halfspace_prob - self.log_normalizer))
 
 
 def _rejection_sample(base: GaussianMixture, log_accept: Any, log_rate: float, n: int,
@@ -173,29 +173,26 @@ def _rejection_sample(base: GaussianMixture, log_accept: Any, log_rate: float, n
     return torch.cat(xs)[:n], torch.cat(idxs)[:n]
 
 
-class TanhTiltedTarget:
+class TanhTiltedTarget(_TiltAlongA):
     """p_tilde(x) = p(x) exp(beta tanh(a.x - c)) / Z, any real beta.
 
     Under component k, u = a.x ~ N(m_k, s_k^2) with m_k = a.mu_k, s_k^2 = a.S_k a, so the component's mass
     Z_k = E_k[exp(beta tanh(u - c))] and E_k[r exp(beta r)] are 1-D Gaussian integrals, computed by
     probabilists' Gauss-Hermite quadrature with `nodes` nodes. The integrand is analytic in a strip of
     half-width pi/2 around the real axis (the poles of tanh), so the error falls geometrically with the
-    number of nodes (checked against Monte Carlo in tests/unit/test_tilted_bounded.py).
+    number of nodes (checked against Monte Carlo in tests/unit/test_tilted_bounded.py). Rejection sampling
+    accepts with probability exp(beta r - |beta|) (|r| < 1).
     """
 
     def __init__(self, base: GaussianMixture, a: Tensor | Sequence[float], c: float, beta: float, nodes: int = 160):
         import numpy as np
 
-        self.base = base
-        self.reward = TanhReward(torch.as_tensor(a).to(base.means), c)
-        self.a, self.c, self.beta = self.reward.a, float(c), float(beta)
-        if self.a.shape != (base.dim,):
-            raise ValueError(f"a must have shape ({base.dim},), got {tuple(self.a.shape)}")
+        super().__init__(base, TanhReward(torch.as_tensor(a).to(base.means), c), beta)
+        self._max_log_tilt = abs(self.beta)
         z, w = np.polynomial.hermite_e.hermegauss(nodes)  # weight exp(-z^2/2), sum w = sqrt(2 pi)
         z = torch.as_tensor(z, dtype=base.dtype)
         logw = torch.as_tensor(np.log(w / w.sum()), dtype=base.dtype)
-        m = base.means @ self.a  # (K,)
-        s = torch.einsum("d,kde,e->k", self.a, base.covs, self.a).sqrt()
+        m, s = self._a_mean, self._a_std  # (K,)
         r = torch.tanh(m[:, None] + s[:, None] * z[None, :] - self.c)  # (K, nodes)
         log_zk = torch.logsumexp(logw + self.beta * r, dim=1)  # log E_k[exp(beta r)]
         self._log_mass = base.weights.log() + log_zk
@@ -204,35 +201,8 @@ class TanhTiltedTarget:
         ek = (torch.softmax(logw + self.beta * r, dim=1) * r).sum(1)  # E_k[r e^{beta r}] / Z_k
         self._expected_reward = float((self.mode_weights * ek).sum())
 
-    @property
-    def dim(self) -> int:
-        return self.base.dim
-
-    @property
-    def num_components(self) -> int:
-        return self.base.num_components
-
-    @property
-    def mode_weights(self) -> Tensor:
-        return torch.softmax(self._log_mass, dim=0)
-
     def expected_reward(self) -> float:
         return self._expected_reward
-
-    def log_prob(self, x: Tensor) -> Tensor:
-        return self.base.log_prob(x) + self.beta * self.reward(x).scores.to(x.dtype) - self.log_normalizer
-
-    def assign(self, x: Tensor) -> Tensor:
-        """The base mixture's most responsible component (the tilt multiplies every component by the same
-        function of x, so the responsibilities do not change)."""
-        return self.base.assign(x)
-
-    def sample(self, n: int, generator: torch.Generator | None = None, *,
-               max_proposals: int = 50_000_000) -> tuple[Tensor, Tensor]:
-        """Exact rejection sampling from the base: accept with probability exp(beta r - |beta|) (|r| < 1)."""
-        bound = abs(self.beta)
-        return _rejection_sample(self.base, lambda x: self.beta * self.reward(x).scores - bound,
-                                 float(self.log_normalizer) - bound, n, generator, max_proposals)
 
 
 def monte_carlo_reward(
