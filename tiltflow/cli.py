@@ -56,10 +56,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
+    from tiltflow.distributed.state import is_main_process
+
     metrics = train(cfg)
+    if not is_main_process():  # under torchrun, rank 0 speaks for the run
+        return 0
     scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
     print(f"{cfg.stage} finished: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
-    if cfg.stage == "teacher":
+    if cfg.stage == "teacher" and cfg.world == "gmm":  # the shapes teacher stage says where its models went
         print(f"teacher written to {cfg.run_dir}/teacher.pt (sample it with `tiltflow sample --run {cfg.run_dir}`)")
     print(f"run directory: {cfg.run_dir}")
     return 0
@@ -146,9 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     def verb(name: str, help_text: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_text, description=help_text, epilog=EXIT_CODES)
 
-    p = verb("train", "train one stage (teacher, ac_dmd, dmd2, rtdmd, rtdmd_exact, rtdmd_fullchain, grpo_only, bp_only, "
-             "dm_bp) of "
-             "any world into run_dir; resumes if run_dir holds a checkpoint")
+    p = verb("train", "train one stage (teacher, ac_dmd, dmd2, rtdmd, rtdmd_exact, rtdmd_fullchain, grpo_only, "
+             "bp_only, dm_bp) of any world into run_dir; resumes if run_dir holds a checkpoint")
     _add_config_args(p, required=True)
     p.set_defaults(func=cmd_train)
     p = verb("sample", "samples of a trained generator: a gmm run (--run DIR, .npy) or a diffusers model "
