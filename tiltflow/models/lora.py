@@ -76,11 +76,15 @@ def lora_state(transformer: nn.Module, name: str) -> dict[str, Tensor]:
     """Adapter `name` as a peft state dict (keys without the adapter name), detached fp32 copies."""
     from peft.utils import get_peft_model_state_dict
 
-    from tiltflow.distributed.state import full_tensor
-
     sd = get_peft_model_state_dict(transformer, adapter_name=name)
     # Sharded (FSDP2) adapters are gathered: every rank must call this, and every rank gets the whole adapter.
-    return {k: full_tensor(v.detach()).float().cpu().clone() for k, v in sd.items()}
+    return {k: _gathered(v.detach()).float().cpu().clone() for k, v in sd.items()}
+
+
+def _gathered(t: Tensor) -> Tensor:
+    """A sharded tensor (DTensor) gathered to its full value, a collective (models/ imports only flow/ of
+    tiltflow, so this does not use tiltflow.distributed.state.full_tensor); any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def merge_lora(transformer: nn.Module, settings: LoraSettings, targets: Sequence[str],
@@ -199,7 +203,7 @@ class RoleModels:
 
     def trainable_state(self) -> dict[str, Tensor]:
         """Detached copies of the trainable parameters: this rank's shards when sharded (a checkpoint of a
-        sharded run gathers them itself; an export gathers with tiltflow.distributed.state.full_tensor)."""
+        sharded run gathers them itself; an export gathers them, see _gathered)."""
         self.rebind()
         out = {f"generator/{n}": p.detach().clone() for n, p in self.generator_named}
         out.update({f"fake/{n}": p.detach().clone() for n, p in self.fake_named})
@@ -247,9 +251,7 @@ class RoleModels:
     def generator_weights(self) -> dict[str, Tensor]:
         """What initialises a stage-2 generator: the LoRA state (lora) or the full state dict (full)."""
         if self.finetune == "full":  # gathered when sharded (every rank calls this)
-            from tiltflow.distributed.state import full_tensor
-
-            return {k: full_tensor(v.detach()).float().cpu().clone() for k, v in self.generator.state_dict().items()}
+            return {k: _gathered(v.detach()).float().cpu().clone() for k, v in self.generator.state_dict().items()}
         return lora_state(self.generator, GENERATOR)
 
 
