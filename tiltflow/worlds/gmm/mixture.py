@@ -17,12 +17,10 @@ from torch import Tensor
 def _sigma_view(sigma: Tensor | float, batch: int, like: Tensor) -> Tensor:
     """sigma as a tensor that broadcasts against (B, K, d): a 0-d tensor or a (B, 1, 1) one."""
     s = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
-    if s.ndim == 1:
-        if s.shape[0] != batch:
-            raise ValueError(f"sigma has shape {tuple(s.shape)}, expected a float or ({batch},)")
-        s = s.view(-1, 1, 1)
-    elif s.ndim != 0:
+    if s.ndim > 1 or (s.ndim == 1 and s.shape[0] != batch):
         raise ValueError(f"sigma has shape {tuple(s.shape)}, expected a float or ({batch},)")
+    if s.ndim == 1:
+        s = s.view(-1, 1, 1)
     if bool((s < 0).any()) or bool((s > 1).any()):
         raise ValueError("sigma must lie in [0, 1]")
     return s
@@ -42,10 +40,8 @@ class GaussianMixture:
             raise ValueError(f"means must be a floating-point tensor, got {means.dtype}")
         weights, covs = weights.to(means), covs.to(means)
         if means.ndim != 2 or weights.shape != means.shape[:1] or covs.shape != means.shape + means.shape[-1:]:
-            raise ValueError(
-                f"expected weights (K,), means (K, d), covs (K, d, d); got {tuple(weights.shape)}, "
-                f"{tuple(means.shape)}, {tuple(covs.shape)}"
-            )
+            raise ValueError(f"expected weights (K,), means (K, d), covs (K, d, d); got {tuple(weights.shape)}, "
+                             f"{tuple(means.shape)}, {tuple(covs.shape)}")
         bad = (~torch.isfinite(weights)) | (weights <= 0)
         if bool(bad.any()):
             k = int(bad.nonzero()[0])
@@ -80,11 +76,8 @@ class GaussianMixture:
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> GaussianMixture:
         """A copy in another dtype and/or on another device."""
-        return GaussianMixture(
-            self.weights.to(device=device, dtype=dtype),
-            self.means.to(device=device, dtype=dtype),
-            self.covs.to(device=device, dtype=dtype),
-        )
+        return GaussianMixture(self.weights.to(device=device, dtype=dtype), self.means.to(device=device, dtype=dtype),
+                               self.covs.to(device=device, dtype=dtype))
 
     def mean(self) -> Tensor:
         """E[x] = sum_k w_k mu_k, shape (d,)."""
@@ -136,11 +129,7 @@ class GaussianMixture:
 
     def score(self, x: Tensor) -> Tensor:
         """grad_x log p(x) = -sum_k gamma_k(x) S_k^{-1} (x - mu_k), shape (B, d)."""
-        xc, out_dtype = self._prepare(x)
-        log_joint, y, c, _ = self._terms(xc, 0.0)
-        gamma = torch.softmax(log_joint, dim=1)
-        comp = -torch.einsum("kdj,bkj->bkd", self._evecs, y / c)
-        return (gamma[:, :, None] * comp).sum(1).to(out_dtype)
+        return self._mixed(x, 0.0, lambda y, c, s: -self._from_basis(y / c))
 
     # ---- exact denoiser and velocity ---------------------------------------------------------------------
     def posterior_mean(self, x: Tensor, sigma: Tensor | float) -> Tensor:
@@ -148,11 +137,7 @@ class GaussianMixture:
 
         sigma is a float or a (B,) tensor. At sigma = 0 this is x; at sigma = 1 it is sum_k w_k mu_k.
         """
-        xc, out_dtype = self._prepare(x)
-        log_joint, y, c, s = self._terms(xc, sigma)
-        gamma = torch.softmax(log_joint, dim=1)
-        comp = self.means + torch.einsum("kdj,bkj->bkd", self._evecs, (1 - s) * self._evals * y / c)
-        return (gamma[:, :, None] * comp).sum(1).to(out_dtype)
+        return self._mixed(x, sigma, lambda y, c, s: self.means + self._from_basis((1 - s) * self._evals * y / c))
 
     def velocity(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         """v(x, sigma) = (x - E[x0 | x]) / sigma = E[eps - x0 | x_sigma = x], finite at sigma = 0.
@@ -160,11 +145,7 @@ class GaussianMixture:
         With C_k - (1-s) S_k = s (s I - (1-s) S_k), the division by sigma cancels exactly:
         v_k = (s I - (1-s) S_k) C_k^{-1} (x - (1-s) mu_k) - mu_k, and v = sum_k gamma_k v_k (v = -x at s = 0).
         """
-        xc, out_dtype = self._prepare(x)
-        log_joint, y, c, s = self._terms(xc, sigma)
-        gamma = torch.softmax(log_joint, dim=1)
-        comp = torch.einsum("kdj,bkj->bkd", self._evecs, (s - (1 - s) * self._evals) * y / c) - self.means
-        return (gamma[:, :, None] * comp).sum(1).to(out_dtype)
+        return self._mixed(x, sigma, lambda y, c, s: self._from_basis((s - (1 - s) * self._evals) * y / c) - self.means)
 
     def posterior_components(self, x: Tensor, sigma: Tensor | float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The posterior p(x0 | x_sigma = x), itself a Gaussian mixture for each x (METHOD.md 5.6).
@@ -177,11 +158,22 @@ class GaussianMixture:
         xc, _ = self._prepare(x)
         log_joint, y, c, s = self._terms(xc, sigma)
         log_gamma = torch.log_softmax(log_joint, dim=1)
-        means = self.means + torch.einsum("kdj,bkj->bkd", self._evecs, (1 - s) * self._evals * y / c)
+        means = self.means + self._from_basis((1 - s) * self._evals * y / c)
         cov_evals = (self._evals * s**2 / c).expand_as(y)
         return log_gamma, means, cov_evals, self._evecs
 
     # ---- internals ---------------------------------------------------------------------------------------
+    def _mixed(self, x: Tensor, sigma: Tensor | float, component: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+        """sum_k gamma_k(x) f_k, (B, d), with f_k = component(y, c, s) (B, K, d) from _terms' y, c and s."""
+        xc, out_dtype = self._prepare(x)
+        log_joint, y, c, s = self._terms(xc, sigma)
+        gamma = torch.softmax(log_joint, dim=1)
+        return (gamma[:, :, None] * component(y, c, s)).sum(1).to(out_dtype)
+
+    def _from_basis(self, z: Tensor) -> Tensor:
+        """U_k z_bk, (B, K, d): coordinates in each component's eigenbasis back in x-space."""
+        return torch.einsum("kdj,bkj->bkd", self._evecs, z)
+
     def _prepare(self, x: Tensor) -> tuple[Tensor, torch.dtype]:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x has shape {tuple(x.shape)}, expected (B, {self.dim})")
@@ -212,10 +204,8 @@ def _validated_eigh(covs: Tensor) -> tuple[Tensor, Tensor]:
     evals, evecs = torch.linalg.eigh(0.5 * (covs + covs.transpose(1, 2)))
     for k in range(covs.shape[0]):
         if float(evals[k, 0]) <= covs.shape[1] * eps * float(evals[k, -1].abs()) or float(evals[k, 0]) <= 0:
-            raise ValueError(
-                f"covs[{k}] is not positive definite (eigenvalues in "
-                f"[{float(evals[k, 0]):.3g}, {float(evals[k, -1]):.3g}])"
-            )
+            raise ValueError(f"covs[{k}] is not positive definite (eigenvalues in "
+                             f"[{float(evals[k, 0]):.3g}, {float(evals[k, -1]):.3g}])")
     return evals, evecs
 
 
@@ -235,11 +225,9 @@ class ConditionalGMM:
             raise ValueError(f"all mixtures must share dim and dtype, got dims {dims}, dtypes {dtypes}")
         self.mixtures = mixtures
         num = len(mixtures)
-        self.unconditional = GaussianMixture(
-            torch.cat([m.weights / num for m in mixtures]),
-            torch.cat([m.means for m in mixtures]),
-            torch.cat([m.covs for m in mixtures]),
-        )
+        self.unconditional = GaussianMixture(torch.cat([m.weights / num for m in mixtures]),
+                                             torch.cat([m.means for m in mixtures]),
+                                             torch.cat([m.covs for m in mixtures]))
 
     @property
     def num_prompts(self) -> int:
@@ -288,13 +276,8 @@ class ConditionalGMM:
             raise ValueError(f"cond values must lie in [0, {self.num_prompts}] ({self.num_prompts} = unconditional)")
         return cond
 
-    def _per_prompt(
-        self,
-        x: Tensor,
-        sigma: Tensor | float,
-        cond: Tensor,
-        fn: Callable[[GaussianMixture, Tensor, Tensor | float], Tensor],
-    ) -> Tensor:
+    def _per_prompt(self, x: Tensor, sigma: Tensor | float, cond: Tensor,
+                    fn: Callable[[GaussianMixture, Tensor, Tensor | float], Tensor]) -> Tensor:
         cond = self._check_cond(cond, x.shape[0])
         per_sample_sigma = isinstance(sigma, Tensor) and sigma.ndim == 1
         pieces = []
