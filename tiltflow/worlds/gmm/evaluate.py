@@ -50,18 +50,20 @@ class Reference:
     summary: dict[str, float] = field(default_factory=dict)
 
 
+def _sample_prompt(backbone: Backbone, c: int, n: int, sigmas: list[float], eta: float, g: torch.Generator,
+                   dim: int) -> Tensor:
+    """n samples of prompt c with the stateless sampler (float32), returned in float64."""
+    cond = torch.full((n,), c, dtype=torch.long)
+    plan = NoisePlan.fresh(n, (dim,), len(sigmas) - 1, g)
+    with torch.no_grad():
+        return sample(lambda x, s: backbone.velocity(x, s, cond), sigmas, plan, eta=eta).final.double()
+
+
 def generate(backbone: Backbone, num_prompts: int, n: int, sigmas: list[float], eta: float, seed: int,
              dim: int) -> list[Tensor]:
     """n samples per prompt with the stateless sampler (float32)."""
-    out = []
-    for c in range(num_prompts):
-        g = step_generator(seed, c, "generate")
-        cond = torch.full((n,), c, dtype=torch.long)
-        plan = NoisePlan.fresh(n, (dim,), len(sigmas) - 1, g)
-        with torch.no_grad():
-            traj = sample(lambda x, s, cond=cond: backbone.velocity(x, s, cond), sigmas, plan, eta=eta)
-        out.append(traj.final.double())
-    return out
+    return [_sample_prompt(backbone, c, n, sigmas, eta, step_generator(seed, c, "generate"), dim)
+            for c in range(num_prompts)]
 
 
 def _tilt_log_weights(rewards: RewardSet, x: Tensor, c: int, beta: float) -> Tensor:
@@ -74,36 +76,38 @@ def _exact_or_sir(target: Target | None, pool: Tensor, log_w: Tensor, n: int, g:
     return sir_resample(pool, log_w, n, g)[0]
 
 
+def _mode_weights(target: Target | None, assign: Callable[[Tensor], Tensor], pool: Tensor, log_w: Tensor,
+                  num_components: int) -> Tensor:
+    return target.mode_weights if target is not None else sir_mode_weights(assign(pool), log_w, num_components)
+
+
 def build_reference(cfg: GMMRunConfig, gmm: ConditionalGMM, teacher: Backbone | None, seed: int = 12345) -> Reference:
     """Reference samples of p and p_tilde per prompt (see the module docstring)."""
     n, beta = cfg.eval.num_samples, cfg.stage2.beta
     rewards = build_rewards(cfg.problem)
+    neural = cfg.teacher.kind != "analytic" and teacher is not None
     refs = []
     for c in range(gmm.num_prompts):
         g = step_generator(seed, c, "reference")
         base_mix = gmm.mixture(c)
+        k = base_mix.num_components
         tgt = exact_target(base_mix, cfg.problem, beta)
         assign = tgt.assign if tgt is not None else base_mix.assign
-        if cfg.teacher.kind == "analytic" or teacher is None:
-            pool = base_mix.sample(max(cfg.eval.reference_pool, 2 * n), g)[0]
-            log_w = _tilt_log_weights(rewards, pool, c, beta)
-            base = base_mix.sample(n, g)[0]
-            t1, t2 = _exact_or_sir(tgt, pool, log_w, n, g), _exact_or_sir(tgt, pool, log_w, n, g)
-            k = base_mix.num_components
-            weights = tgt.mode_weights if tgt is not None else sir_mode_weights(assign(pool), log_w, k)
-            exact_t, exact_w = None, None
-        else:
+        if neural:  # p_tilde: the SIR tilt of the teacher's own samples
             pool = generate_for_prompt(teacher, c, cfg.eval.reference_pool, teacher_sigmas(cfg), seed, gmm.dim)
-            log_w = _tilt_log_weights(rewards, pool, c, beta)
-            base = pool[:n]
-            t1, _ = sir_resample(pool, log_w, n, g)
-            t2, _ = sir_resample(pool, log_w, n, g)
-            weights = sir_mode_weights(assign(pool), log_w, base_mix.num_components)
+            base, tilt = pool[:n], None
+        else:
+            pool = base_mix.sample(max(cfg.eval.reference_pool, 2 * n), g)[0]
+            base, tilt = base_mix.sample(n, g)[0], tgt
+        log_w = _tilt_log_weights(rewards, pool, c, beta)
+        t1, t2 = _exact_or_sir(tilt, pool, log_w, n, g), _exact_or_sir(tilt, pool, log_w, n, g)
+        weights = _mode_weights(tilt, assign, pool, log_w, k)
+        exact_t = exact_w = None
+        if neural:  # the exact analytic p_tilde alongside
             exact_pool = base_mix.sample(cfg.eval.reference_pool, g)[0]
             exact_lw = _tilt_log_weights(rewards, exact_pool, c, beta)
             exact_t = _exact_or_sir(tgt, exact_pool, exact_lw, n, g)
-            exact_w = tgt.mode_weights if tgt is not None else sir_mode_weights(
-                assign(exact_pool), exact_lw, base_mix.num_components)
+            exact_w = _mode_weights(tgt, assign, exact_pool, exact_lw, k)
         log_pt = tgt.log_prob if tgt is not None else base_mix.log_prob
         refs.append(PromptReference(base, t1, t2, weights, assign, log_pt, base_mix.log_prob, exact_t, exact_w))
     ref = Reference(refs, rewards, beta)
@@ -124,16 +128,9 @@ def build_reference(cfg: GMMRunConfig, gmm: ConditionalGMM, teacher: Backbone | 
 
 def generate_for_prompt(backbone: Backbone, c: int, n: int, sigmas: list[float], seed: int, dim: int,
                         eta: float = 0.0, chunk: int = 50000) -> Tensor:
-    pieces = []
-    for i in range(0, n, chunk):
-        m = min(chunk, n - i)
-        g = step_generator(seed, c * 1000 + i // chunk, "pool")
-        cond = torch.full((m,), c, dtype=torch.long)
-        plan = NoisePlan.fresh(m, (dim,), len(sigmas) - 1, g)
-        with torch.no_grad():
-            traj = sample(lambda x, s, cond=cond: backbone.velocity(x, s, cond), sigmas, plan, eta=eta)
-            pieces.append(traj.final.double())
-    return torch.cat(pieces)
+    return torch.cat([_sample_prompt(backbone, c, min(chunk, n - i), sigmas, eta,
+                                     step_generator(seed, c * 1000 + i // chunk, "pool"), dim)
+                      for i in range(0, n, chunk)])
 
 
 def _avg(values: list[float]) -> float:
@@ -150,15 +147,15 @@ def evaluate(samples: list[Tensor], ref: Reference, *, with_kl: bool = True) -> 
     out["reward_mean"] = _mean_reward(ref.rewards, samples)
     pairs = list(zip(samples, ref.prompts))
     out["mode_tv"] = _avg([mode_tv(r.assign(x), r.mode_weights, len(r.mode_weights)) for x, r in pairs])
-    out["energy_distance"] = _avg([energy_distance(x, r.target) for x, r in zip(samples, ref.prompts)])
-    out["energy_to_base"] = _avg([energy_distance(x, r.base) for x, r in zip(samples, ref.prompts)])
+    out["energy_distance"] = _avg([energy_distance(x, r.target) for x, r in pairs])
+    out["energy_to_base"] = _avg([energy_distance(x, r.base) for x, r in pairs])
     if ref.prompts[0].exact_target is not None:
-        out["energy_distance_exact"] = _avg([energy_distance(x, r.exact_target) for x, r in zip(samples, ref.prompts)])
+        out["energy_distance_exact"] = _avg([energy_distance(x, r.exact_target) for x, r in pairs])
         out["mode_tv_exact"] = _avg([mode_tv(r.assign(x), r.exact_mode_weights, len(r.exact_mode_weights))
-                                     for x, r in zip(samples, ref.prompts)])
+                                     for x, r in pairs])
     if with_kl:
-        out["kl_estimate"] = _avg([kl_estimate(x, r.log_p_tilde) for x, r in zip(samples, ref.prompts)])
-        out["kl_base_estimate"] = _avg([kl_estimate(x, r.log_p) for x, r in zip(samples, ref.prompts)])
+        out["kl_estimate"] = _avg([kl_estimate(x, r.log_p_tilde) for x, r in pairs])
+        out["kl_base_estimate"] = _avg([kl_estimate(x, r.log_p) for x, r in pairs])
     return out
 
 
