@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from tiltflow.config.gmm import GMMRunConfig
-from tiltflow.config.loader import deep_merge, from_dict, load_config, to_dict, to_yaml, user_tree
+from tiltflow.config.loader import deep_merge, from_dict, load_config, read_yaml, to_dict, to_yaml, user_tree
 from tiltflow.config.schema import STAGE_PRESETS
+from tiltflow.models.mlp import VelocityMLP
 from tiltflow.training.spine import train
 from tiltflow.worlds.gmm.effective_beta import DEFAULT_GRID as DEFAULT_GRID_NOTE
 from tiltflow.worlds.gmm.effective_beta import effective_beta
@@ -35,6 +36,8 @@ from tiltflow.worlds.gmm.evaluate import (
     generate,
     teacher_sigmas,
 )
+from tiltflow.worlds.gmm.mixture import ConditionalGMM
+from tiltflow.worlds.gmm.report import write_report
 from tiltflow.worlds.gmm.runs import GMMWorld, load_generator, run_teacher, teacher_backbone
 from tiltflow.worlds.gmm.world import build_gmm
 
@@ -53,9 +56,7 @@ TABLE_KEYS = ["reward_mean", "mode_tv", "energy_distance", "kl_estimate", "kl_ba
 def method_config(base: GMMRunConfig, stage: str, run_dir: Path, init_from: Path | None,
                   teacher_run: Path, user_tree: dict) -> GMMRunConfig:
     """The base config with the stage's preset applied under the user's own settings."""
-    tree = to_dict(base)
-    tree = deep_merge(tree, STAGE_PRESETS.get(stage, {}))
-    tree = deep_merge(tree, user_tree)  # what the user wrote explicitly still wins
+    tree = deep_merge(deep_merge(to_dict(base), STAGE_PRESETS.get(stage, {})), user_tree)  # the user's own wins
     tree.update(stage=stage, run_dir=str(run_dir), teacher_run=str(teacher_run),
                 init_from=str(init_from) if init_from else None)
     return from_dict(GMMRunConfig, tree)
@@ -76,12 +77,7 @@ def run_demo(cfg: GMMRunConfig, user_tree: dict, out: Path, *, log: Callable[[st
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     gmm = build_gmm(cfg.problem)
-    if not (out / "teacher" / "teacher.pt").exists():
-        log("[demo] training the neural teacher (flow matching)")
-        train(method_config(cfg, "teacher", out / "teacher", None, out / "teacher", user_tree), progress=progress)
-    teacher_cfg = copy.deepcopy(cfg)
-    teacher_cfg.teacher_run = str(out / "teacher")
-    teacher_net = run_teacher(teacher_cfg, gmm, progress)
+    teacher_net = trained_teacher(cfg, gmm, out, user_tree, log=log, tag="demo", progress=progress)
     log("[demo] building the reference p and p_tilde sample sets")
     ref = build_reference(cfg, gmm, teacher_net)
     world = GMMWorld(reference=ref)
@@ -109,8 +105,6 @@ def run_demo(cfg: GMMRunConfig, user_tree: dict, out: Path, *, log: Callable[[st
         log(f"[demo] {name}: " + ", ".join(f"{k}={results[name][k]:.4g}" for k in TABLE_KEYS))
     total = round(time.time() - t_start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    from tiltflow.worlds.gmm.report import write_report
-
     write_report(out, cfg, results, samples, ref, timings, total)
     log(format_table(results))
     if bounded is not False:
@@ -121,6 +115,17 @@ def run_demo(cfg: GMMRunConfig, user_tree: dict, out: Path, *, log: Callable[[st
             f.write(bounded_summary(summary, total))
     log(f"[demo] done in {total} s; report: {out / 'report.md'}")
     return results
+
+
+def trained_teacher(cfg: GMMRunConfig, gmm: ConditionalGMM, base: Path, tree: dict, *, log: Callable[[str], None],
+                    tag: str, progress: bool) -> VelocityMLP:
+    """The neural teacher of <base>/teacher, trained there first (the `teacher` stage) when it is missing."""
+    if not (base / "teacher" / "teacher.pt").exists():
+        log(f"[{tag}] training the neural teacher (flow matching)")
+        train(method_config(cfg, "teacher", base / "teacher", None, base / "teacher", tree), progress=progress)
+    teacher_cfg = copy.deepcopy(cfg)
+    teacher_cfg.teacher_run = str(base / "teacher")
+    return run_teacher(teacher_cfg, gmm, progress)
 
 
 def load_bounded_config() -> GMMRunConfig:
@@ -137,16 +142,12 @@ def run_bounded(cfg: GMMRunConfig, main_out: Path, *, log: Callable[[str], None]
     (out / "config.yaml").write_text(to_yaml(cfg))
     t_start = time.time()
     main_cfg = main_out / "config.yaml"
-    same_p = main_cfg.exists() and from_dict(GMMRunConfig, _read(main_cfg)).problem.prompts == cfg.problem.prompts
+    same_p = main_cfg.exists() and from_dict(GMMRunConfig, read_yaml(main_cfg)).problem.prompts == cfg.problem.prompts
     base = main_out if same_p and (main_out / "ac_dmd" / "final.pt").exists() else out
     tree = user_tree(BOUNDED_CONFIG if cfg == load_bounded_config() else None, [], STAGE_PRESETS, "stage")
     gmm = build_gmm(cfg.problem)
-    if not (base / "teacher" / "teacher.pt").exists():
-        log("[demo:bounded] training the neural teacher (flow matching)")
-        train(method_config(cfg, "teacher", base / "teacher", None, base / "teacher", tree), progress=progress)
-    teacher_cfg = copy.deepcopy(cfg)
-    teacher_cfg.teacher_run = str(base / "teacher")
-    ref = build_reference(cfg, gmm, run_teacher(teacher_cfg, gmm, progress))
+    teacher_net = trained_teacher(cfg, gmm, base, tree, log=log, tag="demo:bounded", progress=progress)
+    ref = build_reference(cfg, gmm, teacher_net)
     world = GMMWorld(reference=ref)
     if not (base / "ac_dmd" / "final.pt").exists():
         log("[demo:bounded] training ac_dmd (stage 1)")
@@ -180,8 +181,6 @@ def run_bounded(cfg: GMMRunConfig, main_out: Path, *, log: Callable[[str], None]
     total = round(time.time() - t_start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "effective_beta.json").write_text(json.dumps(eff, indent=2))
-    from tiltflow.worlds.gmm.report import write_report
-
     write_report(out, cfg, results, samples, ref, timings, total)
     with (out / "report.md").open("a") as f:
         f.write(effective_beta_text(cfg.stage2.beta, eff))
@@ -190,12 +189,6 @@ def run_bounded(cfg: GMMRunConfig, main_out: Path, *, log: Callable[[str], None]
         log(f"[demo:bounded] {name} ends nearest the exact tilt at beta = {e['beta_energy']:g} (energy "
             f"distance {e['energy_at_beta_energy']:.4f}); reward-matching beta = {_fmt(e['beta_reward'])}")
     return {"results": results, "effective_beta": eff, "beta": cfg.stage2.beta, "wall_s": total}
-
-
-def _read(path: Path) -> dict:
-    from tiltflow.config.loader import read_yaml
-
-    return read_yaml(path)
 
 
 def _fmt(x: float | None) -> str:
