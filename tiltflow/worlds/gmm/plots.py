@@ -14,21 +14,33 @@ import numpy as np
 import torch
 
 
-def _new_figure(num_panels: int, ncols: int, panel_size: float) -> tuple[Any, list[Any]]:
+def _figure(width: float, height: float) -> Any:
+    """A constrained-layout figure drawn on its own Agg canvas (no global backend)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _new_figure(num_panels: int, ncols: int, panel_size: float) -> tuple[Any, list[Any]]:
     ncols = max(1, min(ncols, num_panels))
     nrows = math.ceil(num_panels / ncols)
-    fig = Figure(figsize=(panel_size * ncols, panel_size * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _figure(panel_size * ncols, panel_size * nrows)
     axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(num_panels)]
     return fig, axes
 
 
-def _log_density_grid(
-    log_density_fn: Callable[[torch.Tensor], Any], extent: Sequence[float], grid_size: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _log_density_grid(log_density_fn: Callable[[torch.Tensor], Any], extent: Sequence[float],
+                      grid_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     xs = np.linspace(extent[0], extent[1], grid_size)
     ys = np.linspace(extent[2], extent[3], grid_size)
     gx, gy = np.meshgrid(xs, ys)
@@ -64,9 +76,8 @@ def _outside_note(ax: Any, samples: np.ndarray, extent: Sequence[float], min_fra
     """Say in the panel how many samples lie outside the drawn frame and where they went (mean, sd)."""
     xy = samples[:, :2]
     finite = np.isfinite(xy).all(axis=1)
-    inside = (
-        finite & (xy[:, 0] >= extent[0]) & (xy[:, 0] <= extent[1]) & (xy[:, 1] >= extent[2]) & (xy[:, 1] <= extent[3])
-    )
+    inside = finite & (xy[:, 0] >= extent[0]) & (xy[:, 0] <= extent[1])
+    inside &= (xy[:, 1] >= extent[2]) & (xy[:, 1] <= extent[3])
     out_finite = finite & ~inside
     n = xy.shape[0]
     if n == 0 or (n - int(inside.sum())) / n < min_fraction:
@@ -86,35 +97,16 @@ def _outside_note(ax: Any, samples: np.ndarray, extent: Sequence[float], min_fra
             ax.annotate("", xy=tip, xytext=(cx, cy), arrowprops={"arrowstyle": "->", "color": "tab:red", "lw": 1.5})
     if (~finite).any():
         lines.append(f"{int((~finite).sum())} samples are NaN or infinite")
-    ax.text(
-        0.03,
-        0.97,
-        "\n".join(lines),
-        transform=ax.transAxes,
-        ha="left",
-        va="top",
-        fontsize=7,
-        color="tab:red",
-        bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "tab:red", "pad": 2},
-    )
+    ax.text(0.03, 0.97, "\n".join(lines), transform=ax.transAxes, ha="left", va="top", fontsize=7, color="tab:red",
+            bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "tab:red", "pad": 2})
 
 
-def scatter_over_density(
-    path: str | Path,
-    panels: Sequence[tuple[str, np.ndarray]],
-    log_density_fn: Callable[[torch.Tensor], Any] | None = None,
-    extent: Sequence[float] = (-4.0, 4.0, -4.0, 4.0),
-    *,
-    grid_size: int = 200,
-    num_levels: int = 8,
-    log_range: float = 10.0,
-    max_points: int = 4000,
-    ncols: int = 4,
-    panel_size: float = 3.0,
-    title: str | None = None,
-    axis_labels: tuple[str, str] = ("x[0]", "x[1]"),
-    outside_min_fraction: float = 0.01,
-) -> Path:
+def scatter_over_density(path: str | Path, panels: Sequence[tuple[str, np.ndarray]],
+                         log_density_fn: Callable[[torch.Tensor], Any] | None = None,
+                         extent: Sequence[float] = (-4.0, 4.0, -4.0, 4.0), *, grid_size: int = 200,
+                         num_levels: int = 8, log_range: float = 10.0, max_points: int = 4000, ncols: int = 4,
+                         panel_size: float = 3.0, title: str | None = None,
+                         axis_labels: tuple[str, str] = ("x[0]", "x[1]"), outside_min_fraction: float = 0.01) -> Path:
     """One subplot per (title, samples (N, d)) panel: coordinates 0 and 1 scattered over contours.
 
     log_density_fn maps grid points, a float64 tensor (G, 2), to log-densities (G,) (tensor or array). For
@@ -148,24 +140,16 @@ def scatter_over_density(
         _outside_note(ax, all_pts, extent, outside_min_fraction)
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
-def _grouped_figure(
-    row_titles: Sequence[str], ncols: int, panel_size: float
-) -> tuple[Any, list[Any], list[list[Any]], Any]:
+def _grouped_figure(row_titles: Sequence[str], ncols: int,
+                    panel_size: float) -> tuple[Any, list[Any], list[list[Any]], Any]:
     """A figure with one titled row (a subfigure) of ncols panels per row title, and a last, short
     subfigure for the shared legend (returned last)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     legend_height = 1.0
     row_height = panel_size + 0.4
-    fig = Figure(figsize=(panel_size * ncols, row_height * len(row_titles) + legend_height), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _figure(panel_size * ncols, row_height * len(row_titles) + legend_height)
     ratios = [row_height] * len(row_titles) + [legend_height]
     subfigs = fig.subfigures(len(row_titles) + 1, 1, height_ratios=ratios, squeeze=False)[:, 0]
     row_axes = []
@@ -175,12 +159,8 @@ def _grouped_figure(
     return fig, [ax for row in row_axes for ax in row], row_axes, subfigs[-1]
 
 
-def _overlap_notes(
-    curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
-    methods: Sequence[str],
-    metric: str,
-    ylim: tuple[float, float] | None,
-) -> list[str]:
+def _overlap_notes(curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], methods: Sequence[str],
+                   metric: str, ylim: tuple[float, float] | None) -> list[str]:
     """'a: under b' for a method whose drawn curve (clipped to ylim) lies within 1% of the axis span of a
     curve drawn after it at every step, so that the reader knows where the hidden line is."""
     drawn = {}
@@ -205,13 +185,13 @@ def _overlap_notes(
     return notes
 
 
-def _plot_clipped(
-    ax: Any, steps: np.ndarray, values: np.ndarray, ylim: tuple[float, float] | None, color: Any, label: str
-) -> str | None:
+def _plot_clipped(ax: Any, steps: np.ndarray, values: np.ndarray, ylim: tuple[float, float] | None, color: Any,
+                  label: str) -> str | None:
     """Draw one curve; with ylim, values beyond it are drawn on the frame's edge as triangles (a dotted line
     between them) so the method stays visible, and a note like "grpo_only above, up to 3.1e+04" is returned."""
+    line = {"label": label, "color": color, "linewidth": 1.2, "marker": "o", "markersize": 2.5}
     if ylim is None:
-        ax.plot(steps, values, label=label, color=color, linewidth=1.2, marker="o", markersize=2.5)
+        ax.plot(steps, values, **line)
         return None
     lo, hi = ylim
     finite = np.isfinite(values)
@@ -220,19 +200,16 @@ def _plot_clipped(
     shown = np.where(np.isnan(values), np.nan, shown)
     inside = np.where(above | below, np.nan, shown)
     if np.isfinite(inside).any():
-        ax.plot(steps, inside, label=label, color=color, linewidth=1.2, marker="o", markersize=2.5)
+        ax.plot(steps, inside, **line)
     else:  # every value is off the axis: a legend entry only (an all-NaN line upsets the layout engine)
-        ax.plot([], [], label=label, color=color, linewidth=1.2, marker="o", markersize=2.5)
+        ax.plot([], [], **line)
     if not (above.any() or below.any() or np.isnan(values).any()):
         return None
     ax.plot(steps, shown, color=color, linewidth=1.0, linestyle=":")
     inset = 0.02 * (hi - lo)  # triangles just inside the frame, so they are drawn whole
-    ax.plot(
-        steps[above], np.full(int(above.sum()), hi - inset), linestyle="none", marker="^", markersize=4, color=color
-    )
-    ax.plot(
-        steps[below], np.full(int(below.sum()), lo + inset), linestyle="none", marker="v", markersize=4, color=color
-    )
+    for beyond, edge, marker in ((above, hi - inset, "^"), (below, lo + inset, "v")):
+        ax.plot(steps[beyond], np.full(int(beyond.sum()), edge), linestyle="none", marker=marker, markersize=4,
+                color=color)
     parts = []
     if above.any():
         parts.append(f"up to {np.max(values[above]):.3g}")
@@ -243,20 +220,11 @@ def _plot_clipped(
     return f"{label}: " + "; ".join(parts)
 
 
-def metric_curves(
-    path: str | Path,
-    curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
-    metrics: Sequence[str],
-    *,
-    references: Mapping[str, float] | None = None,
-    ylims: Mapping[str, tuple[float, float]] | None = None,
-    ncols: int = 3,
-    panel_size: float = 3.5,
-    titles: Mapping[str, str] | None = None,
-    ylabels: Mapping[str, str] | None = None,
-    xlabel: str = "training step",
-    groups: Mapping[str, Sequence[str]] | None = None,
-) -> Path:
+def metric_curves(path: str | Path, curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
+                  metrics: Sequence[str], *, references: Mapping[str, float] | None = None,
+                  ylims: Mapping[str, tuple[float, float]] | None = None, ncols: int = 3, panel_size: float = 3.5,
+                  titles: Mapping[str, str] | None = None, ylabels: Mapping[str, str] | None = None,
+                  xlabel: str = "training step", groups: Mapping[str, Sequence[str]] | None = None) -> Path:
     """One subplot per metric with a line per method: curves[method][metric] = [(step, value), ...].
 
     references[metric], if given, is drawn as a dashed horizontal line (an exact value or a noise floor).
@@ -321,7 +289,4 @@ def metric_curves(
         legend_holder.legend(list(seen.values()), list(seen), loc="center", ncols=min(len(seen), 6), fontsize=8)
     elif seen:
         fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncols=min(len(seen), 5), fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
