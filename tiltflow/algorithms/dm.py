@@ -127,11 +127,10 @@ def dm_loss(roles: Roles, x_s: Tensor, s: float, batch: Batch, dm: DMSettings,
     x_tau = renoise(x_s.detach(), s, tau, randn(x_s.shape, generator, like=x_s))
     tilt_metrics: dict[str, float] = {}
     with torch.no_grad():
+        v_fake = roles.fake.velocity(x_tau, tau, batch.cond)
         if dm.tilt is None:
             v_real = teacher_velocity(roles, x_tau, tau, batch, dm.guidance_scale)
-            v_fake = roles.fake.velocity(x_tau, tau, batch.cond)
         else:
-            v_fake = roles.fake.velocity(x_tau, tau, batch.cond)
             v_real, tilt_metrics = tilted_velocity(roles, x_tau, tau, v_fake, batch, dm, generator)
     if dm.scaling == "kl":
         return _with(dmd_surrogate(x_s, dmd_direction_kl(v_real, v_fake, tau, s), reduction="sum"), tilt_metrics)
@@ -140,10 +139,9 @@ def dm_loss(roles: Roles, x_s: Tensor, s: float, batch: Batch, dm: DMSettings,
     z = randn(x_s.shape, generator, like=x_s)  # shared by both maps back to s
     x_real = cps_step(x_tau, v_real, tau, s, eta=dm.eta, noise=z).x_next
     x_fake = cps_step(x_tau, v_fake, tau, s, eta=dm.eta, noise=z).x_next
-    if dm.tilt is None:
-        return dmd_surrogate(x_s, dmd_direction_normalized(x_s.detach(), x_real, x_fake), reduction=dm.reduction)
-    direction = tilted_direction_normalized(x_s.detach(), x_real, x_fake)
-    return _with(dmd_surrogate(x_s, direction, reduction=dm.reduction), tilt_metrics)
+    # Toward the tilted target the normaliser comes from the fake's map back (tilted_direction_normalized).
+    normalized = dmd_direction_normalized if dm.tilt is None else tilted_direction_normalized
+    return _with(dmd_surrogate(x_s, normalized(x_s.detach(), x_real, x_fake), reduction=dm.reduction), tilt_metrics)
 
 
 def _with(out: LossOutput, metrics: dict[str, float]) -> LossOutput:
