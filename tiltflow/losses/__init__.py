@@ -2,13 +2,7 @@
 
 from tiltflow.losses.advantages import group_advantages, subgrpo_steps
 from tiltflow.losses.consistency import consistency_loss
-from tiltflow.losses.dmd import (
-    dmd_direction_kl,
-    dmd_direction_normalized,
-    dmd_surrogate,
-    fisher_dm_surrogate,
-    renoise,
-)
+from tiltflow.losses.dmd import dmd_direction_kl, dmd_direction_normalized, dmd_surrogate, fisher_dm_surrogate, renoise
 from tiltflow.losses.fake_score import ambient_target, fake_score_loss, fake_weight
 from tiltflow.losses.output import LossOutput
 from tiltflow.losses.ppo import ppo_clip_loss
@@ -24,27 +18,8 @@ from tiltflow.losses.tilted import (
     tilted_direction,
 )
 
-__all__ = [
-    "LossOutput",
-    "PosteriorSampler",
-    "ReverseSamplerPosterior",
-    "TiltedEstimate",
-    "ambient_target",
-    "consistency_loss",
-    "dmd_direction_kl",
-    "dmd_direction_normalized",
-    "dmd_surrogate",
-    "fake_score_loss",
-    "fake_weight",
-    "fisher_dm_surrogate",
-    "group_advantages",
-    "ppo_clip_loss",
-    "renoise",
-    "reward_bp_loss",
-    "shifted_denoiser",
-    "shifted_velocity",
-    "snis_denoiser",
-    "split_snis_direction",
-    "subgrpo_steps",
-    "tilted_direction",
-]
+__all__ = ["LossOutput", "PosteriorSampler", "ReverseSamplerPosterior", "TiltedEstimate", "ambient_target",
+           "consistency_loss", "dmd_direction_kl", "dmd_direction_normalized", "dmd_surrogate", "fake_score_loss",
+           "fake_weight", "fisher_dm_surrogate", "group_advantages", "ppo_clip_loss", "renoise", "reward_bp_loss",
+           "shifted_denoiser", "shifted_velocity", "snis_denoiser", "split_snis_direction", "subgrpo_steps",
+           "tilted_direction"]

@@ -14,15 +14,8 @@ def _group_mean(x: Tensor, group: Tensor, num_groups: int) -> Tensor:
     return (sums / counts)[group]
 
 
-def group_advantages(
-    rewards: Mapping[str, Tensor],
-    weights: Mapping[str, float],
-    group: Tensor,
-    *,
-    mode: str = "normalized",
-    clip: float | None = 5.0,
-    eps: float = 1e-4,
-) -> Tensor:
+def group_advantages(rewards: Mapping[str, Tensor], weights: Mapping[str, float], group: Tensor, *,
+                     mode: str = "normalized", clip: float | None = 5.0, eps: float = 1e-4) -> Tensor:
     """Advantages (B,) for samples whose group index is `group` (B,) (values 0 .. num_groups - 1).
 
     normalized: per reward (r - group mean) / (batch std + eps), weighted sum, re-standardised over the

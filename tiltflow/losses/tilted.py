@@ -196,10 +196,9 @@ class TiltedEstimate:
     ess: Tensor  # effective sample size of all draws, (B,)
 
 
-def tilted_direction(
-    sampler: PosteriorSampler, x_tau: Tensor, tau: Tensor | float, d_fake: Tensor, reward: RewardFn,
-    beta: float, num_pairs: int, generator: torch.Generator | None, *, shifted: bool = False,
-) -> TiltedEstimate:
+def tilted_direction(sampler: PosteriorSampler, x_tau: Tensor, tau: Tensor | float, d_fake: Tensor, reward: RewardFn,
+                     beta: float, num_pairs: int, generator: torch.Generator | None, *,
+                     shifted: bool = False) -> TiltedEstimate:
     """The DM direction toward the diffused tilted target from 2 * num_pairs posterior draws.
 
     shifted=True uses the shifted proposal with g = grad r(d_fake) (the reward must be differentiable).

@@ -15,26 +15,7 @@ from tiltflow.worlds.gmm.targets import (
     tilt_quadratic,
 )
 
-__all__ = [
-    "ConditionalGMM",
-    "GaussianMixture",
-    "HalfspaceReward",
-    "HalfspaceTiltedTarget",
-    "LinearReward",
-    "QuadraticReward",
-    "Target",
-    "effective_sample_size",
-    "energy_distance",
-    "expected_reward",
-    "kl_estimate",
-    "knn_entropy",
-    "metric_curves",
-    "mode_tv",
-    "monte_carlo_reward",
-    "scatter_over_density",
-    "sir_mode_weights",
-    "sir_resample",
-    "sliced_wasserstein2",
-    "tilt_linear",
-    "tilt_quadratic",
-]
+__all__ = ["ConditionalGMM", "GaussianMixture", "HalfspaceReward", "HalfspaceTiltedTarget", "LinearReward",
+           "QuadraticReward", "Target", "effective_sample_size", "energy_distance", "expected_reward", "kl_estimate",
+           "knn_entropy", "metric_curves", "mode_tv", "monte_carlo_reward", "scatter_over_density", "sir_mode_weights",
+           "sir_resample", "sliced_wasserstein2", "tilt_linear", "tilt_quadratic"]

@@ -46,9 +46,8 @@ def energy_distance(x: Tensor, y: Tensor, *, chunk_size: int = 1024) -> float:
     return 2 * cross - within_x - within_y
 
 
-def sliced_wasserstein2(
-    x: Tensor, y: Tensor, num_projections: int = 128, generator: torch.Generator | None = None
-) -> float:
+def sliced_wasserstein2(x: Tensor, y: Tensor, num_projections: int = 128,
+                        generator: torch.Generator | None = None) -> float:
     """SW_2 = (E_theta W_2^2(theta.x, theta.y))^(1/2) over uniform directions theta on the sphere.
 
     1-D W_2 is computed between empirical quantile functions; unequal sizes are compared on a common grid

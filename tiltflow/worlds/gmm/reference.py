@@ -17,9 +17,8 @@ def _normalised_weights(log_weights: Tensor) -> Tensor:
     return torch.softmax(lw, dim=0)
 
 
-def sir_resample(
-    pool: Tensor, log_weights: Tensor, n: int, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
+def sir_resample(pool: Tensor, log_weights: Tensor, n: int,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Draw n samples from the pool (N, d) with replacement, P(i) ∝ exp(log_weights[i]).
 
     Returns the samples (n, d) and their pool indices (n,).

@@ -205,22 +205,16 @@ class TanhTiltedTarget(_TiltAlongA):
         return self._expected_reward
 
 
-def monte_carlo_reward(
-    target: Target,
-    reward: Reward,
-    num_samples: int,
-    generator: torch.Generator | None = None,
-    prompts: Sequence[Any] | None = None,
-) -> tuple[float, float]:
+def monte_carlo_reward(target: Target, reward: Reward, num_samples: int, generator: torch.Generator | None = None,
+                       prompts: Sequence[Any] | None = None) -> tuple[float, float]:
     """(mean, standard error) of the reward over num_samples target samples."""
     x, _ = target.sample(num_samples, generator)
     scores = reward(x, [None] * num_samples if prompts is None else prompts).scores.detach().double()
     return float(scores.mean()), float(scores.std() / math.sqrt(num_samples))
 
 
-def expected_reward(
-    target: Target, reward: Reward, *, num_samples: int = 200_000, generator: torch.Generator | None = None
-) -> float:
+def expected_reward(target: Target, reward: Reward, *, num_samples: int = 200_000,
+                    generator: torch.Generator | None = None) -> float:
     """E_target[r]: closed form where one exists, else Monte Carlo with num_samples samples.
 
     Closed forms: Gaussian mixture with linear (a.E[x]), quadratic (-sum_k w_k (tr(A S_k) +
