@@ -102,11 +102,8 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     if unknown:
         where = f"{path}." if path else ""
         raise ConfigError(f"{where}{unknown[0]}", f"unknown key; valid keys here are {sorted(fields)}")
-    kwargs = {}
-    for name in fields:
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], f"{path}.{name}" if path else name)
-    obj = cls(**kwargs)
+    obj = cls(**{name: _convert(data[name], hints[name], f"{path}.{name}" if path else name)
+                 for name in fields if name in data})
     validate = getattr(obj, "validate", None)
     if validate is not None:
         try:

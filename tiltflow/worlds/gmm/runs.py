@@ -149,10 +149,7 @@ class GMMWorld:
         if not 0 <= prompt < gmm.num_prompts:
             raise UsageError(f"--prompt {prompt} out of range: this problem has prompts 0..{gmm.num_prompts - 1}")
         net, how = load_run_model(cfg, gmm)
-        if cfg.stage == "teacher":
-            x = generate(net, gmm.num_prompts, num, teacher_sigmas(cfg), 0.0, seed, gmm.dim)[prompt]
-        else:
-            x = few_step_generate(net, cfg, gmm.num_prompts, num, seed=seed)[prompt]
+        x = run_samples(net, cfg, gmm, num, seed)[prompt]
         out.parent.mkdir(parents=True, exist_ok=True)
         np.save(out, x.numpy())
         return f"wrote {tuple(x.shape)} samples of prompt {prompt} ({how}) to {out}"
@@ -165,11 +162,7 @@ class GMMWorld:
         teacher = load_teacher_net(cfg, gmm) if cfg.teacher.kind == "neural" else None
         cfg = copy.deepcopy(cfg)
         cfg.eval.num_samples = num
-        if cfg.stage == "teacher":
-            samples = generate(net, gmm.num_prompts, num, teacher_sigmas(cfg), 0.0, seed, gmm.dim)
-        else:
-            samples = few_step_generate(net, cfg, gmm.num_prompts, num, seed=seed)
-        metrics = evaluate(samples, build_reference(cfg, gmm, teacher))
+        metrics = evaluate(run_samples(net, cfg, gmm, num, seed), build_reference(cfg, gmm, teacher))
         target = ("the SIR tilt of the neural teacher's own samples" if cfg.teacher.kind == "neural"
                   else "the exact analytic p_tilde")
         return {"samples": f"{num} per prompt from {how}, seed {seed}",
@@ -228,6 +221,14 @@ def load_run_model(cfg: GMMRunConfig, gmm: ConditionalGMM) -> tuple[VelocityMLP,
     net.load_state_dict(load(final)["generator"])
     return net.requires_grad_(False).eval(), (f"the EMA generator of {run_dir}, {cfg.sampler.num_steps} CPS "
                                               f"steps, eta {cfg.sampler.eta}")
+
+
+def run_samples(net: VelocityMLP, cfg: GMMRunConfig, gmm: ConditionalGMM, num: int, seed: int) -> list[torch.Tensor]:
+    """num samples per prompt of a finished run's network (load_run_model): the teacher's many-step Euler
+    sampler for a teacher run, else sampler.num_steps CPS steps."""
+    if cfg.stage == "teacher":
+        return generate(net, gmm.num_prompts, num, teacher_sigmas(cfg), 0.0, seed, gmm.dim)
+    return few_step_generate(net, cfg, gmm.num_prompts, num, seed=seed)
 
 
 def load_generator(run_dir: str | Path) -> tuple[VelocityMLP, GMMRunConfig]:
