@@ -250,8 +250,10 @@ class DiffusersWorld:
         scale = teacher_guidance_scale(cfg.model)
         task = DiffusersTask(adapter, prompts, build_rewards(cfg.rewards, adapter.device), scale,
                              cfg.model.resolution)
+        guidance = "two passes" if not cfg.parallel.batched_cfg else "one pass at twice the batch"
         resolved = {"sampler_shift": sampler.shift, "sigmas": few_step_sigmas(sampler.num_steps, sampler.shift),
-                    "sample_shape": list(task.sample_shape), "teacher_guidance_passes": 2 if scale != 1.0 else 1}
+                    "sample_shape": list(task.sample_shape),
+                    "teacher_guidance": "none (one pass)" if scale == 1.0 else guidance}
         run_dir = Path(cfg.run_dir)
         if is_main_process():
             (run_dir / "resolved.json").write_text(json.dumps(resolved, indent=1) + "\n")
