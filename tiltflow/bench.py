@@ -8,6 +8,14 @@ the pass's output), then one pass of each kind is timed alone at the same shapes
 perf_counter on CPU), and efficiency = sum(count x time alone) / wall time. MFU counts the same passes'
 FLOPs (torch.utils.flop_counter on one pass of each kind, recomputation excluded). What the CPU cannot
 measure (peak memory, MFU without --peak-tflops, device busy time) is None.
+
+Under torchrun (WORLD_SIZE > 1) it runs as training does (issue 12): the process group of
+tiltflow.distributed.launch.init_distributed (NCCL on CUDA, one GPU per LOCAL_RANK; gloo on the CPU), the
+spine's apply_parallel_plan (FSDP2 of the generator and the fake score, the teacher per --shard-teacher), and
+each rank's own prompts and noise (the algorithms' rank-aware streams). Each timed iteration sits between two
+barriers and is timed on rank 0 (so it is the slowest rank's); peak memory is gathered from every rank;
+images/s counts the images of all ranks; --profile also sums the time spent in collectives (COLLECTIVE_NAMES).
+Only rank 0 writes the JSON and the profile summaries.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import dataclasses
 import datetime as dt
 import gc
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -39,8 +48,10 @@ from tiltflow.config.schema import (
     Stage1Config,
     Stage2Config,
 )
-from tiltflow.distributed import LOCAL
+from tiltflow.distributed import LOCAL, Comm
 from tiltflow.distributed.fsdp import DYNAMO_LIMITS
+from tiltflow.distributed.launch import init_distributed
+from tiltflow.distributed.state import barrier, gather_objects, is_main_process
 from tiltflow.flow.conventions import few_step_sigmas
 from tiltflow.models.arch import ARCH_DIR, load_arch
 from tiltflow.models.base import cfg_conditions
@@ -59,6 +70,10 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # bf16 dense, by GPU name
 PROMPTS = [f"a photo of a {c} {o} on a {b} street" for c in ("red", "blue", "green") for o in ("cat", "car")
            for b in ("small", "large")]
 STAGES = ("1", "2", "infer", "all")
+# --profile under several ranks: an op or kernel is a collective when its lower-cased name contains one of
+# these (NCCL kernels, gloo and c10d ops, FSDP2's all-gather / reduce-scatter regions, broadcasts).
+COLLECTIVE_NAMES = ("nccl", "gloo", "all_gather", "allgather", "reduce_scatter", "all_reduce", "allreduce",
+                    "broadcast")
 
 
 # ---- counting the passes an iteration runs -------------------------------------------------------------
@@ -135,6 +150,8 @@ class Built:
     sampler: SamplerConfig
     log: PassLog
     resolution: int
+    comm: Comm = LOCAL  # the ranks (LOCAL in a single process); the algorithms draw their data through it
+    grad_sync: Any = None  # apply_parallel_plan's gradient-sync hook (FSDP2: reduce-scatter on the last micro-batch)
 
 
 def adapter_class(family: str) -> Any:
@@ -156,10 +173,10 @@ def stage1_lora(adapter: Any, transformer: torch.nn.Module, rank: int, seed: int
     return out
 
 
-def build(args: Any, stage2: bool) -> Built:
+def build(args: Any, stage2: bool, comm: Comm = LOCAL) -> Built:
     """Random-weight models, LoRA roles, then the spine's plan (activation checkpointing, then per-block
-    compile; the teacher's CFG batched or not) before anything runs (torchtitan's order; one GPU: no
-    sharding)."""
+    compile; the teacher's CFG batched or not; several ranks: FSDP2 as training shards) before anything runs
+    (torchtitan's order; one process: no sharding)."""
     family = load_arch(args.arch)["family"]
     scale = args.guidance_scale
     extra = {"guidance": scale} if family == "flux1" else {}
@@ -171,8 +188,9 @@ def build(args: Any, stage2: bool) -> Built:
     models = build_roles(adapter, layout=args.layout, lora=LoraSettings(args.lora_rank, args.lora_alpha),
                          generator_base=gen_base, stage1_generator=s1)
     plan = ParallelConfig(activation_checkpointing=args.activation_checkpointing, batched_cfg=args.batched_cfg,
-                          compile=args.compile)
-    apply_parallel_plan(models, plan, LOCAL)
+                          compile=args.compile, shard_teacher=bool(getattr(args, "shard_teacher", False)),
+                          mixed_precision=getattr(args, "mixed_precision", None) is not False)
+    grad_sync = apply_parallel_plan(models, plan, comm, device_type=torch.device(args.device).type)
     for m in {id(m): m for m in (models.teacher, models.generator, models.fake)}.values():
         m.train()
     log = PassLog()
@@ -183,7 +201,7 @@ def build(args: Any, stage2: bool) -> Built:
     plain = models.roles()
     roles = Roles(CountedRole(plain.teacher, "teacher", log), CountedRole(plain.generator, "generator", log),
                   CountedRole(plain.fake, "fake", log), plain.generator_params, plain.fake_params)
-    return Built(adapter, models, task, roles, sampler, log, args.resolution)
+    return Built(adapter, models, task, roles, sampler, log, args.resolution, comm, grad_sync)
 
 
 def algorithm(stage: str, b: Built, args: Any, *, warmup: bool = False) -> Any:
@@ -192,7 +210,7 @@ def algorithm(stage: str, b: Built, args: Any, *, warmup: bool = False) -> Any:
     fake = FakeConfig(lr=lr, weighting="clamped", consistency_gamma=0.01, consistency_delta_max=0.2)
     if stage == "1":
         cfg: Any = Stage1Config(batch_size=args.batch, lr=lr, n_fake=args.n_fake, ema_decay=0.99, fake=fake)
-        return ACDMD(cfg, b.sampler, b.task, b.roles, build_train_state(cfg, b.roles), seed=args.seed)
+        return ACDMD(cfg, b.sampler, b.task, b.roles, build_train_state(cfg, b.roles), seed=args.seed, comm=b.comm)
     # --dm-target tilted: the exact mode (the rtdmd_exact preset: DM toward the diffused tilted target, no
     # reward terms) with the chosen estimator of the tilted denoiser, instead of the reference weights.
     exact = dict(STAGE_PRESETS["rtdmd_exact"]["stage2"], tilt_estimator=args.tilt_estimator,
@@ -200,7 +218,9 @@ def algorithm(stage: str, b: Built, args: Any, *, warmup: bool = False) -> Any:
     cfg = Stage2Config(num_prompts=1, group_size=args.batch, accumulation=1 if warmup else args.rollout_batches,
                        fake=dataclasses.replace(fake, lr=3e-6), **(exact if args.dm_target == "tilted" else {}))
     cfg.validate("stage2")
-    return RTDMD(cfg, b.sampler, b.task, b.roles, build_train_state(cfg, b.roles), seed=args.seed)
+    extra = {} if b.grad_sync is None else {"grad_sync": b.grad_sync}
+    return RTDMD(cfg, b.sampler, b.task, b.roles, build_train_state(cfg, b.roles), seed=args.seed, comm=b.comm,
+                 **extra)
 
 
 # ---- timing ---------------------------------------------------------------------------------------------
@@ -290,16 +310,24 @@ def flops_per_sample(b: Built, kind: tuple, args: Any) -> tuple[int, int]:
 
 
 def pass_table(b: Built, snaps: list[tuple[Counter, Counter]], args: Any) -> list[dict[str, Any]]:
-    """Every kind seen in the timed iterations: its counts per repeat, its time alone and its FLOPs."""
+    """Every kind seen in the timed iterations: its counts per repeat, its time alone and its FLOPs. Several
+    ranks: the kinds any rank saw, in one order on every rank (a sharded pass alone is a collective);
+    the counts are this rank's. --skip-pass-timing: counts only (times and FLOPs None)."""
     kinds = sorted({k for calls, _ in snaps for k in calls})
+    if b.comm.world_size > 1:
+        kinds = sorted({tuple(k) for rank_kinds in gather_objects(kinds) for k in rank_kinds})
     rows = []
     for kind in kinds:
         component, name, batch, grad = kind
-        f_fwd, f_bwd = flops_per_sample(b, kind, args)
         row = {"component": component, "name": name, "batch": batch, "grad": grad,
-               "calls": [c[kind] for c, _ in snaps], "backwards": [bw[kind] for _, bw in snaps],
-               "forward_s": device_seconds(one_pass(b, kind, batch, backward=False), b.task.device),
-               "forward_backward_s": None, "forward_flops": f_fwd * batch, "backward_flops": f_bwd * batch}
+               "calls": [c[kind] for c, _ in snaps], "backwards": [bw[kind] for _, bw in snaps]}
+        if getattr(args, "skip_pass_timing", False):
+            rows.append({**row, "forward_s": None, "forward_backward_s": None, "forward_flops": None,
+                         "backward_flops": None})
+            continue
+        f_fwd, f_bwd = flops_per_sample(b, kind, args)
+        row.update(forward_s=device_seconds(one_pass(b, kind, batch, backward=False), b.task.device),
+                   forward_backward_s=None, forward_flops=f_fwd * batch, backward_flops=f_bwd * batch)
         if grad:
             row["forward_backward_s"] = device_seconds(one_pass(b, kind, batch, backward=True), b.task.device)
         rows.append(row)
@@ -317,7 +345,9 @@ def needed(rows: list[dict[str, Any]], r: int) -> tuple[float, int]:
 
 
 def timed_repeats(fn: Any, b: Built, args: Any) -> tuple[list[float], list[tuple[Counter, Counter]], float | None]:
-    """Wall time and pass counts of each repeat; peak memory over the repeats (CUDA only)."""
+    """Wall time and pass counts of each repeat; peak memory over the repeats (CUDA only). Several ranks:
+    each repeat starts and ends at a barrier (so its time, the one rank 0 measures and reports, is the slowest
+    rank's), and the peak is a list, one per rank (gathered)."""
     dev = b.task.device
     if dev.type == "cuda":
         sync(dev)
@@ -326,27 +356,44 @@ def timed_repeats(fn: Any, b: Built, args: Any) -> tuple[list[float], list[tuple
     for r in range(args.repeats):
         with b.log.counting() as log:
             sync(dev)
+            barrier()
             t0 = time.perf_counter()
             fn(r)
             sync(dev)
+            barrier()
             walls.append(time.perf_counter() - t0)
         snaps.append((log.calls, log.backwards))
     peak = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None
+    if b.comm.world_size > 1:
+        return walls, snaps, gather_objects(peak)
     return walls, snaps, peak
 
 
-def summarise(key: str, walls: list[float], snaps: list, peak: float | None, b: Built, args: Any,
+def summarise(key: str, walls: list[float], snaps: list, peak: Any, b: Built, args: Any,
               images: int) -> dict[str, Any]:
+    """`images` is one rank's. Several ranks: images_per_s counts every rank's images (the run's throughput),
+    images_per_s_per_gpu one rank's; peak_mem_gib is the largest of peak_mem_gib_per_rank; efficiency and MFU
+    are rank 0's (its passes, its wall time: per GPU)."""
     rows = pass_table(b, snaps, args)
-    eff = [needed(rows, r)[0] / w for r, w in enumerate(walls)]
+    timed = not getattr(args, "skip_pass_timing", False)
+    eff = [needed(rows, r)[0] / w for r, w in enumerate(walls)] if timed else None
     peak_tflops = args.peak_tflops
-    mfu = [needed(rows, r)[1] / w / (peak_tflops * 1e12) for r, w in enumerate(walls)] if peak_tflops else None
+    mfu = ([needed(rows, r)[1] / w / (peak_tflops * 1e12) for r, w in enumerate(walls)] if peak_tflops and timed
+           else None)
     out: dict[str, Any] = {}
     for name, values in ((key, walls), ("efficiency", eff), ("mfu", mfu)):
         out.update(spread(name, values))
     med = statistics.median(walls)
-    out.update(images_per_s=images / med, peak_mem_gib=peak, needed_kernel_s=[needed(rows, r)[0] for r in
-               range(len(walls))], flops=[needed(rows, r)[1] for r in range(len(walls))], passes=rows)
+    world = b.comm.world_size
+    per_rank = peak if world > 1 else None
+    if world > 1:
+        measured = [p for p in per_rank if p is not None]
+        peak = max(measured) if measured else None
+    out.update(images_per_s=world * images / med, peak_mem_gib=peak,
+               needed_kernel_s=[needed(rows, r)[0] for r in range(len(walls))] if timed else None,
+               flops=[needed(rows, r)[1] for r in range(len(walls))] if timed else None, passes=rows)
+    if world > 1:
+        out.update(world_size=world, images_per_s_per_gpu=images / med, peak_mem_gib_per_rank=per_rank)
     return out
 
 
@@ -384,7 +431,7 @@ def bench_inference(batch: int, b: Built, args: Any) -> dict[str, Any]:
     embeddings computed beforehand), against the bound: the passes it ran, each timed alone."""
     cond = b.adapter.encode([PROMPTS[i % len(PROMPTS)] for i in range(batch)])
     sigmas = few_step_sigmas(b.sampler.num_steps, b.sampler.shift)
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed + 1_000_003 * b.comm.rank)  # each rank its own noise (rank 0: seed)
 
     def once(_: int = 0) -> None:
         with torch.no_grad():
@@ -405,7 +452,10 @@ def bench_inference(batch: int, b: Built, args: Any) -> dict[str, Any]:
 
 def profile(fn: Any, device: torch.device, args: Any, label: str, top: int = 20) -> dict[str, Any]:
     """One more run of fn under torch.profiler: the top kernels (ops on CPU) by self time, device busy time
-    (the union of kernel intervals) and host gaps = wall - busy; written as markdown next to the JSON."""
+    (the union of kernel intervals) and host gaps = wall - busy; written as markdown next to the JSON (rank
+    0). Several ranks: the run starts and ends at a barrier (inside the profile, outside its wall time), and
+    `collectives` says how long this rank spent in collectives (see collective_time), with every rank's
+    totals gathered."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
 
@@ -413,33 +463,82 @@ def profile(fn: Any, device: torch.device, args: Any, label: str, top: int = 20)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=acts) as prof:
         sync(device)
+        barrier()
         t0 = time.perf_counter()
         fn()
         sync(device)
         wall = time.perf_counter() - t0
+        barrier()
     busy, kernels = None, None
     if cuda:
-        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                       if e.device_type == DeviceType.CUDA)
-        kernels, busy_us, end = len(spans), 0.0, float("-inf")
-        for s, e in spans:  # union of intervals
-            busy_us += max(0.0, e - max(s, end))
-            end = max(end, e)
-        busy = busy_us / 1e6
+        spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+        kernels, busy = len(spans), union_us(spans) / 1e6
+    world = int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
+    coll = collective_time(prof, cuda) if world > 1 else None
+    if coll is not None:
+        ranks = gather_objects({k: coll[k] for k in ("cpu_s", "device_s")})
+        coll.update(cpu_s_per_rank=[r["cpu_s"] for r in ranks], device_s_per_rank=[r["device_s"] for r in ranks])
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     avg = sorted(prof.key_averages(), key=lambda a: getattr(a, attr), reverse=True)[:top]
     rows = [{"name": a.key[:120], "calls": a.count, "self_s": getattr(a, attr) / 1e6} for a in avg]
     summary = {"wall_s": wall, "device_busy_s": busy, "host_gap_s": wall - busy if busy is not None else None,
                "kernels": kernels, "top_by": "self device time" if cuda else "self CPU time", "top": rows}
+    if coll is not None:
+        summary["collectives"] = coll
+    if not is_main_process():
+        return summary
     path = args.out.with_name(f"{args.out.stem}.profile_{label}.md")
     lines = [f"# Profile of `{label}` ({args.arch}, batch {args.batch}, {args.resolution} px)", "",
              f"wall {wall:.4f} s; device busy {busy if busy is None else round(busy, 4)} s; host gaps "
              f"{summary['host_gap_s'] if busy is None else round(wall - busy, 4)} s; kernels {kernels}", "",
              f"| op or kernel (top {top} by {summary['top_by']}) | calls | self s |", "|---|---|---|"]
     lines += [f"| `{r['name']}` | {r['calls']} | {r['self_s']:.4f} |" for r in rows]
+    if coll is not None:
+        lines += ["", f"Collectives (rank 0 of {world}; {coll['counted']}): CPU {coll['cpu_s']:.4f} s, device "
+                  f"{fmt(coll['device_s'], '.4f')} s; per rank CPU {[round(v, 4) for v in coll['cpu_s_per_rank']]}",
+                  "", "| collective op or kernel | calls | CPU s (total) | device s (total) |", "|---|---|---|---|"]
+        lines += [f"| `{r['name']}` | {r['calls']} | {r['cpu_s']:.4f} | {fmt(r['device_s'], '.4f')} |"
+                  for r in coll["by_name"]]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return {**summary, "path": str(path)}
+
+
+def union_us(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of [start, end] intervals (overlapping or nested ones count once)."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(spans):
+        total += max(0.0, e - max(s, end))
+        end = max(end, e)
+    return total
+
+
+def collective_time(prof: Any, cuda: bool) -> dict[str, Any]:
+    """Time this rank spent in collectives during a profiled run: the events whose lower-cased name contains
+    one of COLLECTIVE_NAMES and not "barrier". cpu_s: the union of the host intervals of such ops over all
+    threads (nested and overlapping ones count once: FSDP::all_gather around c10d::_allgather_base_ around
+    gloo's own op, and the gloo worker thread beside the caller's); device_s (CUDA): the union of such
+    kernels' intervals (the NCCL kernels), None on the CPU. Waits outside such a region (work.wait() in
+    FSDP's own hooks) are not counted. by_name: the matched names with their calls and summed (not unioned)
+    times."""
+    from torch.autograd import DeviceType
+
+    def hit(name: str) -> bool:  # the bench's own barriers around the profiled run are not the iteration's
+        low = name.lower()
+        return any(k in low for k in COLLECTIVE_NAMES) and "barrier" not in low
+
+    cpu, dev = [], []
+    for e in prof.events():
+        if hit(e.name):
+            (dev if e.device_type == DeviceType.CUDA else cpu).append((e.time_range.start, e.time_range.end))
+    by_name = [{"name": a.key[:120], "calls": a.count, "cpu_s": a.cpu_time_total / 1e6,
+                "device_s": a.device_time_total / 1e6 if cuda else None}
+               for a in prof.key_averages() if hit(a.key)]
+    by_name.sort(key=lambda r: -(r["device_s"] if cuda else r["cpu_s"]))
+    return {"counted": "union of intervals of ops/kernels whose name contains any of "
+                       + ", ".join(COLLECTIVE_NAMES), "cpu_s": union_us(cpu) / 1e6,
+            "device_s": union_us(dev) / 1e6 if cuda else None, "ops": len(cpu), "kernels": len(dev) if cuda else None,
+            "by_name": by_name}
 
 
 # ---- provenance, table, entry point ---------------------------------------------------------------------
@@ -505,7 +604,11 @@ def free(device: torch.device, compiled: bool) -> None:
 
 
 def guarded(stage: str, batch: int, fn: Any, *fn_args: Any) -> dict[str, Any]:
-    """A run's row, or the error that stopped it (out of memory) so that the other runs still happen."""
+    """A run's row, or the error that stopped it (out of memory) so that the other runs still happen. Several
+    ranks: the error propagates (the other ranks wait in a collective that will not come; torchrun stops
+    them all), and the JSON keeps the runs finished before it."""
+    if torch.distributed.is_initialized():
+        return fn(*fn_args)
     try:
         return fn(*fn_args)
     except torch.OutOfMemoryError as err:
@@ -513,8 +616,13 @@ def guarded(stage: str, batch: int, fn: Any, *fn_args: Any) -> dict[str, Any]:
 
 
 def run_bench(args: Any) -> int:
-    """Run the stages asked, write args.out (after each run) and print the table; 1 if a run failed."""
+    """Run the stages asked, write args.out (after each run) and print the table; 1 if a run failed. Under
+    torchrun with WORLD_SIZE > 1: one process group as training's (init_distributed), each rank on its own
+    GPU; rank 0 alone writes and prints."""
+    comm = init_distributed(args.device)
     args.device = torch.device(args.device)
+    if comm.world_size > 1 and args.device.type == "cuda":
+        args.device = torch.device("cuda", torch.cuda.current_device())  # LOCAL_RANK's, set by init_distributed
     if args.peak_tflops is None and args.device.type == "cuda":
         name = torch.cuda.get_device_name(args.device)
         args.peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
@@ -527,11 +635,19 @@ def run_bench(args: Any) -> int:
                  "timed); brightness reward through the full VAE decoder; bf16 autocast and bf16 frozen base on "
                  "CUDA, fp32 LoRA; stage 2 = one iteration of rollout_batches rollout batches (the reference "
                  "accumulates 16)", "runs": []}
+    if comm.world_size > 1:
+        report["provenance"].update(world_size=comm.world_size, backend=torch.distributed.get_backend(),
+                                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", comm.world_size)),
+                                    launcher="torchrun", gpu_per_rank=gather_objects(report["provenance"]["gpu"]))
+        report["settings"]["world_size"] = str(comm.world_size)
+    main = is_main_process()
     stages = ["1", "infer", "2"] if args.stage == "all" else [args.stage]
     dyn = {k: v for k, v in DYNAMO_LIMITS.items() if hasattr(torch._dynamo.config, k)}
 
     def save(row: dict[str, Any]) -> None:
         report["runs"].append({"arch": args.arch, "layout": args.layout, "resolution": args.resolution, **row})
+        if not main:
+            return
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
 
@@ -541,14 +657,16 @@ def run_bench(args: Any) -> int:
             if built is None or stage == "2":
                 built = None
                 free(args.device, args.compile != "none")
-                built = build(args, stage2=stage == "2")
+                built = build(args, stage2=stage == "2", comm=comm)
             if stage == "infer":
                 for batch in sorted({1, args.batch}):
                     save(guarded("infer", batch, bench_inference, batch, built, args))
             else:
                 save(guarded(stage, args.batch, bench_stage, stage, built, args))
-    print(table(report["runs"]))
-    print(f"wrote {args.out}")
+    if main:
+        print(table(report["runs"]))
+        print(f"wrote {args.out}" + (f" (rank 0 of {comm.world_size})" if comm.world_size > 1 else ""))
+    barrier()
     return 1 if any("error" in r for r in report["runs"]) else 0
 
 
@@ -596,5 +714,12 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--lora-alpha", type=float, default=64.0)
     p.add_argument("--profile", action="store_true", help="also profile one more iteration (torch.profiler): "
-                   "<out>.profile_<stage>.md")
+                   "<out>.profile_<stage>.md; under torchrun also the time spent in collectives")
+    p.add_argument("--skip-pass-timing", action="store_true", help="count the passes but do not time each alone "
+                   "(efficiency and MFU None; saves the minute it takes on a full-size model, e.g. for scaling runs)")
+    p.add_argument("--shard-teacher", action="store_true", help="under torchrun: shard a separate frozen teacher "
+                   "too (as parallel.shard_teacher; the shared layout's teacher is the fake's base, sharded anyway)")
+    p.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
+                   help="under torchrun on CUDA: FSDP2 gathers and computes in bf16, fp32 master weights and "
+                        "reductions (as parallel.mixed_precision; default on)")
     p.add_argument("--out", type=Path, required=True, help="JSON file")

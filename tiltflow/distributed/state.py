@@ -37,3 +37,15 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's picklable `obj`, in rank order (a collective: call it on every rank); [obj] in a single
+    process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
