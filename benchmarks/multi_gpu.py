@@ -2,8 +2,9 @@
 asked, run the bench with one plain process (count 1: the 1-GPU baseline, no sharding) and under
 `torchrun --standalone --nproc-per-node N` (FSDP2 as training shards), all in this one call, then write one
 summary: throughput (images/s over all ranks), scaling efficiency = throughput_N / (N x throughput_1) against
-the count-1 run of this same call, peak memory per GPU (max over ranks, and the list), and the time spent
-in collectives from the profiler (with --profile, the default; see tiltflow.bench.collective_time).
+the count-1 run of this same call (when --gpus includes 1), peak memory per GPU (max over ranks, and the
+list), and the time spent in collectives from the profiler (profiled by default; see
+tiltflow.bench.collective_time).
 
     python benchmarks/multi_gpu.py --arch sd35_medium --stage 1 --gpus 1 2 4 --out-dir $OUT -- \
         --resolution 512 --batch 9 --seed 42 --repeats 2 --warmup 1
@@ -14,6 +15,8 @@ whatever the caller's environment says. On the CPU (--device cpu, a tiny_* arch,
 commands; the times it measures say nothing about GPUs, and the summary says so.
 
 Writes <out-dir>/bench_<arch>_s<stage>_n<N>.json per run and <out-dir>/<summary>.json and .md.
+`--merge A.json B.json ... --into C.json` puts several calls' summaries in one file (C.json and C.md), each
+call keeping its own count-1 baseline.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ def run_one(n: int, args: argparse.Namespace, stage: str) -> dict[str, Any]:
                seconds_min=r[SECONDS_KEY[stage] + "_min"], seconds_max=r[SECONDS_KEY[stage] + "_max"],
                images_per_s=r["images_per_s"], peak_mem_gib=r["peak_mem_gib"], peak_mem_gib_per_rank=per_rank,
                profiled_wall_s=(r.get("profile") or {}).get("wall_s"),
-               collective_cpu_s=coll["cpu_s"] if coll else (0.0 if n == 1 and args.profile else None),
+               collective_cpu_s=coll["cpu_s"] if coll else None,  # one process: no collectives to count
                collective_cpu_s_max_rank=max(coll["cpu_s_per_rank"]) if coll else None,
                collective_device_s=coll["device_s"] if coll else None,
                collective_device_s_max_rank=(max(coll["device_s_per_rank"]) if coll and coll["device_s"] is not None
@@ -110,8 +113,8 @@ def fmt(v: Any, spec: str = ".3g") -> str:
 def markdown(summary: dict[str, Any]) -> str:
     lines = [f"# {summary['title']}", "", summary["note"], "",
              f"{summary['date_utc']}; device {summary['device']}; bench settings: `{' '.join(summary['bench_args'])}`",
-             "", "| arch | stage | GPUs | batch per GPU | seconds (median; min-max) | images/s (all GPUs) | speedup "
-             "| scaling efficiency | peak GiB per GPU (max; per rank) | collectives s (rank 0 CPU; device) "
+             "", "| arch | stage | ranks (GPUs) | batch per rank | seconds (median; min-max) | images/s (all ranks) "
+             "| speedup | scaling efficiency | peak GiB per rank (max; each) | collectives s (rank 0: CPU; device) "
              "| run wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["runs"]:
         if "error" in r:
@@ -128,15 +131,36 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(paths: list[Path], into: Path, title: str | None) -> int:
+    calls = [json.loads(Path(p).read_text()) for p in paths]
+    kinds = sorted({c["kind"] for c in calls})
+    merged = {"title": title or "; ".join(c["title"] for c in calls), "kind": ", ".join(kinds),
+              "note": " / ".join(sorted({c["note"] for c in calls})), "calls": calls}
+    into.parent.mkdir(parents=True, exist_ok=True)
+    into.write_text(json.dumps(merged, indent=1) + "\n")
+    text = [f"# {merged['title']}", "", merged["note"], ""] + [markdown(c).split("\n", 2)[2] for c in calls]
+    into.with_suffix(".md").write_text("\n".join(text))
+    print("\n".join(text))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     given = list(argv)
+    if argv[:1] == ["--merge"]:
+        m = argparse.ArgumentParser(description="merge summaries of several calls")
+        m.add_argument("--merge", nargs="+", type=Path, required=True)
+        m.add_argument("--into", type=Path, required=True)
+        m.add_argument("--title", default=None)
+        a = m.parse_args(argv)
+        return merge(a.merge, a.into, a.title)
     bench_args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", required=True)
     p.add_argument("--stage", nargs="+", choices=["1", "2"], default=["1", "2"])
-    p.add_argument("--gpus", nargs="+", type=int, default=[1, 2], help="process counts; 1 always runs first")
+    p.add_argument("--gpus", nargs="+", type=int, default=[1, 2], help="process counts, run in increasing order; "
+                   "scaling efficiency needs 1 among them (leave it out only where one GPU cannot hold the run)")
     p.add_argument("--device", default="cuda", help="cuda (NCCL) or cpu (gloo, tiny_* archs: the rehearsal)")
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--summary", default=None, help="summary file stem (default multi_gpu_<arch>)")
@@ -145,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=580.0, help="seconds per bench run")
     args = p.parse_args(argv)
     args.bench_args = bench_args
-    counts = sorted(set(args.gpus) | {1})
+    counts = sorted(set(args.gpus))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     rows = [run_one(n, args, stage) for stage in args.stage for n in counts]
     with_efficiency(rows)
