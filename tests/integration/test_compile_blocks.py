@@ -6,7 +6,7 @@ the eager loss and LoRA gradients.
 Backend. Inductor works on this CPU (gcc is installed), but compiling a tiny SD3's graphs took 173 s for the
 first forward + backward and 58 s more for a no-grad pass on the 2 shared cores, so the default tests set
 tiltflow.distributed.fsdp.COMPILE_BACKEND (the internal hook) to "aot_eager": dynamo capture, AOTAutograd's
-joint graph and decompositions, eager kernels. The inductor case is the same test, marked slow.
+joint graph and decompositions, eager kernels. The inductor case is the same test, run when TILTFLOW_TEST_INDUCTOR=1 is set.
 
 Tolerance, fixed before any comparison was run. The compiled and the eager model compute the same function
 in float32; they differ through the order of reductions (fused or decomposed ops) and, for inductor, the
@@ -21,6 +21,7 @@ rounding of the mean in each evaluation, 2 gamma_n L with gamma_n = n u / (1 - n
 from __future__ import annotations
 
 import copy
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -99,7 +100,14 @@ def _step(adapter, models, x, sigma, cond, target):
     return v.detach(), loss.detach(), grads
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+# Inductor compiles this tiny model's graphs for about 4 minutes on 2 CPU cores: over a quarter of the suite's
+# budget, so it runs only when asked (TILTFLOW_TEST_INDUCTOR=1); aot_eager checks the same plumbing always.
+INDUCTOR = pytest.param("inductor", marks=[pytest.mark.slow, pytest.mark.skipif(
+    not os.environ.get("TILTFLOW_TEST_INDUCTOR"), reason="inductor compiles for minutes on a CPU: set "
+    "TILTFLOW_TEST_INDUCTOR=1 to run it")])
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", INDUCTOR])
 def test_compiled_blocks_give_the_eager_loss_and_gradients(backend, monkeypatch):
     from tiltflow.models.base import guided_velocity
 
