@@ -6,7 +6,8 @@ the eager loss and LoRA gradients.
 Backend. Inductor works on this CPU (gcc is installed), but compiling a tiny SD3's graphs took 173 s for the
 first forward + backward and 58 s more for a no-grad pass on the 2 shared cores, so the default tests set
 tiltflow.distributed.fsdp.COMPILE_BACKEND (the internal hook) to "aot_eager": dynamo capture, AOTAutograd's
-joint graph and decompositions, eager kernels. The inductor case is the same test, run when TILTFLOW_TEST_INDUCTOR=1 is set.
+joint graph and decompositions, eager kernels. The inductor case is the same test, run when
+TILTFLOW_TEST_INDUCTOR=1 is set.
 
 Tolerance, fixed before any comparison was run. The compiled and the eager model compute the same function
 in float32; they differ through the order of reductions (fused or decomposed ops) and, for inductor, the
