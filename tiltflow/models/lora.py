@@ -13,6 +13,10 @@ layout (merging there would change the teacher, which shares the weights).
 peft's adapter switching sets requires_grad on adapters; the switch restores it, since autograd skips
 leaves that lost requires_grad before backward. With gradient checkpointing, the recomputation runs the
 role that ran the forward (a context_fn of torch.utils.checkpoint), whatever role is active later.
+Under FSDP2 a block holds other parameter objects while it is gathered (from its pre-forward or pre-backward
+hook to its reshard) than the sharded ones the optimisers hold, and peft flips the ones it holds at the time;
+the switch restores both (the recomputation runs on gathered ones, and FSDP2 copies the flags of the sharded
+ones at the next gather).
 """
 
 from __future__ import annotations
@@ -105,15 +109,20 @@ class AdapterSwitch:
         self.layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
         ids = {id(p) for p in trainable}
         self.trainable_names = {n for n, p in transformer.named_parameters() if "lora_" in n and id(p) in ids}
-        self.lora_params: list[tuple[nn.Parameter, bool]] = []
+        # (owning module, attribute, parameter held at rebind, trainable) of every LoRA parameter
+        self.lora_params: list[tuple[nn.Module, str, nn.Parameter, bool]] = []
         self.rebind()
         self.current: tuple[str, ...] | None = None
 
     def rebind(self) -> None:
         """Hold the transformer's current LoRA parameters (fully_shard replaces every parameter object by a
-        sharded one of the same name: the switch must restore requires_grad on those)."""
-        self.lora_params = [(p, n in self.trainable_names) for n, p in self.transformer.named_parameters()
-                            if "lora_" in n]
+        sharded one of the same name: the switch must restore requires_grad on those) and their owners."""
+        self.lora_params = []
+        for n, p in self.transformer.named_parameters():
+            if "lora_" in n:
+                owner, _, attr = n.rpartition(".")
+                self.lora_params.append((self.transformer.get_submodule(owner), attr, p,
+                                         n in self.trainable_names))
 
     def activate(self, names: tuple[str, ...]) -> None:
         if names == self.current:
@@ -122,8 +131,13 @@ class AdapterSwitch:
             layer.enable_adapters(bool(names))
             if names:
                 layer.set_adapter(list(names))
-        for p, train in self.lora_params:  # peft flipped these; trainable adapters must stay trainable
-            p.requires_grad_(train)
+        # peft flipped the parameters the layers hold now; trainable adapters must stay trainable and frozen
+        # ones frozen, both on the held (sharded) parameters and on gathered ones an FSDP2 block holds now.
+        for owner, attr, held, train in self.lora_params:
+            held.requires_grad_(train)
+            live = owner._parameters.get(attr)
+            if live is not None and live is not held:
+                live.requires_grad_(train)
         self.current = names
 
     @contextlib.contextmanager
