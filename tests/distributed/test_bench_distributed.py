@@ -47,12 +47,11 @@ def test_bench_on_two_gloo_ranks(tmp_path):
     out = tmp_path / "out" / "bench.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     torchrun = str(TORCHRUN) if TORCHRUN.exists() else shutil.which("torchrun") or "torchrun"
-    # Stage 2 without activation checkpointing: with it, FSDP2's recomputation fails in the RTDMD backward
-    # (a torch.utils.checkpoint metadata mismatch), outside the bench.
+    # With activation checkpointing (the default), as training runs (test_fsdp_checkpointing.py pins it).
     cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "run.py", "bench", "--arch", "tiny_sd3",
            "--resolution", "32", "--stage", "all", "--batch", str(BATCH), "--n-fake", str(N_FAKE), "--num-steps",
-           str(K), "--repeats", "2", "--warmup", "1", "--device", "cpu", "--profile", "--no-activation-checkpointing",
-           "--out", str(out)]
+           str(K), "--repeats", "2", "--warmup", "1", "--device", "cpu", "--profile", "--out",
+           str(out)]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           start_new_session=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
