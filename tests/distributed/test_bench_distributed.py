@@ -15,24 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from write_audit import WRITE_AUDIT
 
 from tiltflow.bench import collective_time, union_us
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 K, N_FAKE, BATCH = 4, 2, 2
 
-SCRIPT = """
-import json, os, sys
-writes = []
-
-def audit(event, args):
-    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
-        mode, flags = args[1], args[2]
-        if (any(c in mode for c in "wax+") if isinstance(mode, str)
-                else bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))):
-            writes.append(os.path.realpath(os.fsdecode(args[0])))
-
-sys.addaudithook(audit)
+SCRIPT = WRITE_AUDIT + """
 from tiltflow.cli import main
 rc = main(sys.argv[1:])
 with open(f"rank{os.environ['RANK']}.json", "w") as f:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from write_audit import WRITE_AUDIT
 
 from tiltflow.training.spine import train
 from tiltflow.worlds.registry import load_run_config
@@ -36,26 +37,7 @@ U32 = 2.0**-24  # float32 unit roundoff
 
 # train(cfg) on every rank; each rank's returned metrics and the files it opened for writing (an audit hook on
 # Python's open, plus safetensors' save_file, which writes from Rust) go to rank<r>.json next to the run dir.
-SCRIPT = """
-import json, os, sys
-writes = []
-
-def audit(event, args):
-    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
-        mode, flags = args[1], args[2]
-        if (any(c in mode for c in "wax+") if isinstance(mode, str)
-                else bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))):
-            writes.append(os.path.realpath(os.fsdecode(args[0])))
-
-sys.addaudithook(audit)
-import safetensors.torch as st
-_save_file = st.save_file
-
-def save_file(tensors, filename, *a, **k):
-    writes.append(os.path.realpath(os.fsdecode(filename)))
-    return _save_file(tensors, filename, *a, **k)
-
-st.save_file = save_file
+SCRIPT = WRITE_AUDIT + """
 from tiltflow.training.spine import train
 from tiltflow.worlds.registry import load_run_config
 cfg = load_run_config(None, sys.argv[2:], default_world=sys.argv[1])
