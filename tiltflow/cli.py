@@ -14,7 +14,9 @@ from typing import Any
 from tiltflow.config.loader import ConfigError, UsageError
 
 DEFAULT_GMM_CONFIG = Path(__file__).parent / "configs" / "gmm" / "default.yaml"
-EXIT_CODES = "exit codes: 0 success, 2 usage/config/input error, 1 failure while running"
+EXIT_PAUSED = 3
+EXIT_CODES = ("exit codes: 0 success, 2 usage/config/input error, 1 failure while running, 3 (train) paused at "
+              "time_limit_s with a checkpoint: run the same command again to resume")
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -61,6 +63,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = train(cfg)
     if not is_main_process():  # under torchrun, rank 0 speaks for the run
         return 0
+    if "paused_at" in metrics:
+        print(f"{cfg.stage} paused at step {metrics['paused_at']:.0f} of {metrics['num_iters']:.0f} "
+              f"(time_limit_s={cfg.time_limit_s:g}); run the same command again to resume")
+        return EXIT_PAUSED
     scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
     print(f"{cfg.stage} finished: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
     if cfg.stage == "teacher" and cfg.world == "gmm":  # the shapes teacher stage says where its models went

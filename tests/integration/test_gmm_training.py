@@ -129,6 +129,26 @@ def test_resume_equals_straight_run(stage, make_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("stage", ["ac_dmd", "rtdmd"])
+def test_time_limit_pauses_with_a_checkpoint_and_the_same_command_resumes(stage, make_cfg, tiny_yaml, teacher_run,
+                                                                          tmp_path, capsys):
+    """time_limit_s: a call past its limit checkpoints after the iteration it is in and exits 3 without exporting;
+    the same command again resumes, and the finished run equals one run straight through."""
+    from tiltflow.cli import EXIT_PAUSED, main
+
+    straight, paused = tmp_path / "straight", tmp_path / "paused"
+    train(make_cfg(stage, straight, "stage2.ema_every=1"), progress=False)
+    argv = ["train", "--config", str(tiny_yaml), f"stage={stage}", f"run_dir={paused}", f"teacher_run={teacher_run}",
+            "stage2.ema_every=1", "time_limit_s=1e-9"]
+    assert main(argv) == EXIT_PAUSED
+    assert "paused at step 1 of 3" in capsys.readouterr().out
+    assert load(paused / "checkpoint.pt")["step"] == 1 and not (paused / "final.pt").exists()
+    assert main(argv) == EXIT_PAUSED  # each call makes progress: one more iteration
+    assert load(paused / "checkpoint.pt")["step"] == 2
+    assert main([*argv[:-1], "time_limit_s=0"]) == 0
+    assert_states_equal(load(paused / "final.pt"), load(straight / "final.pt"), "final")
+
+
+@pytest.mark.parametrize("stage", ["ac_dmd", "rtdmd"])
 def test_same_seed_same_weights(stage, make_cfg, tmp_path):
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         train(make_cfg(stage, tmp_path / name, f"seed={seed}"), progress=False)

@@ -250,6 +250,9 @@ class RunConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss, gradient or reward: stop, or skip that update
     max_skipped_updates: int = 10  # with on_nonfinite: skip, the run stops once more updates than this are skipped
     log_every: int = 25
+    # > 0: past this many seconds of one `tiltflow train` call the run checkpoints and stops (exit code 3);
+    # the same command resumes it (for time-limited jobs). 0: no limit.
+    time_limit_s: float = 0.0
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
@@ -271,6 +274,8 @@ class RunConfig:
         require(0 <= self.seed < 2**63, "seed", f"got {self.seed}, expected an integer in [0, 2**63)")
         for name in ("checkpoint_retries", "max_skipped_updates"):
             require(getattr(self, name) >= 0, name, f"got {getattr(self, name)}, expected >= 0")
+        require(math.isfinite(self.time_limit_s) and self.time_limit_s >= 0, "time_limit_s",
+                f"got {self.time_limit_s}, expected seconds >= 0 (0: no limit)")
         require(math.isfinite(self.checkpoint_retry_wait_s) and self.checkpoint_retry_wait_s >= 0,
                 "checkpoint_retry_wait_s", f"got {self.checkpoint_retry_wait_s}, expected a finite value >= 0")
         if self.stage in STAGE2_STAGES:

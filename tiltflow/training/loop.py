@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from tqdm.auto import tqdm
 
+from tiltflow.distributed.state import gather_objects
 from tiltflow.storage import FAULT_ENV, fault_point
 from tiltflow.training.checkpointing import Checkpointer, FileCheckpointer
 from tiltflow.training.logger import Logger
@@ -79,8 +80,11 @@ def _duration(seconds: float) -> str:
 def run_loop(algo: Algorithm, hooks: LoopHooks, *, run_dir: Path, num_iters: int, checkpoint_every: int,
              log_every: int, eval_every: int, desc: str, progress: bool = True, stop_at: int | None = None,
              logger: Logger | None = None, progress_every_s: float = 30.0,
-             checkpointer: Checkpointer | None = None, nonfinite: NonFinite | None = None) -> int:
-    """Run iterations until num_iters (or stop_at). Returns the number of completed iterations."""
+             checkpointer: Checkpointer | None = None, nonfinite: NonFinite | None = None,
+             time_limit_s: float = 0.0) -> int:
+    """Run iterations until num_iters (or stop_at). Returns the number of completed iterations, fewer than
+    that when the run paused at `time_limit_s` (> 0: wall seconds of this call, checked after each iteration;
+    the run checkpoints and returns, and calling it again resumes from that checkpoint)."""
     ckpt = checkpointer or FileCheckpointer(run_dir)
     log = logger or Logger(run_dir)
     guard = getattr(algo, "guard", None)  # the algorithms' FiniteGuard (a bare test algorithm has none)
@@ -121,12 +125,23 @@ def run_loop(algo: Algorithm, hooks: LoopHooks, *, run_dir: Path, num_iters: int
         if done % log_every == 0 or done == end:
             log.write({"step": done, "time_s": round(time.time() - t0, 3), **metrics})
             bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:3]})
-        if done % checkpoint_every == 0 or done == end:
+        out_of_time = time_limit_s > 0 and done < end and _any_rank(time.time() - t0 > time_limit_s)
+        if done % checkpoint_every == 0 or done == end or out_of_time:
             save(done)
         if line is not None:
             line.update(done)
+        if out_of_time:
+            bar.close()
+            print(f"[{desc}] paused at step {done} of {end}: time limit ({time_limit_s:g} s) reached; checkpoint "
+                  "saved, run the same command again to resume", file=sys.stderr, flush=True)
+            return done
     fault_point("after_loop", end)
     return end
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on any rank (a collective under torchrun: every rank stops at the same step)."""
+    return any(gather_objects(flag))
 
 
 @contextlib.contextmanager

@@ -66,15 +66,18 @@ def train(cfg: RunConfig, *, world: Any = None, progress: bool = True) -> dict[s
                       evaluate=evaluate if setup.evaluate is not None else None,
                       describe_fault=lambda err, it: (setup.describe_fault(err, f"{algo.phase.current} at step {it}")
                                                       if setup.describe_fault is not None else None))
+    num_iters = (cfg.stage1 if stage1 else cfg.stage2).num_iters
     try:
-        run_loop(algo, hooks, run_dir=run_dir, num_iters=(cfg.stage1 if stage1 else cfg.stage2).num_iters,
+        done = run_loop(algo, hooks, run_dir=run_dir, num_iters=num_iters,
                  checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, eval_every=setup.eval_every,
                  desc=f"{cfg.world} {cfg.stage}", progress=progress and is_main_process(), logger=logger,
                  progress_every_s=cfg.logging.progress_every_s,
                  checkpointer=make_checkpointer(run_dir, ranks, setup.models, state, cfg),
-                 nonfinite=NonFinite(cfg.on_nonfinite, cfg.max_skipped_updates))
+                 nonfinite=NonFinite(cfg.on_nonfinite, cfg.max_skipped_updates), time_limit_s=cfg.time_limit_s)
     finally:
         logger.close()
+    if done < num_iters:  # paused at time_limit_s: nothing is exported until the run has finished
+        return {"paused_at": float(done), "num_iters": float(num_iters)}
     return setup.finish(state.ema)
 
 
