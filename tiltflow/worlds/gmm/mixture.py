@@ -250,10 +250,6 @@ class ConditionalGMM:
         """Exact v(x, sigma | cond), shape (B, d); sigma a float or (B,)."""
         return self._per_prompt(x, sigma, cond, lambda m, xs, ss: m.velocity(xs, ss))
 
-    def posterior_mean(self, x: Tensor, sigma: Tensor | float, cond: Tensor) -> Tensor:
-        """Exact E[x0 | x_sigma = x, cond], shape (B, d)."""
-        return self._per_prompt(x, sigma, cond, lambda m, xs, ss: m.posterior_mean(xs, ss))
-
     def log_prob(self, x: Tensor, cond: Tensor) -> Tensor:
         """log p(x | cond), shape (B,)."""
         return self._per_prompt(x, 0.0, cond, lambda m, xs, ss: m.log_prob(xs))
@@ -263,10 +259,16 @@ class ConditionalGMM:
         cond = self._check_cond(cond, None)
         x = torch.empty(cond.shape[0], self.dim, dtype=self.mixtures[0].dtype, device=cond.device)
         idx = torch.empty(cond.shape[0], dtype=torch.long, device=cond.device)
-        for c in torch.unique(cond).tolist():  # sorted, so the generator is consumed deterministically
-            mask = cond == c
-            x[mask], idx[mask] = self.mixture(int(c)).sample(int(mask.sum()), generator)
+        for mask, mix, _ in self.groups(cond):
+            x[mask], idx[mask] = mix.sample(int(mask.sum()), generator)
         return x, idx
+
+    def groups(self, cond: Tensor, sigma: Tensor | float = 0.0) -> list[tuple[Tensor, GaussianMixture, Tensor | float]]:
+        """(row mask, mixture, sigma of those rows) for each prompt in cond, in sorted order (so that a
+        generator used group by group is consumed deterministically); sigma a float or one per row."""
+        per_row = isinstance(sigma, Tensor) and sigma.ndim == 1
+        return [(cond == c, self.mixture(int(c)), sigma[cond == c] if per_row else sigma)  # type: ignore[index]
+                for c in torch.unique(cond).tolist()]
 
     def _check_cond(self, cond: Tensor, batch: int | None) -> Tensor:
         if cond.dtype != torch.long or cond.ndim != 1 or (batch is not None and cond.shape[0] != batch):
@@ -279,12 +281,7 @@ class ConditionalGMM:
     def _per_prompt(self, x: Tensor, sigma: Tensor | float, cond: Tensor,
                     fn: Callable[[GaussianMixture, Tensor, Tensor | float], Tensor]) -> Tensor:
         cond = self._check_cond(cond, x.shape[0])
-        per_sample_sigma = isinstance(sigma, Tensor) and sigma.ndim == 1
-        pieces = []
-        for c in torch.unique(cond).tolist():
-            mask = cond == c
-            s = sigma[mask] if per_sample_sigma else sigma
-            pieces.append((mask, fn(self.mixture(int(c)), x[mask], s)))
+        pieces = [(mask, fn(mix, x[mask], s)) for mask, mix, s in self.groups(cond, sigma)]
         first = pieces[0][1]
         out = first.new_empty((x.shape[0],) + tuple(first.shape[1:]))
         for mask, piece in pieces:

@@ -50,12 +50,7 @@ class GMMPosterior:
         if self.cond.shape[0] != x_tau.shape[0]:
             raise ValueError(f"cond has {self.cond.shape[0]} rows but x_tau has {x_tau.shape[0]}")
         assert isinstance(self.teacher, ConditionalGMM)
-        per_row = isinstance(tau, Tensor) and tau.ndim == 1
-        groups = []
-        for c in torch.unique(self.cond).tolist():  # sorted: the generator is consumed deterministically
-            mask = self.cond == c
-            groups.append((mask, self.teacher.mixture(int(c)), tau[mask] if per_row else tau))  # type: ignore[index]
-        return groups
+        return self.teacher.groups(self.cond, tau)
 
     def mean(self, x_tau: Tensor, tau: Tensor | float) -> Tensor:
         """E[x0 | x_tau], (B, d): the teacher's exact denoiser."""
