@@ -231,10 +231,7 @@ def expected_reward(target: Target, reward: Reward, *, num_samples: int = 200_00
             return float(-0.5 * (target.weights @ per_k))
         if isinstance(reward, HalfspaceReward):
             return HalfspaceTiltedTarget(target, reward.a, reward.c, 0.0).expected_reward()
-    if isinstance(target, TanhTiltedTarget) and isinstance(reward, TanhReward):
+    if isinstance(target, _TiltAlongA) and isinstance(reward, type(target.reward)):  # the target's own reward
         if reward.c == target.c and torch.equal(reward.a.to(target.a), target.a):
-            return target.expected_reward()
-    if isinstance(target, HalfspaceTiltedTarget) and isinstance(reward, HalfspaceReward):
-        if reward.c == target.c and torch.equal(reward.a.to(target.a), target.a):
-            return target.expected_reward()
+            return target.expected_reward()  # type: ignore[attr-defined]
     return monte_carlo_reward(target, reward, num_samples, generator)[0]
