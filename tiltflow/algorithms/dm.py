@@ -31,6 +31,7 @@ from tiltflow.losses.dmd import sample_tau
 from tiltflow.losses.tilted import (
     PosteriorSampler,
     ReverseSamplerPosterior,
+    repeat_rows,
     shifted_velocity,
     split_snis_velocity,
     tilted_direction,
@@ -189,7 +190,7 @@ def repeated_teacher(roles: Roles, batch: Batch, guidance_scale: float) -> Calla
         times = x.shape[0] // rows
         if times == 1:
             return teacher_velocity(roles, x, sigma, batch, guidance_scale)
-        rep = Batch(batch.prompts * times, _repeat_cond(batch.cond, times), _repeat_cond(batch.uncond, times))
+        rep = Batch(batch.prompts * times, repeat_rows(batch.cond, times), repeat_rows(batch.uncond, times))
         return teacher_velocity(roles, x, sigma, rep, guidance_scale)
 
     return velocity
@@ -250,19 +251,8 @@ def fake_loss(roles: Roles, x_s: Tensor, s: float, cond: Any, fake: FakeSettings
                for _ in range(2 if two_sample else 1)]
     x_cat = torch.cat(xs_next)
     tau_cat = tau_next.repeat(len(xs_next))
-    h_next = x_cat - bcast(tau_cat, x_cat) * roles.fake.velocity(x_cat, tau_cat, _repeat_cond(cond, len(xs_next)))
+    h_next = x_cat - bcast(tau_cat, x_cat) * roles.fake.velocity(x_cat, tau_cat, repeat_rows(cond, len(xs_next)))
     h0 = x_tau - bcast(tau, x_tau) * v_pred
     hs = h_next.chunk(len(xs_next))
     cons = consistency_loss(h0, hs[0], hs[1] if two_sample else None, two_sample=two_sample)
     return LossOutput(out.loss + fake.gamma * cons.loss, {**out.metrics, **cons.metrics})
-
-
-def _repeat_cond(cond: Any, times: int) -> Any:
-    """Repeat a batch of conditions along the batch dim (tensors, or dicts/lists of tensors)."""
-    if isinstance(cond, Tensor):
-        return cond.repeat(times, *([1] * (cond.ndim - 1)))
-    if isinstance(cond, dict):
-        return {k: _repeat_cond(v, times) for k, v in cond.items()}
-    if cond is None:
-        return None
-    raise TypeError(f"cannot repeat a condition of type {type(cond).__name__}")

@@ -10,21 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from tiltflow.flow.conventions import eps_from_v, x0_from_v
+from tiltflow.flow.conventions import bcast, eps_from_v, x0_from_v
 from tiltflow.sampling.cps import cps_step
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (x (N, *S), sigma (N,)) -> v (N, *S)
 RewardFn = Callable[[Tensor], Tensor]  # x0 (N, *S) -> r (N,)
-
-
-def _col(t: Tensor, like: Tensor) -> Tensor:
-    """A (B,) tensor viewed as (B, 1, ..., 1) to broadcast against like (B, *S)."""
-    return t.view(-1, *([1] * (like.ndim - 1)))
 
 
 def _tau_rows(tau: Tensor | float, x: Tensor) -> Tensor:
@@ -46,7 +41,7 @@ def linear_shift(x: Tensor, tau: Tensor | float, a: Tensor, beta: float) -> Tens
     Completing the square in p(x0) exp(beta a.x0) N(x; (1-tau) x0, tau^2 I) moves x/(1-tau) by
     beta tau^2 a / (1-tau)^2, i.e. moves x by delta. `a` has shape S (or broadcasts to it).
     """
-    t = _col(_tau_rows(tau, x), x)
+    t = bcast(_tau_rows(tau, x), x)
     return beta * t**2 / (1 - t) * a.to(x)
 
 
@@ -54,7 +49,7 @@ def shifted_velocity(velocity: VelocityFn, x: Tensor, tau: Tensor | float, a: Te
     """v~_tau(x) = v_tau(x + delta) - beta tau a / (1 - tau) = (x - D~_tau(x)) / tau, (B, *S)."""
     t = _tau_rows(tau, x)
     v = velocity(x + linear_shift(x, t, a, beta), t)
-    tb = _col(t, x)
+    tb = bcast(t, x)
     return v - beta * tb / (1 - tb) * a.to(x)
 
 
@@ -82,10 +77,10 @@ def ancestral_step(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, nois
     a = (1 - sigma) / (1 - sigma_next)
     c = a * sigma_next / sigma
     std = sigma_next * (1 - c**2).clamp_min(0).sqrt()
-    mean = _col(1 - sigma_next, x) * x0_hat + _col(sigma_next * c, x) * eps_hat
+    mean = bcast(1 - sigma_next, x) * x0_hat + bcast(sigma_next * c, x) * eps_hat
     if noise is None:
         return mean
-    return mean + _col(std, x) * noise
+    return mean + bcast(std, x) * noise
 
 
 class ReverseSamplerPosterior:
@@ -127,9 +122,16 @@ class ReverseSamplerPosterior:
         return x.view(num, *x_tau.shape)
 
 
-def repeat_rows(x: Tensor, num: int) -> Tensor:
-    """(B, ...) -> (num * B, ...), row j * B + b = x[b]: the layout samplers hand to velocity callables."""
-    return x.repeat(num, *([1] * (x.ndim - 1)))
+def repeat_rows(x: Any, num: int) -> Any:
+    """(B, ...) -> (num * B, ...), row j * B + b = x[b]: the layout samplers hand to velocity callables.
+    Conditions too: a tensor, a dict of them (each repeated), or None (stays None)."""
+    if isinstance(x, Tensor):
+        return x.repeat(num, *([1] * (x.ndim - 1)))
+    if isinstance(x, dict):
+        return {k: repeat_rows(v, num) for k, v in x.items()}
+    if x is None:
+        return None
+    raise TypeError(f"cannot repeat a condition of type {type(x).__name__}")
 
 
 # ---- importance weights and estimators ------------------------------------------------------------------
@@ -179,7 +181,7 @@ def effective_sample_size(log_w: Tensor) -> Tensor:
 def shifted_proposal_start(x_tau: Tensor, tau: Tensor | float, g: Tensor, beta: float) -> Tensor:
     """x_tau + beta tau^2 g / (1 - tau): sampling p(x0 | this point) draws from p(x0 | x_tau) tilted by
     exp(beta g.x0). g (B, *S) is grad r at D_fake, detached."""
-    t = _col(_tau_rows(tau, x_tau), x_tau)
+    t = bcast(_tau_rows(tau, x_tau), x_tau)
     return x_tau + beta * t**2 / (1 - t) * g.detach()
 
 
@@ -221,7 +223,7 @@ def split_snis_velocity(v_fake: Tensor, direction: Tensor, tau: Tensor | float) 
     """v_fake + Delta / tau, (B, *S): the velocity whose denoiser is D_fake - Delta, an unbiased stand-in
     (up to the positive factor c of split_snis_direction) for the tilted velocity v~ = (x - D~) / tau.
     DM is linear in the teacher's velocity, so using it in place of v~ keeps the direction's mean."""
-    return v_fake + direction / _col(_tau_rows(tau, v_fake), v_fake)
+    return v_fake + direction / bcast(_tau_rows(tau, v_fake), v_fake)
 
 
 def tilted_direction_normalized(x_s: Tensor, x_real: Tensor, x_fake: Tensor, eps: float = 1e-8) -> Tensor:
@@ -230,4 +232,4 @@ def tilted_direction_normalized(x_s: Tensor, x_real: Tensor, x_fake: Tensor, eps
     normaliser that depends on the posterior draws would correlate with the direction and move its mean
     (the fixed point); the fake's does not. At the fixed point D_fake = D~, so the two agree there."""
     norm = (x_s - x_fake).abs().flatten(1).mean(1).clamp_min(eps)
-    return ((x_fake - x_real) / _col(norm, x_s)).detach()
+    return ((x_fake - x_real) / bcast(norm, x_s)).detach()
