@@ -10,27 +10,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tiltflow.algorithms.common import Batch, FiniteGuard, MeanMetrics, Phases, Task, TrainState, optimizer_step
+from tiltflow.algorithms.common import Batch, MeanMetrics, Task, TrainState, TwoNetworkAlgorithm, optimizer_step
 from tiltflow.algorithms.dm import DMSettings, FakeSettings, TauRange, dm_loss, fake_loss
 from tiltflow.config.schema import SamplerConfig, Stage1Config
 from tiltflow.distributed import LOCAL, Comm
-from tiltflow.flow.conventions import few_step_sigmas
 from tiltflow.flow.rng import streams
 from tiltflow.models.roles import Roles
 from tiltflow.sampling import NoisePlan, sample
 
 
-class ACDMD:
+class ACDMD(TwoNetworkAlgorithm):
     def __init__(self, cfg: Stage1Config, sampler: SamplerConfig, task: Task, roles: Roles, state: TrainState,
                  *, seed: int, comm: Comm = LOCAL):
-        self.cfg, self.sampler, self.task, self.roles, self.state = cfg, sampler, task, roles, state
-        self.seed, self.comm = seed, comm
-        self.sigmas = few_step_sigmas(sampler.num_steps, sampler.shift)
+        super().__init__(cfg, sampler, task, roles, state, seed, comm)
         taus = TauRange(cfg.delta, cfg.tau_min, cfg.tau_max)
         self.dm = DMSettings(taus, sampler.eta, task.guidance_scale)
         self.fake = FakeSettings.of(cfg.fake, taus, sampler.eta)
-        self.phase = Phases()
-        self.guard = FiniteGuard(comm)  # on_nonfinite: the loop configures it from the run config
 
     def rollout(self, k: int, batch: Batch, g: torch.Generator, with_grad: bool) -> tuple[Tensor, float]:
         """Roll out steps 0..k (step k with gradient if asked); return (x_s, s) per the stage's variant."""
@@ -71,9 +66,3 @@ class ACDMD:
         metrics.add({**out.metrics, "gen_dm_loss": float(out.loss.detach()), "gen_grad_norm": float(grad_norm),
                      **self.guard.metrics()})
         return metrics.result()
-
-    def state_dict(self) -> dict:
-        return self.state.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state.load_state_dict(state)

@@ -16,19 +16,17 @@ from torch import Tensor
 
 from tiltflow.algorithms.common import (
     Batch,
-    FiniteGuard,
     GradSync,
     MeanMetrics,
-    Phases,
     Task,
     TrainState,
+    TwoNetworkAlgorithm,
     always_sync,
     optimizer_step,
 )
 from tiltflow.algorithms.dm import DMSettings, FakeSettings, TauRange, TiltSettings, dm_loss, fake_loss
 from tiltflow.config.schema import SamplerConfig, Stage2Config, resolve_tilt_estimator
 from tiltflow.distributed import LOCAL, Comm
-from tiltflow.flow.conventions import few_step_sigmas
 from tiltflow.flow.rng import Streams, streams
 from tiltflow.losses import LossOutput, group_advantages, ppo_clip_loss, reward_bp_loss, subgrpo_steps
 from tiltflow.losses.advantages import group_index
@@ -85,12 +83,11 @@ def tilt_settings(cfg: Stage2Config, task: Task, roles: Roles) -> TiltSettings:
                         exact if task.guidance_scale == 1.0 else None)
 
 
-class RTDMD:
+class RTDMD(TwoNetworkAlgorithm):
     def __init__(self, cfg: Stage2Config, sampler: SamplerConfig, task: Task, roles: Roles, state: TrainState,
                  *, seed: int, comm: Comm = LOCAL, grad_sync: GradSync = always_sync):
-        self.cfg, self.sampler, self.task, self.roles, self.state = cfg, sampler, task, roles, state
-        self.seed, self.comm, self.grad_sync = seed, comm, grad_sync
-        self.sigmas = few_step_sigmas(sampler.num_steps, sampler.shift)
+        super().__init__(cfg, sampler, task, roles, state, seed, comm)
+        self.grad_sync = grad_sync
         self.num_steps = K = sampler.num_steps
         taus = TauRange(0.0, cfg.dm_tau_min, cfg.dm_tau_max)
         self.dm = DMSettings(taus, sampler.eta, task.guidance_scale, cfg.dm_scaling, cfg.dm_reduction,
@@ -104,8 +101,6 @@ class RTDMD:
                              "differentiable; set stage2.w_bp=0 or add a differentiable reward")
         self.dm_depth = cfg.dm_depth or K
         self.num_trained = cfg.num_trained_steps or K - 1
-        self.phase = Phases()
-        self.guard = FiniteGuard(comm)  # on_nonfinite: the loop configures it from the run config
 
     def step(self, it: int) -> dict[str, float]:
         cfg, A = self.cfg, self.cfg.accumulation
@@ -225,9 +220,3 @@ class RTDMD:
 
     def _velocity(self, cond: Any):
         return lambda x, sig: self.roles.generator.velocity(x, sig, cond)
-
-    def state_dict(self) -> dict:
-        return self.state.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state.load_state_dict(state)
