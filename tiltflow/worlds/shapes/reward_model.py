@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from tiltflow.config.shapes import ShapesRunConfig
-from tiltflow.storage import load, save_atomic
 from tiltflow.worlds.shapes.data import image_pool
 from tiltflow.worlds.shapes.scene import HELD_OUT_BINDINGS, Scene, hard_negatives, prompt_sets
-from tiltflow.worlds.shapes.teacher import export_folder, log_row, step_generator
+from tiltflow.worlds.shapes.teacher import checkpoint, export_folder, log_row, resume, step_generator
 from tiltflow.worlds.shapes.text import MAX_TOKENS, build_tokenizer, text_config
 
 REWARD_STATE = "reward_model_train.pt"
@@ -114,12 +113,8 @@ def train_reward_model(cfg: ShapesRunConfig, deadline: float, *, progress: bool 
     pool = torch.from_numpy(images).to(device)
     model = new_clip(cfg, tokenizer).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=0.1)
-    ckpt, step = run_dir / REWARD_STATE, 0
-    if ckpt.is_file():
-        state = load(ckpt)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
+    ckpt, parts = run_dir / REWARD_STATE, {"model": model, "optimizer": opt}
+    step = resume(ckpt, parts)
     t0 = time.monotonic()
     while step < rc.num_iters:
         g = step_generator(cfg.seed, step, 2)
@@ -145,12 +140,12 @@ def train_reward_model(cfg: ShapesRunConfig, deadline: float, *, progress: bool 
             if progress:
                 print(f"reward model step {step}/{rc.num_iters} loss {row['loss']:.4f}", flush=True)
         if step % rc.checkpoint_every == 0 or time.monotonic() > deadline:
-            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt)
+            checkpoint(ckpt, parts, step)
             if time.monotonic() > deadline and step < rc.num_iters:
                 if cfg.teacher.on_time_limit == "pause":
                     return {"reward_model/finished": 0.0, "reward_model/step": float(step)}
                 break  # "finish": export the reward model as it stands
-    save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt)
+    checkpoint(ckpt, parts, step)
     export_clip(model, tokenizer, cfg.model.resolution, final_dir)
     return {"reward_model/finished": 1.0, "reward_model/step": float(step)}
 

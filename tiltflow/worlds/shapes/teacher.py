@@ -66,6 +66,22 @@ def train_world_models(cfg: ShapesRunConfig, *, progress: bool = True) -> dict[s
     return out
 
 
+def resume(ckpt: Path, parts: dict[str, Any]) -> int:
+    """Load each part (a module or optimiser, by its key) from the checkpoint `ckpt` if there is one; the
+    step to go on from (0 without a checkpoint)."""
+    if not ckpt.is_file():
+        return 0
+    state = load(ckpt)
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    return int(state["step"])
+
+
+def checkpoint(ckpt: Path, parts: dict[str, Any], step: int) -> None:
+    """The parts' state dicts (by key) and the step, written atomically to `ckpt` (what resume reads)."""
+    save_atomic({**{name: part.state_dict() for name, part in parts.items()}, "step": step}, ckpt)
+
+
 def log_row(run_dir: Path, name: str, row: dict[str, Any]) -> None:
     with (run_dir / f"{name}_metrics.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -89,19 +105,8 @@ def train_teacher(cfg: ShapesRunConfig, deadline: float, *, progress: bool = Tru
     model = new_transformer(cfg.model, text.hidden_size, cfg.seed).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    start = 0
-    ckpt = run_dir / TEACHER_STATE
-    if ckpt.is_file():
-        state = load(ckpt)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        start = int(state["step"])
-
-    def save(step: int) -> None:
-        save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                     "step": step}, ckpt)
-
+    ckpt, parts = run_dir / TEACHER_STATE, {"model": model, "ema": ema, "optimizer": opt}
+    start = resume(ckpt, parts)
     adapter = ShapesAdapter(model, text, device)
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
@@ -142,7 +147,7 @@ def train_teacher(cfg: ShapesRunConfig, deadline: float, *, progress: bool = Tru
                 print(f"teacher step {step}/{tc.num_iters} loss {row['loss']:.4f}", flush=True)
             losses = []
         if step % tc.checkpoint_every == 0 or out_of_time:
-            save(step)
+            checkpoint(ckpt, parts, step)
             if out_of_time and step < tc.num_iters:
                 # A teacher still in its warm-up is not worth exporting: pause then, whatever on_time_limit says
                 # (the reward model can take a whole call's budget; the next call resumes the teacher).
@@ -152,14 +157,9 @@ def train_teacher(cfg: ShapesRunConfig, deadline: float, *, progress: bool = Tru
                     return {"teacher/finished": 0.0, "teacher/step": float(step)}
                 print(f"time limit reached at step {step} of {tc.num_iters}: exporting the teacher as it stands")
                 break
-    save(step)
-    export_teacher(ema, final_dir)
+    checkpoint(ckpt, parts, step)
+    export_folder(ema, final_dir)  # the EMA teacher as a diffusers folder in fp16 safetensors
     return {"teacher/finished": 1.0, "teacher/step": float(step)}
-
-
-def export_teacher(ema: torch.nn.Module, folder: Path) -> None:
-    """The EMA teacher as a diffusers folder in fp16 safetensors (written to a temporary folder first)."""
-    export_folder(ema, folder)
 
 
 def export_folder(model: Any, folder: Path, *others: Any) -> None:
