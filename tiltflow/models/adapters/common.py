@@ -218,7 +218,42 @@ def to_unit_range(images: Tensor) -> Tensor:
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 
-class DiffusersAdapter:
+class TransformerAdapter:
+    """What every adapter (the diffusers families here, the shapes world's) derives from its own `forward`,
+    `encode` and `lora_pattern`: the Backbone velocity of its frozen transformer, CFG's batched conditioning,
+    the unconditional branch and the LoRA targets."""
+
+    transformer: nn.Module
+    # CFG (tiltflow.models.base.guided_velocity) as one transformer pass at batch 2B, cond and uncond
+    # concatenated, where the conditioning concatenates; False: two passes at batch B. The spine sets it
+    # from parallel.batched_cfg.
+    batched_cfg: bool = True
+    lora_pattern: str = ""  # the Linear layers that carry LoRA adapters (re.fullmatch on module names)
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """The frozen base model (Backbone protocol)."""
+        return self.forward(self.transformer, x, sigma, cond)
+
+    def forward(self, transformer: nn.Module, x: Tensor, sigma: Tensor, cond: dict[str, Tensor],
+                guidance: float | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def cfg_conditions(self, cond: dict[str, Tensor], uncond: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """The conditioning of CFG's one batched pass, [cond; uncond], or None for two passes (batched_cfg
+        off, or conditioning that does not concatenate). Every transformer here treats the samples of a
+        batch independently (no attention mask, per-sample timestep and guidance), so the batched pass
+        computes the two passes' values."""
+        return join_conditions(cond, uncond) if self.batched_cfg else None
+
+    def encode_uncond(self, n: int) -> dict[str, Tensor]:
+        """The empty prompt, repeated n times (the unconditional branch of CFG)."""
+        return self.encode([""] * n)
+
+    def lora_target_modules(self, transformer: nn.Module) -> list[str]:
+        return named_linear_modules(transformer, self.lora_pattern)
+
+
+class DiffusersAdapter(TransformerAdapter):
     """One diffusers pipeline seen as a tiltflow Backbone plus what a Task needs.
 
     Subclasses implement the family-specific hooks (`forward`, `_encode_prompts`, `stub_shapes`,
@@ -230,12 +265,7 @@ class DiffusersAdapter:
 
     family: str = ""
     pipeline_class: str = ""  # the diffusers pipeline class name
-    # CFG (tiltflow.models.base.guided_velocity) as one transformer pass at batch 2B, cond and uncond
-    # concatenated, where the conditioning concatenates; False: two passes at batch B. The spine sets it
-    # from parallel.batched_cfg.
-    batched_cfg: bool = True
     default_max_sequence_length: int = 0
-    lora_pattern: str = ""  # the Linear layers that carry LoRA adapters (re.fullmatch on module names)
 
     @classmethod
     def from_pretrained(cls, source: str, *, device: str | torch.device = "cpu", base_dtype: str = "auto",
@@ -319,21 +349,6 @@ class DiffusersAdapter:
     def device(self) -> torch.device:
         return self.precision.device
 
-    def velocity(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        """The frozen base model (Backbone protocol)."""
-        return self.forward(self.transformer, x, sigma, cond)
-
-    def forward(self, transformer: nn.Module, x: Tensor, sigma: Tensor, cond: dict[str, Tensor],
-                guidance: float | None = None) -> Tensor:
-        raise NotImplementedError
-
-    def cfg_conditions(self, cond: dict[str, Tensor], uncond: dict[str, Tensor]) -> dict[str, Tensor] | None:
-        """The conditioning of CFG's one batched pass, [cond; uncond], or None for two passes (batched_cfg
-        off, or conditioning that does not concatenate). Every family's transformer here treats the
-        samples of a batch independently (no attention mask, per-sample timestep and guidance), so the
-        batched pass computes the two passes' values."""
-        return join_conditions(cond, uncond) if self.batched_cfg else None
-
     # ---- prompts --------------------------------------------------------------------------------
     def encoder_settings(self) -> str:
         """Anything besides model and max length that changes the embeddings (part of the cache key)."""
@@ -349,10 +364,6 @@ class DiffusersAdapter:
             fn = self._encode_prompts
         cond = self.cache.get([str(p) for p in prompts], fn)
         return {k: v.to(self.device) for k, v in cond.items()}
-
-    def encode_uncond(self, n: int) -> dict[str, Tensor]:
-        """The empty prompt, repeated n times (the unconditional branch of CFG)."""
-        return self.encode([""] * n)
 
     @torch.no_grad()
     def _encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
@@ -406,9 +417,6 @@ class DiffusersAdapter:
         kw = {_PIPELINE_NAMES[k]: v for k, v in cond.items()}
         kw.update({f"negative_{_PIPELINE_NAMES[k]}": v for k, v in (uncond or {}).items()})
         return {**kw, "guidance_scale": guidance_scale}
-
-    def lora_target_modules(self, transformer: nn.Module) -> list[str]:
-        return named_linear_modules(transformer, self.lora_pattern)
 
     def load_transformer(self, source: str) -> nn.Module:
         """Another transformer of this family at this precision (FLUX.2: the step-distilled generator

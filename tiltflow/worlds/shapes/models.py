@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tiltflow.models.adapters.common import batch_sigma, join_conditions, named_linear_modules
+from tiltflow.models.adapters.common import TransformerAdapter, batch_sigma
 from tiltflow.models.adapters.sd3 import LORA_PATTERN
 from tiltflow.worlds.shapes.scene import parse
 from tiltflow.worlds.shapes.text import TextEncoder
@@ -50,13 +50,13 @@ def load_transformer(folder: str | Path, device: str | torch.device = "cpu") -> 
     return model.float().to(device).eval().requires_grad_(False)  # stored in fp16, computed in fp32
 
 
-class ShapesAdapter:
+class ShapesAdapter(TransformerAdapter):
     """The teacher transformer and the text encoder as a Backbone plus what a Task needs (cf. DiffusersAdapter).
     Any transformer of the same architecture (LoRA-wrapped, a copy) runs through `forward`."""
 
     family = "sd3"
     guidance = None  # no guidance input: CFG goes through guided_velocity
-    batched_cfg = True  # CFG as one pass at batch 2B (cf. DiffusersAdapter.batched_cfg); the spine sets it
+    lora_pattern = LORA_PATTERN
 
     def __init__(self, transformer: nn.Module, text: TextEncoder, device: str | torch.device = "cpu"):
         self.transformer = transformer
@@ -82,14 +82,6 @@ class ShapesAdapter:
         return transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond["prompt_embeds"],
                            pooled_projections=cond["pooled"], return_dict=False)[0].float()
 
-    def velocity(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        return self.forward(self.transformer, x, sigma, cond)
-
-    def cfg_conditions(self, cond: dict[str, Tensor], uncond: dict[str, Tensor]) -> dict[str, Tensor] | None:
-        """[cond; uncond] for CFG as one pass (the SD3 transformer treats a batch's samples independently),
-        or None for two passes."""
-        return join_conditions(cond, uncond) if self.batched_cfg else None
-
     def encode(self, prompts: Sequence[Any]) -> dict[str, Tensor]:
         """Captions -> conditioning; a caption outside the vocabulary raises VocabularyError naming the word."""
         texts = [str(p) for p in prompts]
@@ -103,9 +95,6 @@ class ShapesAdapter:
                 self._cache[t] = {k: v[i].to(self.device) for k, v in fresh.items()}
         return {k: torch.stack([self._cache[t][k] for t in texts]) for k in ("prompt_embeds", "pooled")}
 
-    def encode_uncond(self, n: int) -> dict[str, Tensor]:
-        return self.encode([""] * n)
-
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         return (IN_CHANNELS, height, width)
 
@@ -118,9 +107,6 @@ class ShapesAdapter:
     def encode_images(images: Tensor) -> Tensor:
         """Images in [0, 1] -> x0 in [-1, 1]."""
         return images.float() * 2 - 1
-
-    def lora_target_modules(self, transformer: nn.Module) -> list[str]:
-        return named_linear_modules(transformer, LORA_PATTERN)
 
 
 @torch.no_grad()
