@@ -11,7 +11,7 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,18 +234,21 @@ def load_tokenizer(folder: Path) -> Any:
 
 
 def load_clip(source: str | Path, *, processor: str | Path | None = None, device: str = "cpu",
-              dtype: str | torch.dtype = "float32", vision_only: bool = False, what: str = "CLIP model") -> ClipEncoder:
+              dtype: str | torch.dtype = "float32", vision_only: bool = False, what: str = "CLIP model",
+              tokenizer_loader: Callable[[Path], Any] = load_tokenizer) -> ClipEncoder:
     """A frozen ClipEncoder from a transformers CLIP folder or hub id.
 
     processor: where preprocessor_config.json and the tokenizer live (default: `source`).
     vision_only: load CLIPVisionModelWithProjection and no tokenizer.
+    tokenizer_loader: folder -> tokenizer (default: a BPE CLIPTokenizer; another kind, e.g. AutoTokenizer
+    for a word-level tokenizer.json, which CLIPTokenizer would rebuild as BPE).
     """
     model_dir = resolve_model_dir(source, [CONFIG, WEIGHTS], what=what)
     proc_req = [PREPROCESSOR] if vision_only else [PREPROCESSOR, TOKENIZER]
     proc_dir = resolve_model_dir(processor or source, proc_req, what=f"{what} processor")
     model = _load_clip_model(model_dir, vision_only=vision_only, what=what)
     model = model.to(device=device, dtype=as_dtype(dtype)).eval().requires_grad_(False)
-    tokenizer = None if vision_only else load_tokenizer(proc_dir)
+    tokenizer = None if vision_only else tokenizer_loader(proc_dir)
     return ClipEncoder(model=model, tokenizer=tokenizer, preprocess=ImagePreprocess.from_pretrained(proc_dir))
 
 

@@ -155,20 +155,16 @@ def export_clip(model: Any, tokenizer: Any, resolution: int, folder: Path) -> No
 
 
 def load_clip_reward(folder: str | Path, device: str = "cpu", name: str = "clip") -> Any:
-    """The trained reward model as a CLIPScore reward (scale 100, ClipSimilarityReward). The tokenizer is
-    the world's word-level one (AutoTokenizer); tiltflow.rewards.loading.load_clip would rebuild a BPE
-    CLIPTokenizer from it, so the encoder is assembled here from the same parts load_clip uses."""
-    from transformers import AutoTokenizer, CLIPModel
+    """The trained reward model as a CLIPScore reward (scale 100, ClipSimilarityReward), loaded by
+    tiltflow.rewards.loading.load_clip in float32 with the world's word-level tokenizer (AutoTokenizer; the
+    default CLIPTokenizer would rebuild a BPE one from it)."""
+    from transformers import AutoTokenizer
 
     from tiltflow.rewards.clip_score import ClipSimilarityReward
-    from tiltflow.rewards.loading import CONFIG, PREPROCESSOR, TOKENIZER, WEIGHTS, ClipEncoder, resolve_model_dir
-    from tiltflow.rewards.preprocess import ImagePreprocess
+    from tiltflow.rewards.loading import load_clip
 
-    path = resolve_model_dir(folder, [CONFIG, WEIGHTS, PREPROCESSOR, TOKENIZER], what="shapes reward model")
-    model = CLIPModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
-    model = model.float().to(device).eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    encoder = ClipEncoder(model=model, tokenizer=tokenizer, preprocess=ImagePreprocess.from_pretrained(path))
+    encoder = load_clip(folder, device=device, what="shapes reward model",
+                        tokenizer_loader=lambda p: AutoTokenizer.from_pretrained(str(p), local_files_only=True))
     return ClipSimilarityReward(encoder, name=name, scale=100.0)
 
 
