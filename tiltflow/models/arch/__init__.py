@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +32,23 @@ def load_arch(name: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def word_tokenizer(model_max_length: int, chat_template: str | None = None) -> Any:
+def word_tokenizer(model_max_length: int, chat_template: str | None = None, *, words: Sequence[str] | None = None,
+                   specials: Sequence[str] = ("<pad>", "<unk>", "<s>", "</s>"), template: str = "$A </s>") -> Any:
     """A small word-level tokenizer (built with `tokenizers`) standing in for CLIP/T5/Qwen tokenizers in
-    random-weight models; it pads, truncates and appends an end token like the real ones."""
+    random-weight models; it pads, truncates and appends an end token like the real ones. The vocabulary
+    is `specials` (pad, unk, bos, eos) then `words` (default: a small English list); `template` is the
+    post-processing of one text, e.g. "[BOS] $A [EOS]" (the shapes world's caption tokenizer)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(_WORDS)))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    pad, unk, bos, eos = specials
+    vocab = {tok: i for i, tok in enumerate(list(specials) + list(sorted(set(_WORDS)) if words is None else words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", model_max_length=model_max_length)
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(s, vocab[s]) for s in specials if s in template.split()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, unk_token=unk, bos_token=bos, eos_token=eos,
+                                   model_max_length=model_max_length)
     if chat_template is not None:
         fast.chat_template = chat_template
     return fast

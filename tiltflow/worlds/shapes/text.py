@@ -17,17 +17,11 @@ MAX_TOKENS = 16  # the longest caption ("a photo of a purple triangle and a cyan
 
 
 def build_tokenizer() -> Any:
-    """A PreTrainedTokenizerFast: whitespace words, [BOS] caption [EOS], padded with [PAD]."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    """A PreTrainedTokenizerFast (tiltflow.models.arch.word_tokenizer): whitespace words, [BOS] caption [EOS],
+    padded with [PAD]."""
+    from tiltflow.models.arch import word_tokenizer
 
-    vocab = {w: i for i, w in enumerate(list(SPECIALS) + vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
-                                   eos_token="[EOS]", model_max_length=MAX_TOKENS)
+    return word_tokenizer(MAX_TOKENS, words=vocabulary(), specials=SPECIALS, template="[BOS] $A [EOS]")
 
 
 def text_config(tokenizer: Any, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2,
