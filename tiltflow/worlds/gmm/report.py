@@ -3,7 +3,6 @@ over the p_tilde density contours, and metric curves read from each method's met
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from tiltflow import __version__
 from tiltflow.config.schema import RunConfig
 from tiltflow.worlds.gmm.evaluate import Reference
 from tiltflow.worlds.gmm.plots import metric_curves, scatter_over_density
+from tiltflow.worlds.gmm.runs import read_curves
 from tiltflow.worlds.gmm.world import build_gmm, exact_target
 
 CURVE_KEYS = ["eval_reward_mean", "eval_mode_tv", "eval_energy_distance", "eval_energy_to_base"]
@@ -49,12 +49,7 @@ def _curves(out: Path, methods: list[str], summary: dict[str, float]) -> str | N
         path = out / name / "metrics.jsonl"
         if not path.exists():
             continue
-        per: dict[str, list[tuple[float, float]]] = {}
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            for k in CURVE_KEYS:
-                if k in rec:
-                    per.setdefault(k, []).append((rec["step"], rec[k]))
+        per = read_curves(path, CURVE_KEYS)
         if per:  # the teacher's own run logs training losses only
             curves[name] = per
     if not curves:

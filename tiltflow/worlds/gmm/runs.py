@@ -253,11 +253,18 @@ def write_run_plots(run_dir: Path, cfg: GMMRunConfig, samples: list[torch.Tensor
     extent = (float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1]))
     scatter_over_density(run_dir / "samples.png", panels, None, extent, ncols=2,
                          title=f"{label}: final samples (dims 0, 1)")
-    curves: dict[str, list[tuple[float, float]]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        for k, v in rec.items():
-            if k not in ("step", "time_s") and isinstance(v, (int, float)):
-                curves.setdefault(k, []).append((rec["step"], v))
+    curves = read_curves(run_dir / "metrics.jsonl")
     if curves:
         metric_curves(run_dir / "curves.png", {cfg.stage: curves}, sorted(curves), ncols=4)
+
+
+def read_curves(path: Path, keys: Sequence[str] | None = None) -> dict[str, list[tuple[float, float]]]:
+    """A run's metrics.jsonl as {metric: [(step, value), ...]}: the metrics `keys`, or every number but step
+    and time_s."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        for k, v in rec.items():
+            if (k in keys) if keys is not None else (k not in ("step", "time_s") and isinstance(v, (int, float))):
+                curves.setdefault(k, []).append((rec["step"], v))
+    return curves
