@@ -60,21 +60,25 @@ def build_rewards(choices: Sequence[RewardChoice], device: torch.device) -> Rewa
 
 # ---- the task -----------------------------------------------------------------------------------------
 def read_prompts(cfg: DiffusersRunConfig) -> list[str]:
-    prompts = list(cfg.prompts)
-    if cfg.prompt_file:
-        p = Path(cfg.prompt_file)
-        if not p.is_file():
-            raise ConfigError("prompt_file", f"{str(p)!r} does not exist")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError("prompt_file", f"{str(p)!r} is not UTF-8 text (one prompt per line)") from None
-        if "\x00" in text:
-            raise ConfigError("prompt_file", f"{str(p)!r} holds NUL bytes: expected text, one prompt per line")
-        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = list(cfg.prompts) + (read_prompt_file(cfg.prompt_file) if cfg.prompt_file else [])
     if not prompts:
         raise ConfigError("prompt_file", f"{cfg.prompt_file!r} holds no prompts")
     return prompts
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """The prompts of a text file, one a line (stripped, blank lines skipped); ConfigError("prompt_file")
+    for a missing file or one that is not UTF-8 text."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("prompt_file", f"{str(p)!r} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("prompt_file", f"{str(p)!r} is not UTF-8 text (one prompt per line)") from None
+    if "\x00" in text:
+        raise ConfigError("prompt_file", f"{str(p)!r} holds NUL bytes: expected text, one prompt per line")
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 class DiffusersTask:

@@ -24,6 +24,7 @@ from tiltflow.worlds.diffusers_world import (
     build_lora_roles,
     device_fault_describer,
     read_final,
+    read_prompt_file,
     sampling_models,
     write_final,
 )
@@ -36,12 +37,7 @@ def read_prompts(cfg: ShapesRunConfig) -> list[str]:
     """The distillation prompts: a built-in set, or a file of captions in the world's vocabulary (checked)."""
     if cfg.prompt_file is None:
         return [s.text for s in prompt_sets()[cfg.prompt_set]]
-    path = Path(cfg.prompt_file)
-    if not path.is_file():
-        from tiltflow.config.loader import ConfigError
-
-        raise ConfigError("prompt_file", f"{str(path)!r} does not exist")
-    return check_prompts([line.strip() for line in path.read_text().splitlines() if line.strip()])
+    return check_prompts(read_prompt_file(cfg.prompt_file))
 
 
 def check_prompts(prompts: Sequence[str]) -> list[str]:
