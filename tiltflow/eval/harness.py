@@ -222,12 +222,10 @@ def run_eval(args: argparse.Namespace, *, generate: Generate | None = None) -> i
 
     try:
         return _run(args, generate)
-    except (PromptFileError, ValueError, FileNotFoundError, ImportError) as err:
+    except (PromptFileError, ValueError, FileNotFoundError, ImportError, RemoteRewardError) as err:
         print(f"tiltflow eval: error: {err}", file=sys.stderr)
-        return 2
-    except RemoteRewardError as err:  # a reward server failed: its message says why, no traceback needed
-        print(f"tiltflow eval: error: {err}", file=sys.stderr)
-        return 1
+        # 1: a reward server failed (its message says why, no traceback needed); 2: a usage or input error
+        return 1 if isinstance(err, RemoteRewardError) else 2
 
 
 def _run(args: argparse.Namespace, generate: Generate | None) -> int:
