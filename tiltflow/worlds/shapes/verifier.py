@@ -106,7 +106,6 @@ def check(scene: Scene, detections: list[Detection]) -> Verdict:
     if len(detections) != scene.num_objects:
         return Verdict(False, "count", detections)
     free = list(detections)
-    matched: list[list[Detection]] = []
     order = sorted(range(len(scene.groups)), key=lambda i: scene.groups[i].colour is None)  # coloured first
     per_group: dict[int, list[Detection]] = {}
     for i in order:
