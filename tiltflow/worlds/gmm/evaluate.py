@@ -161,8 +161,7 @@ def evaluate(samples: list[Tensor], ref: Reference, *, with_kl: bool = True) -> 
 
 def teacher_sigmas(cfg: GMMRunConfig) -> list[float]:
     """The many-step teacher sampler's grid: teacher.sample_steps uniform Euler steps from 1 to 0."""
-    n = cfg.teacher.sample_steps
-    return [1.0 - i / n for i in range(n)] + [0.0]
+    return few_step_sigmas(cfg.teacher.sample_steps)  # shift 1: the raw grid 1, 1 - 1/n, ..., 1/n, then 0
 
 
 def few_step_generate(backbone: Backbone, cfg: GMMRunConfig, num_prompts: int, n: int, seed: int = 999) -> list[Tensor]:
