@@ -68,8 +68,5 @@ class NoisePlan:
                                dtype=dtype, device=device)
 
         init = shared(-1)
-        steps: list[Tensor | None] = []
-        for k in range(num_steps - 1):
-            steps.append(fresh() if k in trained_steps else shared(k))
-        steps.append(None)
-        return NoisePlan(init=init, steps=steps)
+        return NoisePlan(init=init, steps=[fresh() if k in trained_steps else shared(k) for k in range(num_steps - 1)]
+                         + [None])
