@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tiltflow.worlds.shapes.render import render
+from tiltflow.worlds.shapes.render import render, to_tensor_images
 from tiltflow.worlds.shapes.scene import Scene, parse, prompt_sets
 from tiltflow.worlds.shapes.verifier import score, to_uint8, verify
 
@@ -62,11 +62,8 @@ def image_embedder(rewards: Any) -> Callable[[Tensor], Tensor] | None:
 
 
 def _embed_all(embed: Callable[[Tensor], Tensor], images: np.ndarray, batch_size: int) -> Tensor:
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 255.0
-        out.append(embed(x).double().cpu())
-    return torch.cat(out)
+    return torch.cat([embed(to_tensor_images(images[start:start + batch_size])).double().cpu()
+                      for start in range(0, len(images), batch_size)])
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
