@@ -188,8 +188,6 @@ def repeated_teacher(roles: Roles, batch: Batch, guidance_scale: float) -> Calla
 
     def velocity(x: Tensor, sigma: Tensor) -> Tensor:
         times = x.shape[0] // rows
-        if times == 1:
-            return teacher_velocity(roles, x, sigma, batch, guidance_scale)
         rep = Batch(batch.prompts * times, repeat_rows(batch.cond, times), repeat_rows(batch.uncond, times))
         return teacher_velocity(roles, x, sigma, rep, guidance_scale)
 
