@@ -176,9 +176,8 @@ def prompt_sets() -> dict[str, list[Scene]]:
             train += scenes
             test += scenes
             continue
-        held = [s for s in scenes if _held_out(s)]
         train += [s for s in scenes if not _held_out(s)]
-        test += held
+        test += [s for s in scenes if _held_out(s)]
     return {"train": train, "test": test}
 
 
