@@ -18,14 +18,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     printable = (
         list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
+    others = [b for b in range(256) if b not in printable]  # numbered from 256 in byte order
+    return {b: chr(b) if b in printable else chr(256 + others.index(b)) for b in range(256)}
 
 
 def write_tiny_clip_tokenizer(folder: Path, *, model_max_length: int = 16) -> int:
