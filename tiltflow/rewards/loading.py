@@ -86,9 +86,7 @@ def resolve_file(source: str | Path, *, hub_filename: str, what: str) -> Path:
     path = Path(source).expanduser()
     if path.is_file():
         return path
-    if path.is_dir():
-        return resolve_model_dir(path, [((hub_filename,),)], what=what) / hub_filename
-    return resolve_model_dir(source, [((hub_filename,),)], what=what) / hub_filename
+    return resolve_model_dir(source, [((hub_filename,),)], what=what) / hub_filename  # a folder or a hub repo
 
 
 def load_state_dict(path: str | Path) -> dict[str, Tensor]:
