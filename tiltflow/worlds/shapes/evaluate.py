@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tiltflow.models.adapters.common import to_unit_range
 from tiltflow.worlds.shapes.render import render, to_tensor_images
 from tiltflow.worlds.shapes.scene import Scene, parse, prompt_sets
 from tiltflow.worlds.shapes.verifier import score, to_uint8, verify
@@ -37,7 +38,7 @@ def evaluate_samples(generate: Generate, prompts: list[str], batch_size: int, re
     for b, start in enumerate(range(0, len(prompts), batch_size)):
         batch = prompts[start:start + batch_size]
         x = generate(batch, b)
-        pixels = decode(x) if decode is not None else ((x.float() + 1) / 2).clamp(0, 1)
+        pixels = (decode or to_unit_range)(x)
         images.append(to_uint8(pixels))
         if rewards is not None:
             out = rewards(pixels, batch)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tiltflow.models.adapters.common import TransformerAdapter, batch_sigma
+from tiltflow.models.adapters.common import TransformerAdapter, batch_sigma, to_unit_range
 from tiltflow.models.adapters.sd3 import LORA_PATTERN
 from tiltflow.worlds.shapes.scene import parse
 from tiltflow.worlds.shapes.text import TextEncoder
@@ -98,10 +98,7 @@ class ShapesAdapter(TransformerAdapter):
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         return (IN_CHANNELS, height, width)
 
-    @staticmethod
-    def decode(x: Tensor) -> Tensor:
-        """x0 in [-1, 1] -> images in [0, 1], differentiable."""
-        return ((x.float() + 1) / 2).clamp(0, 1)
+    decode = staticmethod(to_unit_range)  # x0 in [-1, 1] -> images in [0, 1], differentiable
 
     @staticmethod
     def encode_images(images: Tensor) -> Tensor:
