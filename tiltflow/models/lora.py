@@ -181,7 +181,6 @@ class RoleBackbone:
 class RoleModels:
     """The transformers behind the three roles, the trainable parameters by name, and the Roles."""
 
-    layout: str
     finetune: str
     teacher: nn.Module
     generator: nn.Module
@@ -330,7 +329,7 @@ def build_roles(adapter: Any, *, layout: str = "shared", finetune: str = "lora",
             switches[id(module)] = AdapterSwitch(module, trainable)
     fake_adapters: tuple[str, ...] = (FAKE,) if finetune == "lora" else ()
     return RoleModels(
-        layout, finetune, base, gen, fake, gen_names, gen_named, fake_named,
+        finetune, base, gen, fake, gen_names, gen_named, fake_named,
         teacher_role=RoleBackbone(adapter, base, switches.get(id(base)), (), teacher_guidance),
         generator_role=RoleBackbone(adapter, gen, switches.get(id(gen)), gen_names, student_guidance),
         fake_role=RoleBackbone(adapter, fake, switches.get(id(fake)), fake_adapters, student_guidance),
