@@ -136,9 +136,7 @@ def train_reward_model(cfg: ShapesRunConfig, deadline: float, *, progress: bool 
         step += 1
         if step % rc.log_every == 0 or step == rc.num_iters:
             row = {"step": step, "loss": loss.item(), "elapsed_s": time.monotonic() - t0}
-            log_row(run_dir, "reward_model", row)
-            if progress:
-                print(f"reward model step {step}/{rc.num_iters} loss {row['loss']:.4f}", flush=True)
+            log_row(run_dir, "reward_model", row, rc.num_iters, progress)
         if step % rc.checkpoint_every == 0 or time.monotonic() > deadline:
             checkpoint(ckpt, parts, step)
             if time.monotonic() > deadline and step < rc.num_iters:

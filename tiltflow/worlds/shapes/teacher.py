@@ -82,9 +82,12 @@ def checkpoint(ckpt: Path, parts: dict[str, Any], step: int) -> None:
     save_atomic({**{name: part.state_dict() for name, part in parts.items()}, "step": step}, ckpt)
 
 
-def log_row(run_dir: Path, name: str, row: dict[str, Any]) -> None:
+def log_row(run_dir: Path, name: str, row: dict[str, Any], num_iters: int, progress: bool) -> None:
+    """Append `row` to <name>_metrics.jsonl; with `progress`, print the step and loss too."""
     with (run_dir / f"{name}_metrics.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
+    if progress:
+        print(f"{name.replace('_', ' ')} step {row['step']}/{num_iters} loss {row['loss']:.4f}", flush=True)
 
 
 def train_teacher(cfg: ShapesRunConfig, deadline: float, *, progress: bool = True) -> dict[str, Any]:
@@ -142,9 +145,7 @@ def train_teacher(cfg: ShapesRunConfig, deadline: float, *, progress: bool = Tru
         if step % tc.log_every == 0 or step == tc.num_iters or out_of_time:  # the last row is the last step
             row = {"step": step, "loss": sum(losses) / len(losses), "lr": lr_at(step - 1, tc.lr, tc.warmup_iters),
                    "elapsed_s": time.monotonic() - t0}
-            log_row(run_dir, "teacher", row)
-            if progress:
-                print(f"teacher step {step}/{tc.num_iters} loss {row['loss']:.4f}", flush=True)
+            log_row(run_dir, "teacher", row, tc.num_iters, progress)
             losses = []
         if step % tc.checkpoint_every == 0 or out_of_time:
             checkpoint(ckpt, parts, step)
