@@ -42,9 +42,7 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor | float, reduction: s
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"log-prob reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device)
-    if std_t.ndim == 1:
-        std_t = std_t.view(-1, *([1] * (x.ndim - 1)))
+    std_t = bcast(torch.as_tensor(std, dtype=x.dtype, device=x.device), x)
     per_dim = -((x - mean) ** 2) / (2 * std_t**2) - torch.log(std_t) - 0.5 * math.log(2 * math.pi)
     per_dim = per_dim.flatten(1)
     return per_dim.sum(1) if reduction == "sum" else per_dim.mean(1)

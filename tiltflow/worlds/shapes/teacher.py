@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tiltflow.config.shapes import ShapesRunConfig
+from tiltflow.flow.conventions import interpolate
 from tiltflow.storage import load, save_atomic
 from tiltflow.worlds.shapes.data import image_pool
 from tiltflow.worlds.shapes.models import ShapesAdapter, new_transformer
@@ -123,8 +124,7 @@ def train_teacher(cfg: ShapesRunConfig, deadline: float, *, progress: bool = Tru
         cond = {k: v[rows] for k, v in table.items()}
         sigma = torch.sigmoid(torch.randn(tc.batch_size, generator=g)).to(device)  # logit-normal(0, 1)
         eps = torch.randn(x0.shape, generator=g).to(device)
-        s = sigma.view(-1, 1, 1, 1)
-        x = (1 - s) * x0 + s * eps
+        x = interpolate(x0, eps, sigma)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc.lr, tc.warmup_iters)
         with autocast:
