@@ -93,12 +93,7 @@ class GMMWorld:
         net = run_teacher(cfg, gmm, progress)
         reference = build_reference(cfg, gmm, net)
         samples = generate(net, gmm.num_prompts, cfg.eval.num_samples, teacher_sigmas(cfg), 0.0, 7, gmm.dim)
-        final = evaluate(samples, reference)
-        run_dir = Path(cfg.run_dir)
-        (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
-        if cfg.eval.plots:
-            write_run_plots(run_dir, cfg, samples, reference, f"teacher ({cfg.teacher.sample_steps} Euler steps)")
-        return final
+        return final_metrics(cfg, samples, reference, f"teacher ({cfg.teacher.sample_steps} Euler steps)")
 
     def build(self, cfg: GMMRunConfig, *, progress: bool = True) -> WorldSetup:
         gmm = build_gmm(cfg.problem)
@@ -126,14 +121,10 @@ class GMMWorld:
                 final_gen = {k: v.clone() for k, v in full_state_dict(gen).items()}
                 samples = few_step_generate(gen, cfg, gmm.num_prompts, cfg.eval.num_samples)
             fake_state = full_state_dict(fake)
-            final = evaluate(samples, reference)
-            run_dir = Path(cfg.run_dir)
             if is_main_process():
-                save_atomic({"generator": final_gen, "generator_raw": raw, "fake": fake_state}, run_dir / "final.pt")
-                (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
-                if cfg.eval.plots:
-                    write_run_plots(run_dir, cfg, samples, reference, cfg.stage)
-            return final
+                save_atomic({"generator": final_gen, "generator_raw": raw, "fake": fake_state},
+                            Path(cfg.run_dir) / "final.pt")
+            return final_metrics(cfg, samples, reference, cfg.stage, write=is_main_process())
 
         return WorldSetup(task, models, cfg.sampler, finish, evaluate_now, cfg.eval.every)
 
@@ -238,6 +229,18 @@ def load_generator(run_dir: str | Path) -> tuple[VelocityMLP, GMMRunConfig]:
     cfg = from_dict(GMMRunConfig, read_yaml(Path(run_dir) / "config.yaml"))
     cfg.run_dir = str(run_dir)
     return load_run_model(cfg, build_gmm(cfg.problem))[0], cfg
+
+
+def final_metrics(cfg: GMMRunConfig, samples: list[torch.Tensor], reference: Reference, label: str, *,
+                  write: bool = True) -> dict[str, float]:
+    """A finished run's metrics against the reference; with `write`, also final_metrics.json and (eval.plots)
+    samples.png and curves.png labelled `label` in its run directory."""
+    final = evaluate(samples, reference)
+    if write:
+        (Path(cfg.run_dir) / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        if cfg.eval.plots:
+            write_run_plots(Path(cfg.run_dir), cfg, samples, reference, label)
+    return final
 
 
 def write_run_plots(run_dir: Path, cfg: GMMRunConfig, samples: list[torch.Tensor], reference: Reference,
