@@ -4,10 +4,14 @@ architecture with random weights, through the training spine's own model prepara
 
 Efficiency is measured, not assumed: during each timed iteration every transformer, VAE-decode and reward
 pass is counted by kind (role, batch, with or without gradient; a backward is counted when gradient reaches
-the pass's output), then one pass of each kind is timed alone at the same shapes (CUDA events on GPU,
-perf_counter on CPU), and efficiency = sum(count x time alone) / wall time. MFU counts the same passes'
-FLOPs (torch.utils.flop_counter on one pass of each kind, recomputation excluded). What the CPU cannot
-measure (peak memory, MFU without --peak-tflops, device busy time) is None.
+the pass's output), then one pass of each kind is run alone at the same shapes, and efficiency =
+sum(count x GPU kernel time alone) / wall time. A pass's GPU kernel time is the union of its kernels' intervals
+under torch.profiler (`*_kernel_s`), not the CUDA-event time around it (`forward_s`, `forward_backward_s`):
+when the host launches kernels slower than the GPU runs them, the event time counts the host's overhead too,
+and `efficiency_wall` (the same ratio with event times, what this bench called efficiency before 2026-12-02)
+would call a host-bound iteration efficient. On the CPU both are perf_counter time. MFU counts the same
+passes' FLOPs (torch.utils.flop_counter on one pass of each kind, recomputation excluded). What the CPU
+cannot measure (peak memory, MFU without --peak-tflops, device busy time) is None.
 
 Under torchrun (WORLD_SIZE > 1) it runs as training does (issue 12): the process group of
 tiltflow.distributed.launch.init_distributed (NCCL on CUDA, one GPU per LOCAL_RANK; gloo on the CPU), the
@@ -249,6 +253,23 @@ def device_seconds(fn: Any, device: torch.device, reps: int = 3) -> float:
     return statistics.median(times)
 
 
+def kernel_seconds(fn: Any, device: torch.device) -> float:
+    """GPU kernel time of one call of fn (after a warm call): the union of its kernels' intervals under
+    torch.profiler, whatever the host does between launches. On the CPU: its perf_counter time."""
+    if device.type != "cuda":
+        return device_seconds(fn, device, reps=1)
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+
+    fn()
+    sync(device)
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    return union_us([(e.time_range.start, e.time_range.end) for e in prof.events()
+                     if e.device_type == DeviceType.CUDA]) / 1e6
+
+
 def one_pass(b: Built, kind: tuple, batch: int, backward: bool) -> Any:
     """A callable running one pass of `kind` alone at `batch` (forward; + backward if asked), on fresh
     inputs of the iteration's shapes. Gradient goes to the trainable role weights (transformers) or to the
@@ -321,25 +342,26 @@ def pass_table(b: Built, snaps: list[tuple[Counter, Counter]], args: Any) -> lis
         component, name, batch, grad = kind
         row = {"component": component, "name": name, "batch": batch, "grad": grad,
                "calls": [c[kind] for c, _ in snaps], "backwards": [bw[kind] for _, bw in snaps]}
+        row.update({f"{m}{t}": None for m in ("forward", "forward_backward") for t in ("_s", "_kernel_s")})
         if getattr(args, "skip_pass_timing", False):
-            rows.append({**row, "forward_s": None, "forward_backward_s": None, "forward_flops": None,
-                         "backward_flops": None})
+            rows.append({**row, "forward_flops": None, "backward_flops": None})
             continue
         f_fwd, f_bwd = flops_per_sample(b, kind, args)
-        row.update(forward_s=device_seconds(one_pass(b, kind, batch, backward=False), b.task.device),
-                   forward_backward_s=None, forward_flops=f_fwd * batch, backward_flops=f_bwd * batch)
-        if grad:
-            row["forward_backward_s"] = device_seconds(one_pass(b, kind, batch, backward=True), b.task.device)
+        row.update(forward_flops=f_fwd * batch, backward_flops=f_bwd * batch)
+        for m, backward in (("forward", False), ("forward_backward", True))[:1 + grad]:
+            fn = one_pass(b, kind, batch, backward=backward)
+            row[f"{m}_s"], row[f"{m}_kernel_s"] = device_seconds(fn, b.task.device), kernel_seconds(fn, b.task.device)
         rows.append(row)
     return rows
 
 
-def needed(rows: list[dict[str, Any]], r: int) -> tuple[float, int]:
-    """(seconds, FLOPs) of the passes repeat r ran, each pass at its time alone."""
+def needed(rows: list[dict[str, Any]], r: int, time: str = "_kernel_s") -> tuple[float, int]:
+    """(seconds, FLOPs) of the passes repeat r ran, each pass at its time alone: its GPU kernel time
+    (time="_kernel_s") or the CUDA-event time around it (time="_s")."""
     seconds, flops = 0.0, 0
     for row in rows:
         calls, bw = row["calls"][r], row["backwards"][r]
-        seconds += (calls - bw) * row["forward_s"] + bw * (row["forward_backward_s"] or 0.0)
+        seconds += (calls - bw) * row[f"forward{time}"] + bw * (row[f"forward_backward{time}"] or 0.0)
         flops += calls * row["forward_flops"] + bw * row["backward_flops"]
     return seconds, flops
 
@@ -377,11 +399,12 @@ def summarise(key: str, walls: list[float], snaps: list, peak: Any, b: Built, ar
     rows = pass_table(b, snaps, args)
     timed = not getattr(args, "skip_pass_timing", False)
     eff = [needed(rows, r)[0] / w for r, w in enumerate(walls)] if timed else None
+    eff_wall = [needed(rows, r, "_s")[0] / w for r, w in enumerate(walls)] if timed else None
     peak_tflops = args.peak_tflops
     mfu = ([needed(rows, r)[1] / w / (peak_tflops * 1e12) for r, w in enumerate(walls)] if peak_tflops and timed
            else None)
     out: dict[str, Any] = {}
-    for name, values in ((key, walls), ("efficiency", eff), ("mfu", mfu)):
+    for name, values in ((key, walls), ("efficiency", eff), ("efficiency_wall", eff_wall), ("mfu", mfu)):
         out.update(spread(name, values))
     med = statistics.median(walls)
     world = b.comm.world_size
@@ -443,8 +466,11 @@ def bench_inference(batch: int, b: Built, args: Any) -> dict[str, Any]:
         once()
     walls, snaps, peak = timed_repeats(once, b, args)
     out = summarise("latency_s", walls, snaps, peak, b, args, batch)
-    bound = statistics.median(needed(out["passes"], r)[0] for r in range(len(walls)))
-    row = {"stage": "infer", "batch": batch, **out, "bound_s": bound, "latency_ratio": out["latency_s"] / bound}
+    # The bound: the passes it ran at their GPU kernel time (bound_wall_s: at their CUDA-event time alone).
+    bound, bound_wall = (statistics.median(needed(out["passes"], r, t)[0] for r in range(len(walls)))
+                         for t in ("_kernel_s", "_s"))
+    row = {"stage": "infer", "batch": batch, **out, "bound_s": bound, "latency_ratio": out["latency_s"] / bound,
+           "bound_wall_s": bound_wall, "latency_ratio_wall": out["latency_s"] / bound_wall}
     if args.profile:
         row["profile"] = profile(once, b.task.device, args, f"infer_b{batch}")
     return row
@@ -582,7 +608,8 @@ def fmt(v: Any, spec: str = ".3g") -> str:
 
 
 def table(runs: list[dict[str, Any]]) -> str:
-    head = "| stage | batch | seconds (median, min-max) | images/s | peak GiB | MFU | efficiency | latency ratio |"
+    head = ("| stage | batch | seconds (median, min-max) | images/s | peak GiB | MFU | efficiency (kernel; event) "
+            "| latency ratio (kernel; event) |")
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         if "error" in r:
@@ -591,7 +618,8 @@ def table(runs: list[dict[str, Any]]) -> str:
         key = {"1": "cycle_s", "2": "iter_s", "infer": "latency_s"}[r["stage"]]
         secs = f"{r[key]:.4g} ({r[key + '_min']:.4g}-{r[key + '_max']:.4g})"
         lines.append(f"| {r['stage']} | {r['batch']} | {secs} | {fmt(r['images_per_s'])} | {fmt(r['peak_mem_gib'])} "
-                     f"| {fmt(r['mfu'])} | {fmt(r['efficiency'])} | {fmt(r.get('latency_ratio'))} |")
+                     f"| {fmt(r['mfu'])} | {fmt(r['efficiency'])}; {fmt(r.get('efficiency_wall'))} "
+                     f"| {fmt(r.get('latency_ratio'))}; {fmt(r.get('latency_ratio_wall'))} |")
     return "\n".join(lines)
 
 

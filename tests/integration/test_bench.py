@@ -36,11 +36,13 @@ def _check_common(run, key):
     assert 0 < run[f"{key}_min"] <= run[key] <= run[f"{key}_max"]
     # A ratio of two timings: positive and finite. No upper bound: on a busy CPU a pass timed alone can take
     # longer than the same pass inside the iteration (tests must not depend on timing).
-    assert 0 < run["efficiency"] and math.isfinite(run["efficiency"]), run["efficiency"]
+    for eff in ("efficiency", "efficiency_wall"):  # kernel time (the CPU's: perf_counter time) and event time
+        assert 0 < run[eff] and math.isfinite(run[eff]), (eff, run[eff])
     assert run["images_per_s"] > 0
     assert run["peak_mem_gib"] is None  # CPU: nothing measured, no number made up
     for p in run["passes"]:
-        assert p["forward_s"] > 0 and (p["forward_backward_s"] is None) == (not p["grad"])
+        for t in ("_s", "_kernel_s"):
+            assert p[f"forward{t}"] > 0 and (p[f"forward_backward{t}"] is None) == (not p["grad"])
         assert all(b <= c for b, c in zip(p["backwards"], p["calls"]))
 
 
