@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tiltflow.algorithms.common import Batch, MeanMetrics, Task, TrainState, TwoNetworkAlgorithm, optimizer_step
-from tiltflow.algorithms.dm import DMSettings, FakeSettings, TauRange, dm_loss, fake_loss
+from tiltflow.algorithms.common import Batch, MeanMetrics, Task, TrainState, optimizer_step
+from tiltflow.algorithms.dm import DMSettings, FakeSettings, TauRange, TwoNetworkAlgorithm, dm_loss
 from tiltflow.config.schema import SamplerConfig, Stage1Config
 from tiltflow.distributed import LOCAL, Comm
 from tiltflow.flow.rng import streams
@@ -31,7 +31,7 @@ class ACDMD(TwoNetworkAlgorithm):
         """Roll out steps 0..k (step k with gradient if asked); return (x_s, s) per the stage's variant."""
         plan = NoisePlan.fresh(len(batch.prompts), self.task.sample_shape, self.sampler.num_steps, g,
                                device=self.task.device)
-        traj = sample(lambda x, sig: self.roles.generator.velocity(x, sig, batch.cond), self.sigmas, plan,
+        traj = sample(self._velocity(batch.cond), self.sigmas, plan,
                       eta=self.sampler.eta, stop=k + 1, grad_from=k if with_grad else None)
         if self.cfg.subinterval:
             return traj.final, self.sigmas[k + 1]
@@ -50,10 +50,7 @@ class ACDMD(TwoNetworkAlgorithm):
                 k = int(torch.randint(K, (1,), generator=rng.shared))
                 with torch.no_grad():
                     x_s, s = self.rollout(k, batch, g, with_grad=False)
-                out = fake_loss(self.roles, x_s, s, batch.cond, self.fake, g)
-                optimizer_step(self.state.fake_opt, out.loss, self.roles.fake_params, cfg.grad_clip, self.guard, it,
-                               "fake-score", "fake-score loss")
-            metrics.add(out.metrics)
+                metrics.add(self.fake_update(x_s, s, batch.cond, g, it))
         with self.phase("generator update"):
             batch = Batch.draw(self.task, cfg.batch_size, g)
             k = int(torch.randint(K, (1,), generator=rng.shared))

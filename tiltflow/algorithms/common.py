@@ -15,9 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from tiltflow.distributed import Comm
-from tiltflow.flow.conventions import few_step_sigmas
 from tiltflow.models.ema import EMA
-from tiltflow.models.roles import Roles
 from tiltflow.rewards.base import RewardSet
 
 
@@ -81,24 +79,6 @@ class TrainState:
         self.gen_opt.load_state_dict(state["gen_opt"])
         self.fake_opt.load_state_dict(state["fake_opt"])
         self.ema.load_state_dict(state["ema"])
-
-
-class TwoNetworkAlgorithm:
-    """What the stages' algorithms (ACDMD, RTDMD) share: their inputs, the step's few-step sigma grid, the
-    phase tracker, the finite-value guard, and the checkpointable state (the TrainState's)."""
-
-    def __init__(self, cfg: Any, sampler: Any, task: Task, roles: Roles, state: TrainState, seed: int, comm: Comm):
-        self.cfg, self.sampler, self.task, self.roles, self.state = cfg, sampler, task, roles, state
-        self.seed, self.comm = seed, comm
-        self.sigmas = few_step_sigmas(sampler.num_steps, sampler.shift)
-        self.phase = Phases()
-        self.guard = FiniteGuard(comm)  # on_nonfinite: the loop configures it from the run config
-
-    def state_dict(self) -> dict:
-        return self.state.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state.load_state_dict(state)
 
 
 GradSync = Callable[[bool], AbstractContextManager]

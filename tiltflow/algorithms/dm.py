@@ -1,6 +1,7 @@
 """Distribution matching, the part both stages share: the generator's DM loss on a sample x_s at level s
 (METHOD.md 4.1 steps 2-5), toward the teacher or toward the diffused tilted target (5.6), and the fake
-score's loss on such samples (4.2 ambient DSM + 4.3 consistency)."""
+score's loss on such samples (4.2 ambient DSM + 4.3 consistency); and the algorithms' shared base
+(TwoNetworkAlgorithm), whose fake-score update is the same in both stages."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tiltflow.algorithms.common import Batch, randn
+from tiltflow.algorithms.common import Batch, FiniteGuard, Phases, Task, TrainState, optimizer_step, randn
 from tiltflow.config.schema import FakeConfig
-from tiltflow.flow.conventions import bcast, forward_kernel
+from tiltflow.distributed import Comm
+from tiltflow.flow.conventions import bcast, few_step_sigmas, forward_kernel
 from tiltflow.losses import (
     LossOutput,
     ambient_target,
@@ -254,3 +256,36 @@ def fake_loss(roles: Roles, x_s: Tensor, s: float, cond: Any, fake: FakeSettings
     hs = h_next.chunk(len(xs_next))
     cons = consistency_loss(h0, hs[0], hs[1] if two_sample else None, two_sample=two_sample)
     return LossOutput(out.loss + fake.gamma * cons.loss, {**out.metrics, **cons.metrics})
+
+
+class TwoNetworkAlgorithm:
+    """What the stages' algorithms (ACDMD, RTDMD) share: their inputs, the step's few-step sigma grid, the
+    phase tracker, the finite-value guard, the fake-score update and the checkpointable state (the
+    TrainState's). A subclass sets `fake` (FakeSettings)."""
+
+    fake: FakeSettings
+
+    def __init__(self, cfg: Any, sampler: Any, task: Task, roles: Roles, state: TrainState, seed: int, comm: Comm):
+        self.cfg, self.sampler, self.task, self.roles, self.state = cfg, sampler, task, roles, state
+        self.seed, self.comm = seed, comm
+        self.sigmas = few_step_sigmas(sampler.num_steps, sampler.shift)
+        self.phase = Phases()
+        self.guard = FiniteGuard(comm)  # on_nonfinite: the loop configures it from the run config
+
+    def fake_update(self, x_s: Tensor, s: float, cond: Any, g: torch.Generator, it: int) -> dict[str, float]:
+        """One fake-score update on samples x_s at level s (stage 2: the rollouts' final samples, s = 0,
+        METHOD.md 5.5); returns its metrics."""
+        out = fake_loss(self.roles, x_s, s, cond, self.fake, g)
+        optimizer_step(self.state.fake_opt, out.loss, self.roles.fake_params, self.cfg.grad_clip, self.guard, it,
+                       "fake-score", "fake-score loss")
+        return out.metrics
+
+    def _velocity(self, cond: Any) -> Callable[[Tensor, Tensor], Tensor]:
+        """The generator's velocity under `cond`, as a sampler's (x, sigma) callable."""
+        return lambda x, sig: self.roles.generator.velocity(x, sig, cond)
+
+    def state_dict(self) -> dict:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state.load_state_dict(state)

@@ -20,11 +20,9 @@ from tiltflow.algorithms.common import (
     MeanMetrics,
     Task,
     TrainState,
-    TwoNetworkAlgorithm,
     always_sync,
-    optimizer_step,
 )
-from tiltflow.algorithms.dm import DMSettings, FakeSettings, TauRange, TiltSettings, dm_loss, fake_loss
+from tiltflow.algorithms.dm import DMSettings, FakeSettings, TauRange, TiltSettings, TwoNetworkAlgorithm, dm_loss
 from tiltflow.config.schema import SamplerConfig, Stage2Config, resolve_tilt_estimator
 from tiltflow.distributed import LOCAL, Comm
 from tiltflow.flow.rng import Streams, streams
@@ -116,7 +114,7 @@ class RTDMD(TwoNetworkAlgorithm):
             metrics.add({"reward_total": float(scores.total.mean())})
             for _ in range(fake_updates_in(m, cfg.n_fake, A)):  # fake first, as in the reference
                 with self.phase("fake update"):
-                    metrics.add(self.fake_update(ro, rng.local, it))
+                    metrics.add(self.fake_update(ro.traj.final, 0.0, ro.batch.cond, rng.local, it))
             with self.phase("generator update"), self.grad_sync(m == A - 1):  # sync on the last micro-batch
                 terms = self.generator_terms(ro, scores, rng.local)
                 _watch(watched, {TERM_NAMES[name]: t.loss for name, (_, t) in terms.items()})
@@ -153,13 +151,6 @@ class RTDMD(TwoNetworkAlgorithm):
             traj = sample(self._velocity(batch.cond), self.sigmas, plan, eta=self.sampler.eta,
                           reduction=cfg.logprob_reduction)
         return Rollout(batch, group, plan, traj, trained)
-
-    def fake_update(self, ro: Rollout, g: torch.Generator, it: int) -> dict[str, float]:
-        """One fake-score update on the rollout's final samples (s = 0 target, METHOD.md 5.5)."""
-        out = fake_loss(self.roles, ro.traj.final, 0.0, ro.batch.cond, self.fake, g)
-        optimizer_step(self.state.fake_opt, out.loss, self.roles.fake_params, self.cfg.grad_clip, self.guard, it,
-                       "fake-score", "fake-score loss")
-        return out.metrics
 
     def generator_terms(self, ro: Rollout, scores: RewardSetOutput, g: torch.Generator
                         ) -> dict[str, tuple[float, LossOutput]]:
@@ -217,6 +208,3 @@ class RTDMD(TwoNetworkAlgorithm):
         start = self.num_steps - self.dm_depth
         return sample(self._velocity(ro.batch.cond), self.sigmas, ro.plan, eta=self.sampler.eta, start=start,
                       x_start=ro.traj.xs[start], grad_from=start).final
-
-    def _velocity(self, cond: Any):
-        return lambda x, sig: self.roles.generator.velocity(x, sig, cond)
