@@ -28,18 +28,27 @@ def _check_samples(samples: Tensor, dim: int, reward: str) -> None:
         raise ValueError(f"reward {reward!r} expects samples of shape (B, {dim}), got {tuple(samples.shape)}")
 
 
-class LinearReward:
-    """r(x) = a.x."""
+class _AlongA:
+    """What the rewards of a.x share: the vector a (and offset c), the shape check and a.x itself."""
 
     differentiable: bool = True
 
+    def __init__(self, a: Tensor | Sequence[float], c: float = 0.0, *, name: str):
+        self.a, self.c, self.name = _vector(a, "a"), float(c), name
+
+    def _ax(self, samples: Tensor) -> Tensor:
+        _check_samples(samples, self.a.shape[0], self.name)
+        return samples @ self.a.to(samples)
+
+
+class LinearReward(_AlongA):
+    """r(x) = a.x."""
+
     def __init__(self, a: Tensor | Sequence[float], *, name: str = "linear"):
-        self.a = _vector(a, "a")
-        self.name = name
+        super().__init__(a, name=name)
 
     def __call__(self, samples: Tensor, prompts: Sequence[Any] | None = None) -> RewardOutput:
-        _check_samples(samples, self.a.shape[0], self.name)
-        return RewardOutput(scores=samples @ self.a.to(samples))
+        return RewardOutput(scores=self._ax(samples))
 
 
 class QuadraticReward:
@@ -64,34 +73,25 @@ class QuadraticReward:
         return RewardOutput(scores=-0.5 * ((diff @ self.A.to(samples)) * diff).sum(dim=1))
 
 
-class HalfspaceReward:
+class HalfspaceReward(_AlongA):
     """r(x) = 1[a.x >= c], returned as detached float 0/1 scores (no gradient exists)."""
 
     differentiable: bool = False
 
     def __init__(self, a: Tensor | Sequence[float], c: float, *, name: str = "halfspace"):
-        self.a = _vector(a, "a")
+        super().__init__(a, c, name=name)
         if not bool((self.a != 0).any()):
             raise ValueError("a must be non-zero")
-        self.c = float(c)
-        self.name = name
 
     def __call__(self, samples: Tensor, prompts: Sequence[Any] | None = None) -> RewardOutput:
-        _check_samples(samples, self.a.shape[0], self.name)
-        x = samples.detach()
-        return RewardOutput(scores=(x @ self.a.to(x) >= self.c).to(x.dtype))
+        return RewardOutput(scores=(self._ax(samples.detach()) >= self.c).to(samples.dtype))
 
 
-class TanhReward:
+class TanhReward(_AlongA):
     """r(x) = tanh(a.x - c): bounded in (-1, 1), differentiable (the bounded regime of real reward models)."""
 
-    differentiable: bool = True
-
     def __init__(self, a: Tensor | Sequence[float], c: float = 0.0, *, name: str = "tanh"):
-        self.a = _vector(a, "a")
-        self.c = float(c)
-        self.name = name
+        super().__init__(a, c, name=name)
 
     def __call__(self, samples: Tensor, prompts: Sequence[Any] | None = None) -> RewardOutput:
-        _check_samples(samples, self.a.shape[0], self.name)
-        return RewardOutput(scores=torch.tanh(samples @ self.a.to(samples) - self.c))
+        return RewardOutput(scores=torch.tanh(self._ax(samples) - self.c))
