@@ -229,3 +229,29 @@ def test_separate_layout_stage1_iteration(finetune):
     models = build_roles(adapter, layout="separate", finetune=finetune, lora=SMALL)
     _check_step(_algo(ACDMD, s1, sampler, task, models), models,
                 [adapter.transformer, adapter.vae], 0)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux2"])
+def test_keep_input_dtype_changes_nothing_under_autocast(family):
+    """keep_input_dtype drops peft's bf16 -> fp32 -> bf16 round trip of a LoRA layer's input under autocast:
+    the matrix products see the same bf16 values, so outputs and LoRA gradients are bitwise the same. (CUDA
+    autocast is what training uses; the CPU's bf16 autocast casts the same way and runs here.)"""
+    from tiltflow.models.lora import add_lora, keep_input_dtype
+
+    cls, arch, _ = FAMILIES[family]
+    results = []
+    for keep in (False, True):
+        adapter = cls.random(arch, base_dtype="bfloat16")
+        params = [p for _, p in add_lora(adapter.transformer, GENERATOR, SMALL, adapter.lora_target_modules(
+            adapter.transformer))]
+        _perturb(params)
+        if keep:
+            assert keep_input_dtype(adapter.transformer) > 0
+        x, sigma, cond = _inputs(adapter)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v = adapter.forward(adapter.transformer, x, sigma, cond)
+        v.float().square().mean().backward()
+        results.append((v.detach(), [p.grad.clone() for p in params]))
+    (v0, g0), (v1, g1) = results
+    assert torch.equal(v0, v1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1)) and any(a.abs().sum() > 0 for a in g0)

@@ -76,6 +76,18 @@ def add_lora(transformer: nn.Module, name: str, settings: LoraSettings, targets:
     return params
 
 
+def keep_input_dtype(transformer: nn.Module) -> int:
+    """Under autocast only: let the LoRA layers take their (bf16) input as it is. peft casts a LoRA layer's
+    input to its fp32 weights' dtype, and autocast casts it back to bf16 for the matrix product: two copies of
+    the activation per layer and per pass (a fifth of an SD3.5-M pass's GPU time at batch 9 on an H200,
+    benchmarks/results/bench_sd35_medium_infer_kernel_h200_2026-12-02.json). Without the round trip the
+    product sees the same bf16 values, so the result is the same. Returns the number of layers set."""
+    layers = [m for m in transformer.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    return len(layers)
+
+
 def lora_state(transformer: nn.Module, name: str) -> dict[str, Tensor]:
     """Adapter `name` as a peft state dict (keys without the adapter name), detached fp32 copies."""
     from peft.utils import get_peft_model_state_dict
@@ -328,6 +340,10 @@ def build_roles(adapter: Any, *, layout: str = "shared", finetune: str = "lora",
         for module in {id(m): m for m in (gen, fake)}.values():
             switches[id(module)] = AdapterSwitch(module, trainable)
     fake_adapters: tuple[str, ...] = (FAKE,) if finetune == "lora" else ()
+    precision = getattr(adapter, "precision", None)
+    if finetune == "lora" and precision is not None and precision.autocast:
+        for module in {id(m): m for m in (gen, fake)}.values():
+            keep_input_dtype(module)
     return RoleModels(
         finetune, base, gen, fake, gen_names, gen_named, fake_named,
         teacher_role=RoleBackbone(adapter, base, switches.get(id(base)), (), teacher_guidance),
