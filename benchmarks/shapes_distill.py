@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     procs = {}
     for name, argv_ in todo:
         print(" ".join(argv_[1:]), flush=True)
-        log = open(args.root / f"{name}.log", "w")
+        log = open(args.root / f"{name}.log", "a")  # a resumed run appends to its log
         procs[name] = (subprocess.Popen(argv_, stdout=log, stderr=subprocess.STDOUT), log)
     failed = 0
     for name, (proc, log) in procs.items():

@@ -11,6 +11,9 @@ space (tiltflow.worlds.shapes.evaluate).
         --teacher checkpoints/shapes/eval_h200/teacher_50steps_cfg3_metrics.json \\
         --teacher checkpoints/shapes/eval/teacher_4steps_cfg3_metrics.json \\
         --run ac_dmd=runs/shapes/ac_dmd_s0 --run ac_dmd=runs/shapes/ac_dmd_s1 ... --out benchmarks/results/shapes.json
+
+The distillation runs of benchmarks/results/shapes.json are kept in benchmarks/results/shapes_runs/ (how they were
+made: its PROVENANCE.json, given with --runs-provenance).
 """
 
 from __future__ import annotations
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a teacher metrics JSON written by `tiltflow eval --run MODELS` (repeatable)")
     p.add_argument("--run", action="append", default=[], metavar="LABEL=DIR",
                    help="a finished stage run (final_metrics.json); repeat a LABEL for its seeds")
+    p.add_argument("--runs-provenance", type=Path, default=None,
+                   help="a JSON saying how the --run directories were made (device, commands, commit), copied in")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -111,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                   datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit, "host": platform.node(),
                   "cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
               "columns": COLUMNS, "rows": rows}
+    if args.runs_provenance is not None:
+        result["runs_provenance"] = json.loads(args.runs_provenance.read_text())
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(rows))
     return 0
