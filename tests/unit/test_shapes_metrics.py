@@ -53,3 +53,17 @@ def test_renders_are_close_to_renders_and_blank_images_are_not():
     near = embedding_metrics(_pixel_embed, renders, prompts, batch_size=8)["fd/reward_embed"]
     far = embedding_metrics(_pixel_embed, blank, prompts, batch_size=8)["fd/reward_embed"]
     assert far > 10 * max(near, 1e-6)
+
+
+def test_one_sample_has_no_distribution_columns_and_frechet_says_why():
+    """One evaluated sample (eval.max_prompts=1 eval.num_per_prompt=1): no covariance, so no FD and no
+    diversity, instead of a failed eigendecomposition at the end of a run."""
+    prompt = "a photo of a red circle"
+    assert embedding_metrics(_pixel_embed, render(parse(prompt), 32, 0)[None], [prompt], batch_size=2) == {}
+    one = torch.zeros(1, 3, dtype=torch.float64)
+    try:
+        frechet_distance(one, torch.zeros(5, 3, dtype=torch.float64))
+    except ValueError as err:
+        assert "at least 2 samples" in str(err) and "got 1 and 5" in str(err)
+    else:
+        raise AssertionError("frechet_distance accepted one sample")

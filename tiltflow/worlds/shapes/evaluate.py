@@ -69,7 +69,10 @@ def _embed_all(embed: Callable[[Tensor], Tensor], images: np.ndarray, batch_size
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
     """|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two sets of row vectors (float64); the trace
-    of the matrix square root is that of the symmetric S_a^(1/2) S_b S_a^(1/2), whose eigenvalues are >= 0."""
+    of the matrix square root is that of the symmetric S_a^(1/2) S_b S_a^(1/2), whose eigenvalues are >= 0.
+    Each set needs two rows at least (a covariance of one row is undefined)."""
+    if min(len(a), len(b)) < 2:
+        raise ValueError(f"the Frechet distance needs at least 2 samples in each set, got {len(a)} and {len(b)}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
     w, v = torch.linalg.eigh(cov_a)
@@ -83,7 +86,8 @@ def embedding_metrics(embed: Callable[[Tensor], Tensor], images: np.ndarray, pro
     """diversity/within_prompt: the mean pairwise cosine distance (1 - cos) between the embeddings of the
     samples of one prompt, averaged over prompts with at least two samples. fd/reward_embed: the Frechet
     distance between the samples' embeddings and those of renders of the same prompts (one render per sample,
-    seed render_seed + i), i.e. against the data distribution of the evaluated prompt set."""
+    seed render_seed + i), i.e. against the data distribution of the evaluated prompt set; left out for
+    fewer than 2 samples."""
     with torch.no_grad():
         feats = _embed_all(embed, images, batch_size)
         size = images.shape[1]
@@ -99,7 +103,7 @@ def embedding_metrics(embed: Callable[[Tensor], Tensor], images: np.ndarray, pro
             cos = f @ f.T
             n = len(idx)
             spreads.append(float((n * n - cos.sum()) / (n * (n - 1))))  # the diagonal's 1 - 1 adds nothing
-    out = {"fd/reward_embed": frechet_distance(feats, ref)}
+    out = {"fd/reward_embed": frechet_distance(feats, ref)} if len(prompts) > 1 else {}
     if spreads:
         out["diversity/within_prompt"] = float(np.mean(spreads))
     return out
