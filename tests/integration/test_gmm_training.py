@@ -146,6 +146,8 @@ def test_time_limit_pauses_with_a_checkpoint_and_the_same_command_resumes(stage,
     assert load(paused / "checkpoint.pt")["step"] == 2
     assert main([*argv[:-1], "time_limit_s=0"]) == 0
     assert_states_equal(load(paused / "final.pt"), load(straight / "final.pt"), "final")
+    # The changed setting was named when the run directory's config was replaced (and only that one).
+    assert "replacing it (time_limit_s: 1e-09 -> 0.0)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("stage", ["ac_dmd", "rtdmd"])

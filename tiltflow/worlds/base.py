@@ -68,15 +68,34 @@ class World(Protocol):
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
-    """Create the run directory and write the resolved config into it."""
-    from tiltflow.config.loader import to_yaml
+    """Create the run directory and write the resolved config into it. A config already there that differs
+    (a resumed run given other settings) is replaced, with a warning naming each changed key."""
+    import sys
+
+    import yaml
+
+    from tiltflow.config.loader import to_dict, to_yaml
     from tiltflow.distributed.state import is_main_process
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
     if is_main_process():
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if path.is_file():
+            changed = config_changes(yaml.safe_load(path.read_text()) or {}, to_dict(cfg))
+            if changed:
+                print(f"warning: {path} holds another config; replacing it ({'; '.join(changed[:8])}"
+                      f"{'; ...' if len(changed) > 8 else ''})", file=sys.stderr, flush=True)
+        path.write_text(to_yaml(cfg))
     return run_dir
+
+
+def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every dotted key whose value differs between two config dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(old.keys() | new.keys(), key=str)
+                for c in config_changes(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
 def text_sample_settings(sample: Any, num: int | None, prompt: int | None, seed: int | None) -> Any:
