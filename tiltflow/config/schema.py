@@ -24,6 +24,13 @@ def join_path(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+def require_min(obj: object, path: str, low: int, *names: str) -> None:
+    """Each field `names` of `obj` is at least `low`."""
+    for name in names:
+        value = getattr(obj, name)
+        require(value >= low, join_path(path, name), f"got {value}, expected >= {low}")
+
+
 def require_lr(lr: float, path: str) -> None:
     require(math.isfinite(lr) and lr > 0, path, f"got {lr}, expected a finite value > 0")
 
@@ -76,8 +83,8 @@ class Stage1Config:
     fake: FakeConfig = field(default_factory=FakeConfig)
 
     def validate(self, path: str) -> None:
-        require(self.num_iters >= 0, join_path(path, "num_iters"), "expected >= 0")
-        require(self.n_fake >= 1, join_path(path, "n_fake"), f"got {self.n_fake}, expected >= 1")
+        require_min(self, path, 0, "num_iters")
+        require_min(self, path, 1, "n_fake")
         require_lr(self.lr, join_path(path, "lr"))
         require_ema_decay(self.ema_decay, join_path(path, "ema_decay"))
         require(0 < self.tau_min < self.tau_max <= 1, path, f"need 0 < tau_min < tau_max <= 1, got "
@@ -137,10 +144,8 @@ class Stage2Config:
         require(self.group_size >= 2, join_path(path, "group_size"),
                f"got {self.group_size}, expected >= 2 (group-relative advantages need a group; with std "
                "normalisation a group of 1 has no spread)")
-        require(self.num_prompts >= 1, join_path(path, "num_prompts"), "expected >= 1")
-        require(self.accumulation >= 1, join_path(path, "accumulation"), f"got {self.accumulation}, expected >= 1")
-        require(self.n_fake >= 0, join_path(path, "n_fake"), f"got {self.n_fake}, expected >= 0")
-        require(self.ema_every >= 1, join_path(path, "ema_every"), f"got {self.ema_every}, expected >= 1")
+        require_min(self, path, 1, "num_prompts", "accumulation", "ema_every")
+        require_min(self, path, 0, "n_fake")
         require_lr(self.lr, join_path(path, "lr"))
         require_ema_decay(self.ema_decay, join_path(path, "ema_decay"))
         require(self.dm_depth >= 0, join_path(path, "dm_depth"),
@@ -162,10 +167,7 @@ class Stage2Config:
                     f"'fisher' differentiates the teacher's denoiser; {join_path(path, 'dm_target')} = "
                     "'tilted' (the rtdmd_exact stage) supports 'normalized' and 'kl'; the Fisher route is "
                     "stage=rtdmd_fullchain stage2.dm_scaling=fisher")
-            require(self.tilt_num_pairs >= 1, join_path(path, "tilt_num_pairs"),
-                    f"got {self.tilt_num_pairs}, expected >= 1")
-            require(self.tilt_posterior_steps >= 1, join_path(path, "tilt_posterior_steps"),
-                    f"got {self.tilt_posterior_steps}, expected >= 1")
+            require_min(self, path, 1, "tilt_num_pairs", "tilt_posterior_steps")
 
     def weights(self) -> tuple[float, float, float]:
         """(w_dm, w_pg, w_bp) with null resolved to beta."""
@@ -269,11 +271,9 @@ class RunConfig:
                     "stage=rtdmd_exact is now DM toward the diffused tilted target (dm_target 'tilted', no reward "
                     "terms); the former rtdmd_exact (full-chain DM + beta times the reward gradient, stage2.mode "
                     "'exact') is stage=rtdmd_fullchain")
-        for name in ("checkpoint_every", "log_every", "checkpoint_keep"):
-            require(getattr(self, name) >= 1, name, f"got {getattr(self, name)}, expected >= 1")
+        require_min(self, "", 1, "checkpoint_every", "log_every", "checkpoint_keep")
         require(0 <= self.seed < 2**63, "seed", f"got {self.seed}, expected an integer in [0, 2**63)")
-        for name in ("checkpoint_retries", "max_skipped_updates"):
-            require(getattr(self, name) >= 0, name, f"got {getattr(self, name)}, expected >= 0")
+        require_min(self, "", 0, "checkpoint_retries", "max_skipped_updates")
         require(math.isfinite(self.time_limit_s) and self.time_limit_s >= 0, "time_limit_s",
                 f"got {self.time_limit_s}, expected seconds >= 0 (0: no limit)")
         require(math.isfinite(self.checkpoint_retry_wait_s) and self.checkpoint_retry_wait_s >= 0,

@@ -9,7 +9,7 @@ from typing import Literal
 
 from tiltflow.config.diffusers import LoraSpec, SampleSpec
 from tiltflow.config.loader import ConfigError
-from tiltflow.config.schema import RunConfig, join_path, require, require_lr
+from tiltflow.config.schema import RunConfig, join_path, require, require_lr, require_min
 
 
 @dataclass
@@ -36,9 +36,8 @@ class ShapesModelSpec:
                 f"{self.resolution} is not a multiple of 2 x patch_size {self.patch_size}")
         require(self.resolution % self.clip_patch == 0, join_path(path, "clip_patch"),
                 f"{self.resolution} is not a multiple of {self.clip_patch}")
-        for name in ("num_layers", "num_heads", "head_dim", "text_hidden", "text_layers", "text_heads",
-                     "clip_hidden", "clip_layers", "clip_heads", "clip_projection"):
-            require(getattr(self, name) >= 1, join_path(path, name), f"got {getattr(self, name)}, expected >= 1")
+        require_min(self, path, 1, "num_layers", "num_heads", "head_dim", "text_hidden", "text_layers", "text_heads",
+                    "clip_hidden", "clip_layers", "clip_heads", "clip_projection")
         require(self.text_hidden % self.text_heads == 0, join_path(path, "text_heads"), "must divide text_hidden")
         require(self.clip_hidden % self.clip_heads == 0, join_path(path, "clip_heads"), "must divide clip_hidden")
 
@@ -67,8 +66,7 @@ class TeacherTrainSpec:
         require_lr(self.lr, join_path(path, "lr"))
         require(0 <= self.caption_dropout < 1, join_path(path, "caption_dropout"), "expected in [0, 1)")
         require(0 < self.ema_decay < 1, join_path(path, "ema_decay"), "expected in (0, 1)")
-        for name in ("num_iters", "batch_size", "num_images", "checkpoint_every", "log_every"):
-            require(getattr(self, name) >= 1, join_path(path, name), f"got {getattr(self, name)}, expected >= 1")
+        require_min(self, path, 1, "num_iters", "batch_size", "num_images", "checkpoint_every", "log_every")
         require(self.time_limit_s > 0, join_path(path, "time_limit_s"), "expected > 0")
 
 
@@ -86,9 +84,8 @@ class RewardModelTrainSpec:
 
     def validate(self, path: str) -> None:
         require_lr(self.lr, join_path(path, "lr"))
-        for name in ("num_iters", "batch_size", "num_images", "checkpoint_every", "log_every"):
-            require(getattr(self, name) >= 1, join_path(path, name), f"got {getattr(self, name)}, expected >= 1")
-        require(self.num_hard_negatives >= 0, join_path(path, "num_hard_negatives"), "expected >= 0")
+        require_min(self, path, 1, "num_iters", "batch_size", "num_images", "checkpoint_every", "log_every")
+        require_min(self, path, 0, "num_hard_negatives")
 
 
 @dataclass
