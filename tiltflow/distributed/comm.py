@@ -58,17 +58,13 @@ class TorchComm:
         return bool(t.item() > 0)
 
 
-class ReplicatedDataComm:
+class ReplicatedDataComm(LocalComm):
     """Every rank trains on the same data as rank 0 of a one-process run (a parity check of the sharding:
-    N ranks must then reproduce one process). The data looks single-rank; stopping is still agreed by all."""
-
-    rank, world_size = 0, 1
+    N ranks must then reproduce one process). The data looks single-rank (LocalComm's rank, world size and
+    all_gather); stopping is still agreed by all."""
 
     def __init__(self, comm: Comm):
         self.comm = comm
-
-    def all_gather(self, x: Tensor) -> Tensor:
-        return x
 
     def any(self, flag: bool) -> bool:
         return self.comm.any(flag)

@@ -41,13 +41,10 @@ def compile_blocks(units: Sequence[ShardUnit], *, backend: str | None = None) ->
     for key, value in DYNAMO_LIMITS.items():
         if hasattr(dynamo_config, key):
             setattr(dynamo_config, key, max(getattr(dynamo_config, key), value))
-    seen: set[int] = set()
-    for unit in units:
-        for block in unit.blocks:
-            if id(block) not in seen:
-                seen.add(id(block))
-                block.compile(backend=backend, dynamic=False)
-    return len(seen)
+    blocks = {id(block): block for unit in units for block in unit.blocks}  # distinct blocks, first seen first
+    for block in blocks.values():
+        block.compile(backend=backend, dynamic=False)
+    return len(blocks)
 
 
 def fsdp_shard(units: Sequence[ShardUnit], *, device_type: str, bf16: bool) -> None:

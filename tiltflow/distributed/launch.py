@@ -10,16 +10,12 @@ import torch
 from tiltflow.distributed.comm import LOCAL, Comm, TorchComm
 
 
-def launched_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def init_distributed(device: str) -> Comm:
     """Under torchrun with WORLD_SIZE > 1: initialise the default process group (NCCL on CUDA, gloo on
     CPU) and give this process its GPU (LOCAL_RANK); otherwise the single-process LocalComm."""
     import torch.distributed as dist
 
-    if launched_world_size() <= 1 and not dist.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not dist.is_initialized():
         return LOCAL
     if not dist.is_initialized():
         cuda = device.startswith("cuda")
