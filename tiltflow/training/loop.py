@@ -125,7 +125,8 @@ def run_loop(algo: Algorithm, hooks: LoopHooks, *, run_dir: Path, num_iters: int
         if done % log_every == 0 or done == end:
             log.write({"step": done, "time_s": round(time.time() - t0, 3), **metrics})
             bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:3]})
-        out_of_time = time_limit_s > 0 and done < end and _any_rank(time.time() - t0 > time_limit_s)
+        # out of time on any rank (a collective under torchrun: every rank stops at the same step)
+        out_of_time = time_limit_s > 0 and done < end and any(gather_objects(time.time() - t0 > time_limit_s))
         if done % checkpoint_every == 0 or done == end or out_of_time:
             save(done)
         if line is not None:
@@ -137,11 +138,6 @@ def run_loop(algo: Algorithm, hooks: LoopHooks, *, run_dir: Path, num_iters: int
             return done
     fault_point("after_loop", end)
     return end
-
-
-def _any_rank(flag: bool) -> bool:
-    """Whether `flag` holds on any rank (a collective under torchrun: every rank stops at the same step)."""
-    return any(gather_objects(flag))
 
 
 @contextlib.contextmanager

@@ -12,15 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from tiltflow.algorithms.common import TrainState
 from tiltflow.distributed import Comm
+from tiltflow.distributed.state import barrier, full_tensor
 from tiltflow.storage import load, save_atomic
-
-
-def _full(t: Tensor) -> Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 class ShardedCheckpointer:
@@ -49,10 +46,10 @@ class ShardedCheckpointer:
                 "model": {r: get_model_state_dict(m, options=opts) for r, m in self.modules.items()},
                 "optim": {r: get_optimizer_state_dict(self.modules[r], o, options=opts)
                           for r, o in self.optims.items()},
-                "ema": {"decay": self.state.ema.decay, "shadow": [_full(s).cpu() for s in self.state.ema.shadow]}}
+                "ema": {"decay": self.state.ema.decay, "shadow": [full_tensor(s).cpu() for s in self.state.ema.shadow]}}
         if self.comm.rank == 0:
             save_atomic(full, self.path)
-        self._barrier()
+        barrier()
 
     def load(self) -> dict[str, Any]:
         """Load the full state into this rank's shards; returns {"step": ...} for the loop (the model and
@@ -76,9 +73,3 @@ class ShardedCheckpointer:
                     saved = distribute_tensor(saved.to(shadow.device), shadow.device_mesh, shadow.placements)
                 shadow.copy_(saved)
         return {"step": full["step"], "model": None, "algo": None}
-
-    def _barrier(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.barrier()
