@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tiltflow.config.loader import ConfigError, UsageError
+from tiltflow.worlds.registry import get_world, load_run_config
 
 DEFAULT_GMM_CONFIG = Path(__file__).parent / "configs" / "gmm" / "default.yaml"
 EXIT_PAUSED = 3
@@ -28,22 +29,14 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="dotted overrides applied after the file, e.g. stage2.beta=0.5 run_dir=runs/x")
 
 
-def _load(path: Path | None, overrides: list[str]) -> Any:
-    from tiltflow.worlds.registry import load_run_config
-
-    return load_run_config(path, overrides)
-
-
 def _run_config(run: Path, overrides: list[str]) -> Any:
     """The resolved config of a run directory, pointed at that directory."""
     if not (run / "config.yaml").is_file():
         raise UsageError(f"--run {str(run)!r}: no config.yaml there; is it a run directory?")
-    return _load(run / "config.yaml", [*overrides, f"run_dir={run}"])
+    return load_run_config(run / "config.yaml", [*overrides, f"run_dir={run}"])
 
 
 def _world(cfg: Any, verb: str) -> Any:
-    from tiltflow.worlds.registry import get_world
-
     world = get_world(cfg.world)()
     if not hasattr(world, verb):
         raise UsageError(f"the {cfg.world} world has no `{verb}`")
@@ -54,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tiltflow.config.loader import to_yaml
     from tiltflow.training.spine import train
 
-    cfg = _load(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
@@ -80,7 +73,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError("give --run DIR (a finished gmm run) or --config FILE (a diffusers sample config)")
     if args.out is None:
         raise UsageError("--out is required (gmm: a .npy file; diffusers: a folder)")
-    cfg = _run_config(args.run, args.overrides) if args.run is not None else _load(args.config, args.overrides)
+    cfg = (_run_config(args.run, args.overrides) if args.run is not None
+           else load_run_config(args.config, args.overrides))
     print(_world(cfg, "sample").sample(cfg, out=args.out, texts=args.text, num=args.num, prompt=args.prompt,
                                         seed=args.seed))
     return 0
@@ -114,7 +108,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tiltflow.demo import METHODS, run_demo
 
     path = args.config or DEFAULT_GMM_CONFIG
-    cfg = _load(path, args.overrides)
+    cfg = load_run_config(path, args.overrides)
     if cfg.world != "gmm":
         raise UsageError(f"the demo runs a gmm problem; {str(path)!r} is a {cfg.world!r} config")
     if args.dry_run:
