@@ -74,6 +74,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # bf16 dense, by GPU name
 PROMPTS = [f"a photo of a {c} {o} on a {b} street" for c in ("red", "blue", "green") for o in ("cat", "car")
            for b in ("small", "large")]
 STAGES = ("1", "2", "infer", "all")
+TIME_KEY = {"1": "cycle_s", "2": "iter_s", "infer": "latency_s"}  # a run's seconds per repeat, by stage
 # --profile under several ranks: an op or kernel is a collective when its lower-cased name contains one of
 # these (NCCL kernels, gloo and c10d ops, FSDP2's all-gather / reduce-scatter regions, broadcasts).
 COLLECTIVE_NAMES = ("nccl", "gloo", "all_gather", "allgather", "reduce_scatter", "all_reduce", "allreduce",
@@ -95,11 +96,8 @@ class PassLog:
             kind = (component, name, batch, bool(out.requires_grad))
             self.calls[kind] += 1
             if out.requires_grad:
-                out.register_hook(lambda grad, kind=kind: self._backward(kind))
+                out.register_hook(lambda grad, kind=kind: self.backwards.update([kind]))
         return out
-
-    def _backward(self, kind: tuple) -> None:
-        self.backwards[kind] += 1
 
     @contextlib.contextmanager
     def counting(self) -> Any:
@@ -154,8 +152,8 @@ class Built:
     sampler: SamplerConfig
     log: PassLog
     resolution: int
-    comm: Comm = LOCAL  # the ranks (LOCAL in a single process); the algorithms draw their data through it
-    grad_sync: Any = None  # apply_parallel_plan's gradient-sync hook (FSDP2: reduce-scatter on the last micro-batch)
+    comm: Comm  # the ranks (LOCAL in a single process); the algorithms draw their data through it
+    grad_sync: Any  # apply_parallel_plan's gradient-sync hook (FSDP2: reduce-scatter on the last micro-batch)
 
 
 def adapter_class(family: str) -> Any:
@@ -222,9 +220,8 @@ def algorithm(stage: str, b: Built, args: Any, *, warmup: bool = False) -> Any:
     cfg = Stage2Config(num_prompts=1, group_size=args.batch, accumulation=1 if warmup else args.rollout_batches,
                        fake=dataclasses.replace(fake, lr=3e-6), **(exact if args.dm_target == "tilted" else {}))
     cfg.validate("stage2")
-    extra = {} if b.grad_sync is None else {"grad_sync": b.grad_sync}
     return RTDMD(cfg, b.sampler, b.task, b.roles, build_train_state(cfg, b.roles), seed=args.seed, comm=b.comm,
-                 **extra)
+                 grad_sync=b.grad_sync)
 
 
 # ---- timing ---------------------------------------------------------------------------------------------
@@ -366,10 +363,10 @@ def needed(rows: list[dict[str, Any]], r: int, time: str = "_kernel_s") -> tuple
     return seconds, flops
 
 
-def timed_repeats(fn: Any, b: Built, args: Any) -> tuple[list[float], list[tuple[Counter, Counter]], float | None]:
-    """Wall time and pass counts of each repeat; peak memory over the repeats (CUDA only). Several ranks:
-    each repeat starts and ends at a barrier (so its time, the one rank 0 measures and reports, is the slowest
-    rank's), and the peak is a list, one per rank (gathered)."""
+def timed_repeats(fn: Any, b: Built, args: Any) -> tuple[list[float], list[tuple[Counter, Counter]], list]:
+    """Wall time and pass counts of each repeat; peak memory over the repeats (CUDA only), one per rank
+    (gathered; one in a single process). Several ranks: each repeat starts and ends at a barrier (so its time,
+    the one rank 0 measures and reports, is the slowest rank's)."""
     dev = b.task.device
     if dev.type == "cuda":
         sync(dev)
@@ -386,16 +383,15 @@ def timed_repeats(fn: Any, b: Built, args: Any) -> tuple[list[float], list[tuple
             walls.append(time.perf_counter() - t0)
         snaps.append((log.calls, log.backwards))
     peak = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None
-    if b.comm.world_size > 1:
-        return walls, snaps, gather_objects(peak)
-    return walls, snaps, peak
+    return walls, snaps, gather_objects(peak)
 
 
-def summarise(key: str, walls: list[float], snaps: list, peak: Any, b: Built, args: Any,
-              images: int) -> dict[str, Any]:
-    """`images` is one rank's. Several ranks: images_per_s counts every rank's images (the run's throughput),
-    images_per_s_per_gpu one rank's; peak_mem_gib is the largest of peak_mem_gib_per_rank; efficiency and MFU
-    are rank 0's (its passes, its wall time: per GPU)."""
+def summarise(key: str, fn: Any, b: Built, args: Any, images: int) -> dict[str, Any]:
+    """The timed repeats of fn(repeat) (timed_repeats) and what they give. `images` is one repeat's on one
+    rank. Several ranks: images_per_s counts every rank's images (the run's throughput), images_per_s_per_gpu
+    one rank's; peak_mem_gib is the largest of peak_mem_gib_per_rank; efficiency and MFU are rank 0's (its
+    passes, its wall time: per GPU)."""
+    walls, snaps, peaks = timed_repeats(fn, b, args)
     rows = pass_table(b, snaps, args)
     timed = not getattr(args, "skip_pass_timing", False)
     eff = [needed(rows, r)[0] / w for r, w in enumerate(walls)] if timed else None
@@ -408,15 +404,12 @@ def summarise(key: str, walls: list[float], snaps: list, peak: Any, b: Built, ar
         out.update(spread(name, values))
     med = statistics.median(walls)
     world = b.comm.world_size
-    per_rank = peak if world > 1 else None
-    if world > 1:
-        measured = [p for p in per_rank if p is not None]
-        peak = max(measured) if measured else None
+    peak = max((p for p in peaks if p is not None), default=None)
     out.update(images_per_s=world * images / med, peak_mem_gib=peak,
                needed_kernel_s=[needed(rows, r)[0] for r in range(len(walls))] if timed else None,
                flops=[needed(rows, r)[1] for r in range(len(walls))] if timed else None, passes=rows)
     if world > 1:
-        out.update(world_size=world, images_per_s_per_gpu=images / med, peak_mem_gib_per_rank=per_rank)
+        out.update(world_size=world, images_per_s_per_gpu=images / med, peak_mem_gib_per_rank=peaks)
     return out
 
 
@@ -436,14 +429,10 @@ def bench_stage(stage: str, b: Built, args: Any) -> dict[str, Any]:
     for w in range(args.warmup):
         warm.step(w)
     del warm
-    walls, snaps, peak = timed_repeats(lambda r: algo.step(args.warmup + r), b, args)
-    if stage == "1":
-        images = (args.n_fake + 1) * args.batch
-        row = {"stage": "1", "n_fake": args.n_fake, **summarise("cycle_s", walls, snaps, peak, b, args, images)}
-    else:
-        images = args.rollout_batches * args.batch
-        row = {"stage": "2", "rollout_batches": args.rollout_batches,
-               **summarise("iter_s", walls, snaps, peak, b, args, images)}
+    # a repeat's batches: stage 1 n_fake + 1 (the fake updates and the generator update), stage 2 rollout_batches
+    field, batches = ("n_fake", args.n_fake + 1) if stage == "1" else ("rollout_batches", args.rollout_batches)
+    row = {"stage": stage, field: getattr(args, field),
+           **summarise(TIME_KEY[stage], lambda r: algo.step(args.warmup + r), b, args, batches * args.batch)}
     if args.profile:
         row["profile"] = profile(lambda: algo.step(args.warmup + args.repeats), b.task.device, args, f"stage{stage}")
     return {"batch": args.batch, **row}
@@ -464,10 +453,9 @@ def bench_inference(batch: int, b: Built, args: Any) -> dict[str, Any]:
 
     for _ in range(max(args.warmup, 1)):
         once()
-    walls, snaps, peak = timed_repeats(once, b, args)
-    out = summarise("latency_s", walls, snaps, peak, b, args, batch)
+    out = summarise(TIME_KEY["infer"], once, b, args, batch)
     # The bound: the passes it ran at their GPU kernel time (bound_wall_s: at their CUDA-event time alone).
-    bound, bound_wall = (statistics.median(needed(out["passes"], r, t)[0] for r in range(len(walls)))
+    bound, bound_wall = (statistics.median(needed(out["passes"], r, t)[0] for r in range(args.repeats))
                          for t in ("_kernel_s", "_s"))
     row = {"stage": "infer", "batch": batch, **out, "bound_s": bound, "latency_ratio": out["latency_s"] / bound,
            "bound_wall_s": bound_wall, "latency_ratio_wall": out["latency_s"] / bound_wall}
@@ -615,7 +603,7 @@ def table(runs: list[dict[str, Any]]) -> str:
         if "error" in r:
             lines.append(f"| {r['stage']} | {r.get('batch', '-')} | {r['error'][:60]} | | | | | |")
             continue
-        key = {"1": "cycle_s", "2": "iter_s", "infer": "latency_s"}[r["stage"]]
+        key = TIME_KEY[r["stage"]]
         secs = f"{r[key]:.4g} ({r[key + '_min']:.4g}-{r[key + '_max']:.4g})"
         lines.append(f"| {r['stage']} | {r['batch']} | {secs} | {fmt(r['images_per_s'])} | {fmt(r['peak_mem_gib'])} "
                      f"| {fmt(r['mfu'])} | {fmt(r['efficiency'])}; {fmt(r.get('efficiency_wall'))} "
