@@ -71,10 +71,3 @@ class ReplicatedDataComm(LocalComm):
 
 
 LOCAL = LocalComm()
-
-
-def current_comm() -> Comm:
-    """TorchComm when a process group is initialised, else the single-process LocalComm."""
-    import torch.distributed as dist
-
-    return TorchComm() if dist.is_available() and dist.is_initialized() else LOCAL

@@ -12,13 +12,9 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def is_sharded(module: nn.Module) -> bool:
-    return any(hasattr(p, "device_mesh") for p in module.parameters())
-
-
 def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
     """module.state_dict() with every sharded parameter gathered (a collective: call it on every rank)."""
-    if not is_sharded(module):
+    if not any(hasattr(p, "device_mesh") for p in module.parameters()):  # no sharded parameter
         return module.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
