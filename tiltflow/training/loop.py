@@ -102,11 +102,6 @@ def run_loop(algo: Algorithm, hooks: LoopHooks, *, run_dir: Path, num_iters: int
         log.resume_at(start)
         print(f"[{desc}] resumed from {ckpt.describe()} at step {start}", file=sys.stderr, flush=True)
     end = num_iters if stop_at is None else min(stop_at, num_iters)
-
-    def save(step: int) -> None:
-        ckpt.save({"step": step, "model": hooks.model_state(), "algo": algo.state_dict(),
-                   **({"skipped_updates": guard.skipped} if guard is not None else {})})
-
     t0 = time.time()
     bar = tqdm(range(start, end), desc=desc, disable=None if progress else True, dynamic_ncols=True, leave=False)
     line = ProgressLine(desc, start, end, progress_every_s) if progress and bar.disable else None
@@ -128,7 +123,8 @@ def run_loop(algo: Algorithm, hooks: LoopHooks, *, run_dir: Path, num_iters: int
         # out of time on any rank (a collective under torchrun: every rank stops at the same step)
         out_of_time = time_limit_s > 0 and done < end and any(gather_objects(time.time() - t0 > time_limit_s))
         if done % checkpoint_every == 0 or done == end or out_of_time:
-            save(done)
+            ckpt.save({"step": done, "model": hooks.model_state(), "algo": algo.state_dict(),
+                       **({"skipped_updates": guard.skipped} if guard is not None else {})})
         if line is not None:
             line.update(done)
         if out_of_time:
