@@ -108,10 +108,9 @@ def generate_samples(prompts: Sequence[Prompt], generate: Generate, out_dir: Pat
                 image.save(path)
                 samples.append(Sample(i, prompts[i], path))
             bar.update(len(chunk))
-    with (folder / SIDECAR).open("w") as handle:
-        for s in samples:
-            record = {"file": s.path.name, "prompt": str(s.prompt), "index": s.prompt_index, **s.prompt.metadata}
-            handle.write(json.dumps(record) + "\n")
+    records = [{"file": s.path.name, "prompt": str(s.prompt), "index": s.prompt_index, **s.prompt.metadata}
+               for s in samples]
+    (folder / SIDECAR).write_text("".join(json.dumps(record) + "\n" for record in records))
     return samples
 
 

@@ -94,9 +94,7 @@ def write_reports(results: Sequence[PromptResult], names: Sequence[str], out_dir
                   extra: dict[str, Any] | None = None, grid_size: int = 16) -> dict[str, Any]:
     """Write per_prompt.jsonl, summary.json, summary.md, index.html and grid.png; return the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "per_prompt.jsonl").open("w") as handle:
-        for r in results:
-            handle.write(json.dumps(r.to_json()) + "\n")
+    (out_dir / "per_prompt.jsonl").write_text("".join(json.dumps(r.to_json()) + "\n" for r in results))
     summary = {**summarize(results, names), **(extra or {})}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "summary.md").write_text(summary_markdown(summary))
