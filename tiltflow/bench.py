@@ -147,10 +147,9 @@ class CountedTask(DiffusersTask):
 class Built:
     adapter: Any
     models: RoleModels
-    task: CountedTask
+    task: CountedTask  # its PassLog (task.log) counts the passes of every role, reward and decode
     roles: Roles  # counted
     sampler: SamplerConfig
-    log: PassLog
     resolution: int
     comm: Comm  # the ranks (LOCAL in a single process); the algorithms draw their data through it
     grad_sync: Any  # apply_parallel_plan's gradient-sync hook (FSDP2: reduce-scatter on the last micro-batch)
@@ -203,7 +202,7 @@ def build(args: Any, stage2: bool, comm: Comm = LOCAL) -> Built:
     plain = models.roles()
     roles = Roles(CountedRole(plain.teacher, "teacher", log), CountedRole(plain.generator, "generator", log),
                   CountedRole(plain.fake, "fake", log), plain.generator_params, plain.fake_params)
-    return Built(adapter, models, task, roles, sampler, log, args.resolution, comm, grad_sync)
+    return Built(adapter, models, task, roles, sampler, args.resolution, comm, grad_sync)
 
 
 def algorithm(stage: str, b: Built, args: Any, *, warmup: bool = False) -> Any:
@@ -373,7 +372,7 @@ def timed_repeats(fn: Any, b: Built, args: Any) -> tuple[list[float], list[tuple
         torch.cuda.reset_peak_memory_stats(dev)
     walls, snaps = [], []
     for r in range(args.repeats):
-        with b.log.counting() as log:
+        with b.task.log.counting() as log:
             sync(dev)
             barrier()
             t0 = time.perf_counter()
