@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tiltflow.config.loader import ConfigError, UsageError
+from tiltflow.config.loader import ConfigError, UsageError, to_yaml, user_tree
+from tiltflow.config.schema import RENAMED_STAGES, STAGE_PRESETS
 from tiltflow.worlds.registry import get_world, load_run_config
 
 DEFAULT_GMM_CONFIG = Path(__file__).parent / "configs" / "gmm" / "default.yaml"
@@ -44,7 +45,6 @@ def _world(cfg: Any, verb: str) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tiltflow.config.loader import to_yaml
     from tiltflow.training.spine import train
 
     cfg = load_run_config(args.config, args.overrides)
@@ -103,8 +103,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tiltflow.config.loader import to_yaml, user_tree
-    from tiltflow.config.schema import STAGE_PRESETS
     from tiltflow.demo import METHODS, run_demo
 
     path = args.config or DEFAULT_GMM_CONFIG
@@ -117,8 +115,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     methods = args.methods.split(",") if args.methods else None
     unknown = sorted(set(methods or []) - set(METHODS))
     if unknown:
-        from tiltflow.config.schema import RENAMED_STAGES
-
         renamed = [RENAMED_STAGES[m] for m in unknown if m in RENAMED_STAGES]
         raise UsageError(f"unknown --methods {unknown}; choose from {METHODS}" + "".join(f" ({r})" for r in renamed))
     user = user_tree(path, args.overrides, STAGE_PRESETS, "stage")
