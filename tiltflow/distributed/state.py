@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import torch.distributed as dist
 from torch import Tensor, nn
 
 
 def is_main_process() -> bool:
     """True on rank 0 of a process group, and in a single process: the one that writes run files."""
-    import torch.distributed as dist
-
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
@@ -29,8 +28,6 @@ def full_tensor(t: Tensor) -> Tensor:
 
 def barrier() -> None:
     """Wait for every rank (e.g. until rank 0 has written the run files); nothing in a single process."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -38,8 +35,6 @@ def barrier() -> None:
 def gather_objects(obj: object) -> list[object]:
     """Every rank's picklable `obj`, in rank order (a collective: call it on every rank); [obj] in a single
     process."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
     out: list[object] = [None] * dist.get_world_size()
