@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from tiltflow.eval.prompts import Prompt, PromptFileError, load_prompts
 from tiltflow.eval.report import TOTAL, PromptResult, summary_markdown, write_reports
@@ -93,8 +94,6 @@ def _read_geneval_layout(subdirs: list[Path]) -> list[Sample]:
 def generate_samples(prompts: Sequence[Prompt], generate: Generate, out_dir: Path, *, samples_per_prompt: int = 1,
                      batch_size: int = 8, progress: bool = True) -> list[Sample]:
     """Generate `samples_per_prompt` images per prompt; save OUT/samples/<i>_<k>.png and the sidecar."""
-    from tqdm import tqdm
-
     folder = out_dir / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [(i, k) for i in range(len(prompts)) for k in range(samples_per_prompt)]
@@ -148,8 +147,6 @@ def score_samples(
     samples: Sequence[Sample], reward_set: RewardSet, *, batch_size: int = 8, progress: bool = True
 ) -> list[PromptResult]:
     """Score every sample (no gradients); one PromptResult per prompt, in prompt order."""
-    from tqdm import tqdm
-
     results: dict[int, PromptResult] = {}
     names = reward_set.names + [TOTAL]
     with tqdm(total=len(samples), desc="score", disable=not progress) as bar:
