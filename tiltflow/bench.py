@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity
 
 from tiltflow.algorithms.ac_dmd import ACDMD
 from tiltflow.algorithms.rtdmd import RTDMD
@@ -254,9 +256,6 @@ def kernel_seconds(fn: Any, device: torch.device) -> float:
     torch.profiler, whatever the host does between launches. On the CPU: its perf_counter time."""
     if device.type != "cuda":
         return device_seconds(fn, device, reps=1)
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity
-
     fn()
     sync(device)
     with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -469,9 +468,6 @@ def profile(fn: Any, device: torch.device, args: Any, label: str, top: int = 20)
     0). Several ranks: the run starts and ends at a barrier (inside the profile, outside its wall time), and
     `collectives` says how long this rank spent in collectives (see collective_time), with every rank's
     totals gathered."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity
-
     cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=acts) as prof:
@@ -534,8 +530,6 @@ def collective_time(prof: Any, cuda: bool) -> dict[str, Any]:
     kernels' intervals (the NCCL kernels), None on the CPU. Waits outside such a region (work.wait() in
     FSDP's own hooks) are not counted. by_name: the matched names with their calls and summed (not unioned)
     times."""
-    from torch.autograd import DeviceType
-
     def hit(name: str) -> bool:  # the bench's own barriers around the profiled run are not the iteration's
         low = name.lower()
         return any(k in low for k in COLLECTIVE_NAMES) and "barrier" not in low
