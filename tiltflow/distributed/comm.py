@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 
@@ -36,11 +37,8 @@ class TorchComm:
     """torch.distributed's default process group (initialised by the caller, e.g. under torchrun)."""
 
     def __init__(self) -> None:
-        import torch.distributed as dist
-
         if not dist.is_initialized():
             raise RuntimeError("TorchComm needs an initialised process group (torch.distributed.init_process_group)")
-        self._dist = dist
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         # NCCL reduces device tensors only; gloo reduces CPU tensors.
         self._device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
@@ -49,12 +47,12 @@ class TorchComm:
         if hasattr(x, "full_tensor"):  # a DTensor (e.g. a gradient norm of sharded parameters): its value
             x = x.full_tensor()
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        self._dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x.contiguous())
         return torch.cat(parts)
 
     def any(self, flag: bool) -> bool:
         t = torch.tensor([1.0 if flag else 0.0], device=self._device)
-        self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
 
