@@ -392,11 +392,10 @@ def summarise(key: str, fn: Any, b: Built, args: Any, images: int) -> dict[str, 
     walls, snaps, peaks = timed_repeats(fn, b, args)
     rows = pass_table(b, snaps, args)
     timed = not getattr(args, "skip_pass_timing", False)
-    eff = [needed(rows, r)[0] / w for r, w in enumerate(walls)] if timed else None
+    need = [needed(rows, r) for r in range(len(walls))] if timed else None  # (kernel seconds, FLOPs) per repeat
+    eff = [s / w for (s, _), w in zip(need, walls)] if timed else None
     eff_wall = [needed(rows, r, "_s")[0] / w for r, w in enumerate(walls)] if timed else None
-    peak_tflops = args.peak_tflops
-    mfu = ([needed(rows, r)[1] / w / (peak_tflops * 1e12) for r, w in enumerate(walls)] if peak_tflops and timed
-           else None)
+    mfu = [f / w / (args.peak_tflops * 1e12) for (_, f), w in zip(need, walls)] if args.peak_tflops and timed else None
     out: dict[str, Any] = {}
     for name, values in ((key, walls), ("efficiency", eff), ("efficiency_wall", eff_wall), ("mfu", mfu)):
         out.update(spread(name, values))
@@ -404,8 +403,8 @@ def summarise(key: str, fn: Any, b: Built, args: Any, images: int) -> dict[str, 
     world = b.comm.world_size
     peak = max((p for p in peaks if p is not None), default=None)
     out.update(images_per_s=world * images / med, peak_mem_gib=peak,
-               needed_kernel_s=[needed(rows, r)[0] for r in range(len(walls))] if timed else None,
-               flops=[needed(rows, r)[1] for r in range(len(walls))] if timed else None, passes=rows)
+               needed_kernel_s=[s for s, _ in need] if timed else None,
+               flops=[f for _, f in need] if timed else None, passes=rows)
     if world > 1:
         out.update(world_size=world, images_per_s_per_gpu=images / med, peak_mem_gib_per_rank=peaks)
     return out
