@@ -451,11 +451,14 @@ def bench_inference(batch: int, b: Built, args: Any) -> dict[str, Any]:
     for _ in range(max(args.warmup, 1)):
         once()
     out = summarise(TIME_KEY["infer"], once, b, args, batch)
-    # The bound: the passes it ran at their GPU kernel time (bound_wall_s: at their CUDA-event time alone).
+    # The bound: the passes it ran at their GPU kernel time (bound_wall_s: at their CUDA-event time alone);
+    # --skip-pass-timing times no pass alone, so there is no bound (None).
+    timed = not getattr(args, "skip_pass_timing", False)
     bound, bound_wall = (statistics.median(needed(out["passes"], r, t)[0] for r in range(args.repeats))
-                         for t in ("_kernel_s", "_s"))
-    row = {"stage": "infer", "batch": batch, **out, "bound_s": bound, "latency_ratio": out["latency_s"] / bound,
-           "bound_wall_s": bound_wall, "latency_ratio_wall": out["latency_s"] / bound_wall}
+                         if timed else None for t in ("_kernel_s", "_s"))
+    row = {"stage": "infer", "batch": batch, **out, "bound_s": bound, "bound_wall_s": bound_wall,
+           "latency_ratio": out["latency_s"] / bound if timed else None,
+           "latency_ratio_wall": out["latency_s"] / bound_wall if timed else None}
     if args.profile:
         row["profile"] = profile(once, b.task.device, args, f"infer_b{batch}")
     return row

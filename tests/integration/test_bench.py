@@ -134,3 +134,17 @@ def test_bench_help_and_usage_errors(tmp_path, capsys):
     assert "--peak-tflops" in text and "--activation-checkpointing" in text and "exit codes" in text
     # A full-size architecture on the CPU is a usage error (exit 2), not an hour of swapping.
     assert main(["bench", "--arch", "sd35_medium", "--device", "cpu", "--out", str(tmp_path / "x.json")]) == 2
+
+
+def test_skip_pass_timing_counts_passes_and_reports_no_ratio(tmp_path):
+    """--skip-pass-timing times no pass alone: the passes are still counted, and efficiency, MFU, the
+    inference bound and its ratios are None (it used to fail on the missing times)."""
+    out = tmp_path / "skip.json"
+    assert main(["bench", "--arch", "tiny_sd3", "--resolution", "32", "--stage", "infer", "--batch", str(BATCH),
+                 "--num-steps", str(K), "--repeats", "1", "--warmup", "1", "--device", "cpu", "--skip-pass-timing",
+                 "--peak-tflops", "1", "--out", str(out)]) == 0
+    for run in json.loads(out.read_text())["runs"]:
+        assert _counts(run)[("transformer", "generator", run["batch"], False)] == ([K], [0])
+        assert run["latency_s"] > 0
+        for key in ("efficiency", "mfu", "bound_s", "bound_wall_s", "latency_ratio", "latency_ratio_wall"):
+            assert run[key] is None, key
