@@ -79,9 +79,10 @@ def add_lora(transformer: nn.Module, name: str, settings: LoraSettings, targets:
 def keep_input_dtype(transformer: nn.Module) -> int:
     """Under autocast only: let the LoRA layers take their (bf16) input as it is. peft casts a LoRA layer's
     input to its fp32 weights' dtype, and autocast casts it back to bf16 for the matrix product: two copies of
-    the activation per layer and per pass (a fifth of an SD3.5-M pass's GPU time at batch 9 on an H200,
-    benchmarks/results/bench_sd35_medium_infer_kernel_h200_2026-12-02.json). Without the round trip the
-    product sees the same bf16 values, so the result is the same. Returns the number of layers set."""
+    the activation per layer and per pass (mostly host launch time: on an H200, SD3.5-M 4-step inference was
+    13% faster at batch 1 and 9% at batch 9 without them, the forward's kernel time 1.7% less,
+    benchmarks/results/lora_input_cast_ab_h200_2026-12-02.json). Without the round trip the product sees
+    the same bf16 values, so the result is the same. Returns the number of layers set."""
     layers = [m for m in transformer.modules() if hasattr(m, "cast_input_dtype_enabled")]
     for m in layers:
         m.cast_input_dtype_enabled = False

@@ -81,8 +81,12 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
     if is_main_process():
-        if path.is_file():
-            changed = config_changes(yaml.safe_load(path.read_text()) or {}, to_dict(cfg))
+        try:
+            old = yaml.safe_load(path.read_text()) if path.is_file() else None
+        except (yaml.YAMLError, UnicodeDecodeError):  # unreadable: nothing to compare, it is replaced
+            old = None
+        if isinstance(old, dict):
+            changed = config_changes(old, to_dict(cfg))
             if changed:
                 print(f"warning: {path} holds another config; replacing it ({'; '.join(changed[:8])}"
                       f"{'; ...' if len(changed) > 8 else ''})", file=sys.stderr, flush=True)
