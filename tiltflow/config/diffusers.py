@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tiltflow.config.loader import ConfigError
-from tiltflow.config.schema import RunConfig, require
+from tiltflow.config.schema import RunConfig, require, require_min
 
 FAMILIES = ("sd3", "flux1", "flux2")
 
@@ -39,8 +39,7 @@ class ModelSpec:
         else:
             require(bool(self.source), f"{path}.source", "give a hub id or local folder, or set random_weights: true")
         require(self.resolution % 16 == 0, f"{path}.resolution", f"got {self.resolution}, expected a multiple of 16")
-        if self.guidance_scale < 0:
-            raise ConfigError(f"{path}.guidance_scale", f"got {self.guidance_scale}, expected >= 0")
+        require_min(self, path, 0, "guidance_scale")
 
 
 @dataclass
@@ -53,7 +52,7 @@ class LoraSpec:
     def validate(self, path: str) -> None:
         require(not (self.layout == "shared" and self.finetune == "full"), f"{path}.finetune",
                 "full fine-tuning needs layout: separate")
-        require(self.rank >= 1, f"{path}.rank", f"got {self.rank}, expected >= 1")
+        require_min(self, path, 1, "rank")
 
 
 @dataclass
@@ -77,10 +76,6 @@ class SampleSpec:
 # Differentiability of the rewards the registry knows by name (None: a user factory, known once built).
 _DIFFERENTIABLE = {"brightness": True, "clip_score": True, "pickscore": True, "hpsv2": True, "aesthetic": True,
                    "imagereward": False, "remote": False}
-
-
-def reward_differentiable(name: str) -> bool | None:
-    return _DIFFERENTIABLE.get(name)
 
 
 @dataclass
@@ -108,10 +103,9 @@ class DiffusersRunConfig(RunConfig):
             raise ConfigError("sampler.shift", f"got {self.sampler.shift} while model.family_shift is true (the "
                               "family's own shift is used); set model.family_shift: false to use sampler.shift")
         for i, c in enumerate(self.rewards):
-            if c.name not in _DIFFERENTIABLE and ":" not in c.name:
-                raise ConfigError(f"rewards[{i}].name", f"unknown reward {c.name!r}; known: "
-                                  f"{', '.join(sorted(_DIFFERENTIABLE))}, or 'package.module:factory'")
+            require(c.name in _DIFFERENTIABLE or ":" in c.name, f"rewards[{i}].name", f"unknown reward {c.name!r}; "
+                    f"known: {', '.join(sorted(_DIFFERENTIABLE))}, or 'package.module:factory'")
         # A reward whose differentiability is unknown here (a user factory) is checked when it is built.
-        known = [reward_differentiable(c.name) for c in self.rewards]
+        known = [_DIFFERENTIABLE.get(c.name) for c in self.rewards]
         if all(k is not None for k in known):
             self.check_reward_bp(any(known), "rewards")

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from tiltflow.config.loader import ConfigError
-from tiltflow.config.schema import RunConfig, join_path, require, require_lr, resolve_tilt_estimator
+from tiltflow.config.schema import RunConfig, join_path, require, require_lr, require_min, resolve_tilt_estimator
 
 
 @dataclass
@@ -108,8 +108,7 @@ class TeacherConfig:
     sample_steps: int = 64  # many-step teacher sampler (Euler, eta = 0)
 
     def validate(self, path: str) -> None:
-        require(self.guidance_scale >= 0, join_path(path, "guidance_scale"),
-                f"got {self.guidance_scale}, expected >= 0")
+        require_min(self, path, 0, "guidance_scale")
         require_lr(self.lr, join_path(path, "lr"))
         require(0 <= self.cond_dropout < 1, join_path(path, "cond_dropout"), "expected a value in [0, 1)")
 
