@@ -66,7 +66,7 @@ from tiltflow.models.roles import Roles
 from tiltflow.rewards.base import RewardOutput, RewardSet
 from tiltflow.sampling import NoisePlan, sample
 from tiltflow.training.spine import apply_parallel_plan, build_train_state
-from tiltflow.worlds.diffusers_world import DiffusersTask, MeanBrightness
+from tiltflow.worlds.diffusers_world import DiffusersTask, MeanBrightness, adapter_class
 
 ARCHS = sorted(p.stem for p in ARCH_DIR.glob("*.json"))
 # The teacher's CFG scale per architecture (METHOD.md 4.4); FLUX.1-dev takes it as its guidance input.
@@ -155,14 +155,6 @@ class Built:
     resolution: int
     comm: Comm  # the ranks (LOCAL in a single process); the algorithms draw their data through it
     grad_sync: Any  # apply_parallel_plan's gradient-sync hook (FSDP2: reduce-scatter on the last micro-batch)
-
-
-def adapter_class(family: str) -> Any:
-    from tiltflow.models.adapters.flux import FluxAdapter
-    from tiltflow.models.adapters.flux2 import Flux2Adapter
-    from tiltflow.models.adapters.sd3 import SD3Adapter
-
-    return {"sd3": SD3Adapter, "flux1": FluxAdapter, "flux2": Flux2Adapter}[family]
 
 
 def stage1_lora(adapter: Any, transformer: torch.nn.Module, rank: int, seed: int) -> dict[str, Tensor]:
@@ -312,17 +304,15 @@ def flops_per_sample(b: Built, kind: tuple, args: Any) -> tuple[int, int]:
             for m in modules:
                 m.disable_gradient_checkpointing()
         with stance:
-            with FlopCounterMode(display=False) as fwd:
-                one_pass(b, kind, 1, backward=False)()
-            both = fwd.get_total_flops()
-            if grad:
-                with FlopCounterMode(display=False) as fb:
-                    one_pass(b, kind, 1, backward=True)()
-                both = fb.get_total_flops()
+            totals = []  # the forward alone, then (with gradient) forward + backward
+            for backward in (False, True)[:1 + grad]:
+                with FlopCounterMode(display=False) as counter:
+                    one_pass(b, kind, 1, backward=backward)()
+                totals.append(counter.get_total_flops())
     finally:
         if ac:
             b.models.enable_activation_checkpointing()
-    return fwd.get_total_flops(), both - fwd.get_total_flops()
+    return totals[0], totals[-1] - totals[0]
 
 
 def pass_table(b: Built, snaps: list[tuple[Counter, Counter]], args: Any) -> list[dict[str, Any]]:

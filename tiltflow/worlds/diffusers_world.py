@@ -109,12 +109,17 @@ class DiffusersTask:
 
 
 # ---- building the pieces ------------------------------------------------------------------------------
-def build_adapter(spec: ModelSpec, device: str | torch.device, seed: int = 0) -> Any:
+def adapter_class(family: str) -> Any:
+    """The DiffusersAdapter subclass of a family ("sd3", "flux1", "flux2")."""
     from tiltflow.models.adapters.flux import FluxAdapter
     from tiltflow.models.adapters.flux2 import Flux2Adapter
     from tiltflow.models.adapters.sd3 import SD3Adapter
 
-    cls = {"sd3": SD3Adapter, "flux1": FluxAdapter, "flux2": Flux2Adapter}[spec.family]
+    return {"sd3": SD3Adapter, "flux1": FluxAdapter, "flux2": Flux2Adapter}[family]
+
+
+def build_adapter(spec: ModelSpec, device: str | torch.device, seed: int = 0) -> Any:
+    cls = adapter_class(spec.family)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", "got 'cuda' but no CUDA device is visible; set device: cpu")
