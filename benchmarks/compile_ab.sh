@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue 8, item 3: `--compile blocks` against eager for SD3.5-M (full size, random weights) on one GPU, at the
+# comparison's settings (batch 9, 512 px, seed 42, CFG 4.5 as one batched pass, eta 0.9, 4 steps, 10 fake
+# updates per generator update, LoRA r32/a64) with activation checkpointing off. One device call per part:
+#   bash benchmarks/compile_ab.sh s1 OUT_DIR     # stage-1 cycle: compiled (fills inductor's cache), then eager
+#   bash benchmarks/compile_ab.sh infer OUT_DIR  # 4-step inference at batch 1 and 9: compiled, then eager
+# Inductor's cache lives in ./.inductor (git-ignored), so a second call on the same warm machine reuses it.
+set -u
+part=${1:?part: s1 or infer}
+out=${2:?output folder}
+mkdir -p "$out"
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.inductor}
+S="--arch sd35_medium --resolution 512 --batch 9 --seed 42 --guidance-scale 4.5 --eta 0.9 --num-steps 4
+   --n-fake 10 --lora-rank 32 --lora-alpha 64 --batched-cfg --no-activation-checkpointing"
+run() {  # name, time limit (s), bench arguments...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" python3 -m tiltflow.cli bench $S "$@" --out "$out/$name.json" >"$out/$name.log" 2>&1
+  echo "$name: rc=$? wall=$((SECONDS - t0)) s"
+  tail -4 "$out/$name.log"
+}
+case $part in
+  s1)
+    run s1_compile "${S1_COMPILE_LIMIT:-440}" --stage 1 --compile blocks --warmup 1 --repeats 2 --profile
+    run s1_eager "${S1_EAGER_LIMIT:-135}" --stage 1 --compile none --warmup 1 --repeats 2 ;;
+  infer)
+    run infer_compile "${INFER_COMPILE_LIMIT:-300}" --stage infer --compile blocks --warmup 2 --repeats 5 --profile
+    run infer_eager "${INFER_EAGER_LIMIT:-100}" --stage infer --compile none --warmup 2 --repeats 5 ;;
+  *) echo "unknown part $part (s1 or infer)" >&2; exit 2 ;;
+esac
+nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
