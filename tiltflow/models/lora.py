@@ -104,14 +104,6 @@ def _gathered(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def merge_lora(transformer: nn.Module, settings: LoraSettings, targets: Sequence[str],
-               state: dict[str, Tensor]) -> None:
-    """Fold a LoRA into the transformer's own weights (then no adapter remains)."""
-    add_lora(transformer, STAGE1, settings, targets, state)
-    transformer.fuse_lora(adapter_names=[STAGE1])
-    transformer.unload_lora()
-
-
 class AdapterSwitch:
     """Which adapters of one transformer are active; () means the base model (adapters disabled)."""
 
@@ -289,10 +281,11 @@ def _prepare(base: nn.Module, settings: LoraSettings, targets: list[str], stage1
         rank = next(v.shape[0] for k, v in stage1.items() if k.endswith(".lora_A.weight"))
         s1 = LoraSettings(rank=rank, alpha=float(rank))
         s1_targets = sorted({k[: -len(".lora_A.weight")] for k in stage1 if k.endswith(".lora_A.weight")})
-        if merge:
-            merge_lora(base, s1, s1_targets, stage1)
+        add_lora(base, STAGE1, s1, s1_targets, stage1)
+        if merge:  # folded into the transformer's own weights (then no adapter remains)
+            base.fuse_lora(adapter_names=[STAGE1])
+            base.unload_lora()
         else:
-            add_lora(base, STAGE1, s1, s1_targets, stage1)
             names = (STAGE1, GENERATOR)
     return names, add_lora(base, GENERATOR, settings, targets)
 
