@@ -275,8 +275,10 @@ class DiffusersAdapter(TransformerAdapter):
         import diffusers
 
         precision = Precision.resolve(device, base_dtype, autocast)
-        pipe = load_pipeline(getattr(diffusers, cls.pipeline_class), source, what=f"{cls.family} model",
-                             dtype=precision.base_dtype, device=precision.device)
+        path, local_only = resolve_source(source, what=f"{cls.family} model")
+        pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(
+            path, **_dtype_kw(precision.base_dtype), use_safetensors=True, local_files_only=local_only)
+        pipe = pipe.to(precision.device)
         return cls(pipe, source=source, precision=precision, embed_cache_dir=embed_cache_dir, **family)
 
     @classmethod
@@ -463,13 +465,6 @@ def named_linear_modules(transformer: nn.Module, pattern: str) -> list[str]:
     if not names:
         raise ValueError(f"no Linear module of {type(transformer).__name__} matches the LoRA pattern {pattern!r}")
     return names
-
-
-def load_pipeline(pipeline_cls: Any, source: str, *, what: str, dtype: torch.dtype, device: torch.device) -> Any:
-    """from_pretrained with safetensors only and no remote code, after the fast resolution check."""
-    path, local_only = resolve_source(source, what=what)
-    pipe = pipeline_cls.from_pretrained(path, **_dtype_kw(dtype), use_safetensors=True, local_files_only=local_only)
-    return pipe.to(device)
 
 
 def _dtype_kw(dtype: torch.dtype) -> dict[str, torch.dtype]:
