@@ -22,14 +22,6 @@ INSTALL_HINT = ("ImageReward needs the optional package `image-reward` (pip inst
                 "use the 'remote' reward")
 
 
-def _import_imagereward() -> Any:
-    try:
-        import ImageReward  # noqa: N813 - the package's own name
-    except ImportError as err:
-        raise ImportError(f"{INSTALL_HINT} ({err})") from err
-    return ImageReward
-
-
 def to_pil(images: Tensor) -> list[Any]:
     """(B, 3, H, W) in [0, 1] -> PIL RGB images, rounded to uint8 as a saved PNG would be."""
     from PIL import Image
@@ -57,7 +49,10 @@ class ImageRewardScorer:
 def build_imagereward(model: str = DEFAULT_MODEL, *, device: str = "cpu", download_root: str | None = None,
                       med_config: str | None = None, name: str = "imagereward") -> ImageRewardScorer:
     """model: "ImageReward-v1.0" (fetched from THUDM/ImageReward by the package) or a local checkpoint path."""
-    package = _import_imagereward()
-    loaded = package.load(model, device=device, download_root=download_root, med_config=med_config)
+    try:
+        import ImageReward  # noqa: N813 - the package's own name
+    except ImportError as err:
+        raise ImportError(f"{INSTALL_HINT} ({err})") from err
+    loaded = ImageReward.load(model, device=device, download_root=download_root, med_config=med_config)
     loaded.eval().requires_grad_(False)
     return ImageRewardScorer(loaded, name=name)
