@@ -12,7 +12,7 @@ the reference recipe in its own regime next to the exact mode, and the reference
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -123,9 +123,7 @@ def trained_teacher(cfg: GMMRunConfig, gmm: ConditionalGMM, base: Path, tree: di
     if not (base / "teacher" / "teacher.pt").exists():
         log(f"[{tag}] training the neural teacher (flow matching)")
         train(method_config(cfg, "teacher", base / "teacher", None, base / "teacher", tree), progress=progress)
-    teacher_cfg = copy.deepcopy(cfg)
-    teacher_cfg.teacher_run = str(base / "teacher")
-    return run_teacher(teacher_cfg, gmm, progress)
+    return run_teacher(dataclasses.replace(cfg, teacher_run=str(base / "teacher")), gmm, progress)
 
 
 def load_bounded_config() -> GMMRunConfig:

@@ -9,6 +9,7 @@ plain state dicts, loaded weights-only.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,8 +88,7 @@ class GMMWorld:
 
     def train_teacher(self, cfg: GMMRunConfig, *, progress: bool = True) -> dict[str, Any]:
         """The `teacher` stage: flow matching into cfg.run_dir (teacher.pt), with samples.png and curves.png."""
-        cfg = copy.deepcopy(cfg)
-        cfg.teacher_run = cfg.run_dir
+        cfg = dataclasses.replace(cfg, teacher_run=cfg.run_dir)
         gmm = build_gmm(cfg.problem)
         net = run_teacher(cfg, gmm, progress)
         reference = build_reference(cfg, gmm, net)
@@ -151,8 +151,7 @@ class GMMWorld:
         gmm = build_gmm(cfg.problem)
         net, how = load_run_model(cfg, gmm)
         teacher = load_teacher_net(cfg, gmm) if cfg.teacher.kind == "neural" else None
-        cfg = copy.deepcopy(cfg)
-        cfg.eval.num_samples = num
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, num_samples=num))
         metrics = evaluate(run_samples(net, cfg, gmm, num, seed), build_reference(cfg, gmm, teacher))
         target = ("the SIR tilt of the neural teacher's own samples" if cfg.teacher.kind == "neural"
                   else "the exact analytic p_tilde")
@@ -173,8 +172,7 @@ def run_teacher(cfg: GMMRunConfig, gmm: ConditionalGMM, progress: bool = True) -
     if path.exists():
         return load_teacher_net(cfg, gmm)
     out.mkdir(parents=True, exist_ok=True)
-    tcfg = copy.deepcopy(cfg)
-    tcfg.stage, tcfg.run_dir, tcfg.teacher_run, tcfg.init_from = "teacher", str(out), str(out), None
+    tcfg = dataclasses.replace(cfg, stage="teacher", run_dir=str(out), teacher_run=str(out), init_from=None)
     (out / "config.yaml").write_text(to_yaml(tcfg))
     model, curve = train_teacher(gmm, cfg.teacher, cfg.model, cfg.seed, progress)
     with (out / "metrics.jsonl").open("w") as f:
