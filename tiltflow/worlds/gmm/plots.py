@@ -223,13 +223,12 @@ def _plot_clipped(ax: Any, steps: np.ndarray, values: np.ndarray, ylim: tuple[fl
 def metric_curves(path: str | Path, curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
                   metrics: Sequence[str], *, references: Mapping[str, float] | None = None,
                   ylims: Mapping[str, tuple[float, float]] | None = None, ncols: int = 3, panel_size: float = 3.5,
-                  titles: Mapping[str, str] | None = None, ylabels: Mapping[str, str] | None = None,
-                  xlabel: str = "training step", groups: Mapping[str, Sequence[str]] | None = None) -> Path:
+                  groups: Mapping[str, Sequence[str]] | None = None) -> Path:
     """One subplot per metric with a line per method: curves[method][metric] = [(step, value), ...].
 
     references[metric], if given, is drawn as a dashed horizontal line (an exact value or a noise floor).
-    Methods without a metric are skipped in that subplot. Panel titles and y-axis labels default to
-    metric_label(metric); titles / ylabels override them. With ylims[metric], values beyond the limits are
+    Methods without a metric are skipped in that subplot. Panel titles and y-axis labels are
+    metric_label(metric); the x axis is the training step. With ylims[metric], values beyond the limits are
     drawn on the frame's edge (triangles, dotted) and listed in the panel, so every method in the legend has
     a visible line. groups = {row title: [methods]} draws one row of panels per group (e.g. runs of
     different lengths get their own step axis); without it, every method shares each panel.
@@ -254,7 +253,6 @@ def metric_curves(path: str | Path, curves: Mapping[str, Mapping[str, Sequence[t
     for (_, methods), row in zip(rows, row_axes):
         for ax, metric in zip(row, metrics):
             title, ylabel = metric_label(metric)
-            title, ylabel = (titles or {}).get(metric, title), (ylabels or {}).get(metric, ylabel)
             ylim = ylims.get(metric) if ylims else None
             notes = []
             if not any(curves[method].get(metric) for method in methods):
@@ -271,7 +269,7 @@ def metric_curves(path: str | Path, curves: Mapping[str, Mapping[str, Sequence[t
             if ylim is not None:  # keep diverging runs from flattening the others
                 ax.set_ylim(*ylim)
             hidden = _overlap_notes(curves, methods, metric, ylim)
-            lines = [xlabel]
+            lines = ["training step"]
             if notes:
                 lines += ["off the axis (triangles):", *notes]
             if hidden:
