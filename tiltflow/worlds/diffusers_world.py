@@ -303,8 +303,6 @@ def write_samples(cfg: DiffusersRunConfig, adapter: Any, generator: Any, sampler
     """cfg.sample.num_per_prompt images of each prompt by `generator` in sampler.num_steps CPS steps. A
     sharded generator samples on every rank (its forwards gather the weights: a collective); every rank
     draws the same noise for the same prompts, and rank 0 alone writes the files."""
-    from PIL import Image
-
     from tiltflow.eval.report import write_grid
     from tiltflow.flow.conventions import few_step_sigmas
     from tiltflow.sampling import NoisePlan
@@ -315,24 +313,39 @@ def write_samples(cfg: DiffusersRunConfig, adapter: Any, generator: Any, sampler
     shape = adapter.latent_shape(cfg.model.resolution, cfg.model.resolution)
     todo = [p for p in prompts for _ in range(cfg.sample.num_per_prompt)]
     g = torch.Generator().manual_seed(cfg.sample.seed)
-    out = Path(out_dir)
+
+    def draw(start: int, batch: list[str]) -> Tensor:
+        cond = adapter.encode(batch)
+        plan = NoisePlan.fresh(len(batch), shape, sampler.num_steps, g, device=adapter.device)
+        return adapter.decode(run_sampler(lambda x, s: generator.velocity(x, s, cond), sigmas, plan, eta=eta).final)
+
+    paths, _ = write_pngs(todo, cfg.sample.batch_size, draw, Path(out_dir))
+    if is_main_process():
+        write_grid([str(p) for p in paths[:64]], Path(out_dir) / "grid.png", captions=todo[:64])
+    return paths
+
+
+def write_pngs(prompts: Sequence[str], batch_size: int, draw: Callable[[int, list[str]], Tensor], out: Path,
+               extra: Callable[[int], dict[str, Any]] = lambda i: {}) -> tuple[list[Path], list[Any]]:
+    """Sample i of `prompts` as out/<i>.png plus a line {"file", "prompt", **extra(i)} of out/index.jsonl,
+    batch_size at a time (draw(start, batch) -> images in [0, 1] of prompts[start:start + len(batch)]). Every
+    rank draws; rank 0 alone writes. Returns the paths and the uint8 (H, W, 3) images."""
+    from PIL import Image
+
     main = is_main_process()
     if main:
         out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
+    images: list[Any] = []
     with (out / "index.jsonl").open("w") if main else contextlib.nullcontext() as index:
-        for start in range(0, len(todo), cfg.sample.batch_size):
-            batch = todo[start:start + cfg.sample.batch_size]
-            cond = adapter.encode(batch)
-            plan = NoisePlan.fresh(len(batch), shape, sampler.num_steps, g, device=adapter.device)
-            x = run_sampler(lambda x, s, c=cond: generator.velocity(x, s, c), sigmas, plan, eta=eta).final
-            images = (adapter.decode(x) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            for j, (prompt, img) in enumerate(zip(batch, images)):
+        for start in range(0, len(prompts), batch_size):
+            batch = list(prompts[start:start + batch_size])
+            pixels = (draw(start, batch) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            for j, (prompt, img) in enumerate(zip(batch, pixels)):
                 path = out / f"{start + j:05d}.png"
                 if index is not None:
                     Image.fromarray(img).save(path)
-                    index.write(json.dumps({"file": path.name, "prompt": prompt}) + "\n")
+                    index.write(json.dumps({"file": path.name, "prompt": prompt, **extra(start + j)}) + "\n")
                 paths.append(path)
-    if main:
-        write_grid([str(p) for p in paths[:64]], out / "grid.png", captions=todo[:64])
-    return paths
+                images.append(img)
+    return paths, images

@@ -27,6 +27,7 @@ from tiltflow.worlds.diffusers_world import (
     read_prompt_file,
     sampling_models,
     write_final,
+    write_pngs,
 )
 from tiltflow.worlds.shapes.evaluate import eval_prompts, evaluate_samples, write_eval, write_marked_grid
 from tiltflow.worlds.shapes.models import ShapesAdapter
@@ -138,26 +139,18 @@ class ShapesWorld:
         """Few-step samples of a finished stage run: PNGs, index.jsonl (file, prompt, seed), a marked grid."""
         import dataclasses
 
-        from PIL import Image
-
         cfg = dataclasses.replace(cfg, sample=text_sample_settings(cfg.sample, num, prompt, seed))
         prompts = check_prompts(list(texts)) if texts else read_prompts(cfg)
         adapter, models = sampling_models(cfg, build_models)
         todo = [p for p in prompts for _ in range(cfg.sample.num_per_prompt)]
         seeds = [cfg.sample.seed + i for i in range(len(todo))]
+
+        def draw(start: int, batch: list[str]) -> Tensor:
+            x = few_step(models, adapter, cfg.sampler, batch, seeds[start:start + len(batch)], cfg.sample.eta)
+            return adapter.decode(x)
+
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        images = []
-        with (out / "index.jsonl").open("w") as index:
-            for start in range(0, len(todo), cfg.sample.batch_size):
-                batch, bseeds = todo[start:start + cfg.sample.batch_size], seeds[start:start + cfg.sample.batch_size]
-                x = few_step(models, adapter, cfg.sampler, batch, bseeds, cfg.sample.eta)
-                pixels = (adapter.decode(x) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-                for j, (prompt, img) in enumerate(zip(batch, pixels)):
-                    name = f"{start + j:05d}.png"
-                    Image.fromarray(img).save(out / name)
-                    index.write(json.dumps({"file": name, "prompt": prompt, "seed": bseeds[j]}) + "\n")
-                    images.append(img)
+        _, images = write_pngs(todo, cfg.sample.batch_size, draw, out, lambda i: {"seed": seeds[i]})
         import numpy as np
 
         write_marked_grid(np.stack(images), todo, out / "grid.png")
