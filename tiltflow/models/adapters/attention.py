@@ -51,12 +51,6 @@ CUDNN_SDPA_VERIFIED: dict[str, frozenset[tuple[str, int]]] = {}  # family -> {(t
 _FASTEST = {"sd3": "flash", "flux1": "default", "flux2": "default"}
 
 
-def validate_attention_backend(name: str) -> str:
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, got {name!r}")
-    return name
-
-
 def cudnn_sdpa_faults(family: str, torch_version: str | None = None, cudnn_version: int | None = None) -> bool:
     """Whether cuDNN's SDPA is known (or, on an unmeasured torch/cuDNN pair, assumed) to fail this family."""
     if family not in CUDNN_SDPA_UNSAFE:
@@ -73,7 +67,8 @@ def resolve_attention_backend(name: str, *, family: str, device: torch.device, d
     Off CUDA "auto" is "default" (torch's choice). flash needs bf16/fp16 and a head dim that is a
     multiple of 8 up to 256; where it cannot run, "default" (or, for a family whose cuDNN SDPA fails,
     "efficient" or "math")."""
-    validate_attention_backend(name)
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, got {name!r}")
     if name != "auto":
         return name
     if device.type != "cuda":
@@ -118,11 +113,6 @@ class _KernelScope:
             self.open.pop().__exit__(None, None, None)
 
 
-def attention_modules(transformer: nn.Module) -> list[nn.Module]:
-    """diffusers' attention modules (Attention, AttentionModuleMixin): those that own a processor."""
-    return [m for m in transformer.modules() if hasattr(m, "processor") and hasattr(m, "set_processor")]
-
-
 def bind_attention_backend(transformer: nn.Module, backend: str) -> list[Any]:
     """Hold `backend` on every attention module of `transformer`, also when activation checkpointing
     recomputes a block during backward. Returns the hook handles; "default" installs nothing."""
@@ -130,7 +120,8 @@ def bind_attention_backend(transformer: nn.Module, backend: str) -> list[Any]:
         return []
     attention_context(backend)  # validates the name
     handles = []
-    for module in attention_modules(transformer):
+    # diffusers' attention modules (Attention, AttentionModuleMixin): those that own a processor
+    for module in [m for m in transformer.modules() if hasattr(m, "processor") and hasattr(m, "set_processor")]:
         scope = _KernelScope(backend)
         handles.append(module.register_forward_pre_hook(scope.enter))
         handles.append(module.register_forward_hook(scope.leave, always_call=True))
