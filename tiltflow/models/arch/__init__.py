@@ -7,7 +7,6 @@ also hold tiny text encoders and are what the CPU tests build.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 from collections.abc import Sequence
@@ -54,11 +53,6 @@ def word_tokenizer(model_max_length: int, chat_template: str | None = None, *, w
     return fast
 
 
-def _seeded(seed: int, device: torch.device) -> contextlib.AbstractContextManager:
-    devices = [device.index or 0] if device.type == "cuda" else []
-    return torch.random.fork_rng(devices=devices)
-
-
 def random_module(spec: dict[str, Any], *, seed: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """A diffusers or transformers model with random weights, built directly on `device`."""
     import diffusers
@@ -66,7 +60,8 @@ def random_module(spec: dict[str, Any], *, seed: int, device: torch.device, dtyp
 
     cfg = {k: v for k, v in spec.items() if not k.startswith("_")}
     cls_name = spec["_class_name"]
-    with _seeded(seed, device), torch.device(device):
+    devices = [device.index or 0] if device.type == "cuda" else []  # the RNG state restored afterwards
+    with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(seed)
         if hasattr(diffusers, cls_name) and not hasattr(transformers, cls_name):
             model = getattr(diffusers, cls_name).from_config(cfg)
