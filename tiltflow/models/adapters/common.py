@@ -256,7 +256,7 @@ class TransformerAdapter:
 class DiffusersAdapter(TransformerAdapter):
     """One diffusers pipeline seen as a tiltflow Backbone plus what a Task needs.
 
-    Subclasses implement the family-specific hooks (`forward`, `_encode_prompts`, `stub_shapes`,
+    Subclasses implement the family-specific hooks (`forward`, `_run_text_encoders`, `stub_shapes`,
     `latents_to_vae`, `vae_to_latents`, `latent_shape`, `sigma_shift`) and set `lora_pattern`.
     `forward(transformer, x, sigma, cond, guidance)` evaluates ANY transformer of this family (the base,
     a LoRA-wrapped one or a separate copy) in tiltflow's convention: x in tiltflow's latent layout,
@@ -369,6 +369,13 @@ class DiffusersAdapter(TransformerAdapter):
 
     @torch.no_grad()
     def _encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        if self.pipe.text_encoder is None:
+            raise RuntimeError(f"this {self.family} pipeline has no text encoders; build it with text encoders "
+                               "or stubs")
+        return self._run_text_encoders(prompts)
+
+    def _run_text_encoders(self, prompts: list[str]) -> dict[str, Tensor]:
+        """The family's prompt encoding through the pipeline's text encoders (under no_grad)."""
         raise NotImplementedError
 
     def stub_shapes(self) -> dict[str, tuple[int, ...]]:

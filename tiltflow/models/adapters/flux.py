@@ -72,10 +72,7 @@ class FluxAdapter(DiffusersAdapter):
                                  img_ids=image_ids(h // 2, w // 2, x.device, dtype), return_dict=False)[0]
         return unpack_2x2(tokens.float(), h, w)
 
-    @torch.no_grad()
-    def _encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
-        if self.pipe.text_encoder is None:
-            raise RuntimeError("this FLUX pipeline has no text encoders; build it with text encoders or stubs")
+    def _run_text_encoders(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
                                                     max_sequence_length=self.max_sequence_length)
         return {"prompt_embeds": embeds, "pooled": pooled}

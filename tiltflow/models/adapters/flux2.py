@@ -78,10 +78,7 @@ class Flux2Adapter(DiffusersAdapter):
                               img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
         return out[:, : h * w].float().permute(0, 2, 1).reshape(b, c, h, w)
 
-    @torch.no_grad()
-    def _encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
-        if self.pipe.text_encoder is None:
-            raise RuntimeError("this FLUX.2 pipeline has no text encoder; build it with a text encoder or stubs")
+    def _run_text_encoders(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, _ = self.pipe.encode_prompt(prompt=prompts, device=self.device,
                                             max_sequence_length=self.max_sequence_length,
                                             text_encoder_out_layers=self.text_encoder_out_layers)

@@ -8,7 +8,6 @@ exactly as StableDiffusion3Pipeline.encode_prompt builds them.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from tiltflow.models.adapters.common import DiffusersAdapter, batch_sigma
@@ -36,10 +35,7 @@ class SD3Adapter(DiffusersAdapter):
                             pooled_projections=self._cast(cond["pooled"], transformer), return_dict=False)[0]
         return v.float()
 
-    @torch.no_grad()
-    def _encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
-        if self.pipe.text_encoder is None:
-            raise RuntimeError("this SD3 pipeline has no text encoders; build it with text encoders or stubs")
+    def _run_text_encoders(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length)
