@@ -234,11 +234,6 @@ def sampling_models(cfg: Any, build: Callable[[Any, Any], tuple[Any, Any]]) -> t
     return build(cfg, init_state)
 
 
-def teacher_guidance_scale(spec: ModelSpec) -> float:
-    """The CFG scale of the teacher's velocity: FLUX.1-dev takes its guidance as an input (one pass)."""
-    return 1.0 if spec.family == "flux1" else spec.guidance_scale
-
-
 class DiffusersWorld:
     """`world: diffusers`: SD3, SD3.5, FLUX.1-dev and FLUX.2-klein through their diffusers adapters."""
 
@@ -256,7 +251,8 @@ class DiffusersWorld:
         init_state = read_final(cfg.init_from) if (not stage1 and cfg.init_from) else None
         adapter, models = build_models(cfg, init_state)
         sampler = resolved_sampler(cfg, adapter)
-        scale = teacher_guidance_scale(cfg.model)
+        # The CFG scale of the teacher's velocity: FLUX.1-dev takes its guidance as an input (one pass).
+        scale = 1.0 if cfg.model.family == "flux1" else cfg.model.guidance_scale
         task = DiffusersTask(adapter, prompts, build_rewards(cfg.rewards, adapter.device), scale,
                              cfg.model.resolution)
         guidance = "two passes" if not cfg.parallel.batched_cfg else "one pass at twice the batch"

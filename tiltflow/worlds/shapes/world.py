@@ -165,7 +165,11 @@ class ShapesWorld:
             metrics = evaluate_teacher(cfg, run_dir, num_steps=cfg.eval.teacher_steps,
                                        guidance_scale=cfg.guidance_scale, out_dir=run_dir / "eval",
                                        name=f"teacher_{cfg.eval.teacher_steps}steps_cfg{cfg.guidance_scale:g}")
-            metrics.update(reward_model_accuracy(cfg, run_dir))
+            # the reward model's pairwise accuracy against hard negatives on renders of the eval captions
+            from tiltflow.worlds.shapes.reward_model import hard_negative_accuracy, load_clip_reward
+
+            reward = load_clip_reward(run_dir / "reward_model", device=cfg.device)
+            metrics.update(hard_negative_accuracy(reward, prompt_sets()[cfg.eval.prompt_set], cfg.model.resolution))
             (run_dir / "eval" / "reward_model_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             return {"samples": str(run_dir / "eval"), "reference": "verifier", "metrics": metrics}
         path = run_dir / "final_metrics.json"
@@ -173,14 +177,6 @@ class ShapesWorld:
             raise FileNotFoundError(f"{str(path)!r} does not exist: is {str(run_dir)!r} a finished stage run?")
         return {"samples": str(run_dir / "final_grid.png"), "reference": "verifier",
                 "metrics": json.loads(path.read_text())}
-
-
-def reward_model_accuracy(cfg: ShapesRunConfig, models_dir: str | Path) -> dict[str, float]:
-    """The reward model's pairwise accuracy against hard negatives on renders of the test captions."""
-    from tiltflow.worlds.shapes.reward_model import hard_negative_accuracy, load_clip_reward
-
-    reward = load_clip_reward(Path(models_dir) / "reward_model", device=cfg.device)
-    return hard_negative_accuracy(reward, prompt_sets()[cfg.eval.prompt_set], cfg.model.resolution)
 
 
 def evaluate_teacher(cfg: ShapesRunConfig, models_dir: str | Path, *, num_steps: int, guidance_scale: float,
