@@ -103,13 +103,19 @@ class _KernelScope:
         self.backend = backend
         self.open: list[contextlib.AbstractContextManager] = []
 
+    # Inside a compiled block (parallel.compile: blocks) the hooks are traced with the block, and dynamo
+    # cannot hold a context manager open across two hooks. They step aside there: the graph is traced under
+    # the adapter's own attention_context, which fixes the kernel in the compiled forward and backward (the
+    # recomputation of a checkpointed block included, as it is part of the compiled graph).
     def enter(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
         ctx = attention_context(self.backend)
         ctx.__enter__()
         self.open.append(ctx)
 
     def leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.open:
+        if self.open and not torch.compiler.is_compiling():
             self.open.pop().__exit__(None, None, None)
 
 
