@@ -184,3 +184,26 @@ def test_a_spine_run_with_compiled_blocks(tmp_path, monkeypatch):
     recs = [json.loads(line) for line in (tmp_path / "s1" / "metrics.jsonl").read_text().splitlines()]
     losses = {k: v for r in recs for k, v in r.items() if k.endswith("loss")}
     assert losses and all(torch.isfinite(torch.tensor(float(v))) for v in losses.values()), losses
+
+
+def test_blocks_with_a_forced_kernel_share_one_graph_per_kind(monkeypatch):
+    """A forced kernel's attention hooks are removed before compiling (unbind_attention_backend): dynamo
+    guards on each module's hook ids, which differ from block to block, so hooked blocks compiled once per
+    block (past dynamo's recompile limit on SD3.5-M's 24 blocks, on the H200) instead of once per kind."""
+    from torch._dynamo.utils import counters
+
+    from tiltflow.models import arch
+
+    spec = copy.deepcopy(arch.load_arch("tiny_sd3"))
+    spec["components"]["transformer"].update(num_layers=4, dual_attention_layers=[])  # 3 alike + the last
+    monkeypatch.setattr(arch, "load_arch", lambda name: spec)
+    monkeypatch.setattr(fsdp, "COMPILE_BACKEND", "aot_eager")
+    adapter, models = _roles("math")
+    teacher = models.roles().teacher
+    spine.apply_parallel_plan(models, ParallelConfig(compile="blocks"), LOCAL)
+    counters.clear()
+    x = torch.randn(B, *adapter.latent_shape(32, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        v = teacher.velocity(x, torch.tensor([0.3, 0.6]), adapter.encode(["a red cat", "a blue dog"]))
+    assert torch.isfinite(v).all()
+    assert counters["stats"]["unique_graphs"] == 2  # the last block (context_pre_only) is the other kind

@@ -22,6 +22,7 @@ from tiltflow.distributed import Comm, ReplicatedDataComm
 from tiltflow.distributed.fsdp import FSDPGradSync, compile_blocks, fsdp_shard
 from tiltflow.distributed.launch import init_distributed
 from tiltflow.distributed.state import is_main_process
+from tiltflow.models.adapters.attention import unbind_attention_backend
 from tiltflow.models.base import cfg_owner
 from tiltflow.models.ema import EMA
 from tiltflow.models.roles import Roles
@@ -115,7 +116,10 @@ def apply_parallel_plan(models: TrainModels, cfg: ParallelConfig, comm: Comm, de
     if cfg.activation_checkpointing:
         models.enable_activation_checkpointing()
     if cfg.compile == "blocks":
-        if compile_blocks(models.shard_units(include_teacher=True), backend=compile_backend) == 0:
+        units = models.shard_units(include_teacher=True)
+        for unit in units:  # one graph per kind of block, not one per hooked block
+            unbind_attention_backend(unit.root)
+        if compile_blocks(units, backend=compile_backend) == 0:
             raise ConfigError("parallel.compile", "got 'blocks', but this world's models have no transformer "
                                                   "blocks to compile; use parallel.compile=none")
     if comm.world_size == 1:

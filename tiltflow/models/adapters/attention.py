@@ -103,10 +103,8 @@ class _KernelScope:
         self.backend = backend
         self.open: list[contextlib.AbstractContextManager] = []
 
-    # Inside a compiled block (parallel.compile: blocks) the hooks are traced with the block, and dynamo
-    # cannot hold a context manager open across two hooks. They step aside there: the graph is traced under
-    # the adapter's own attention_context, which fixes the kernel in the compiled forward and backward (the
-    # recomputation of a checkpointed block included, as it is part of the compiled graph).
+    # Inside a compiled block the hooks would be traced with it, and dynamo cannot hold a context manager open
+    # across two hooks: they step aside there (compiled blocks are unbound first, see unbind_attention_backend).
     def enter(self, module: nn.Module, args: Any) -> None:
         if torch.compiler.is_compiling():
             return
@@ -132,6 +130,23 @@ def bind_attention_backend(transformer: nn.Module, backend: str) -> list[Any]:
         handles.append(module.register_forward_pre_hook(scope.enter))
         handles.append(module.register_forward_hook(scope.leave, always_call=True))
     return handles
+
+
+def unbind_attention_backend(root: nn.Module) -> int:
+    """Remove the hooks of bind_attention_backend under `root`; returns the number removed. For compiled
+    blocks (parallel.compile: blocks): dynamo guards on each module's hook ids, which differ from block to
+    block, so hooked blocks recompile once per block (past dynamo's recompile limit on a 24-block SD3.5-M,
+    seen on the H200) instead of sharing one graph per kind of block. Without them the graph is traced
+    under the adapter's attention_context, which fixes the kernel in the compiled forward and backward (the
+    recomputation of a checkpointed block included: it is part of the compiled graph)."""
+    removed = 0
+    for module in root.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, hook in hooks.items() if isinstance(getattr(hook, "__self__", None), _KernelScope)]:
+                del hooks[key]
+                module._forward_hooks_always_called.pop(key, None)
+                removed += 1
+    return removed
 
 
 # ---- failing in the open -------------------------------------------------------------------------
