@@ -4,9 +4,10 @@
 # updates per generator update, LoRA r32/a64) with activation checkpointing off. One device call per part:
 #   bash benchmarks/compile_ab.sh s1 OUT_DIR     # stage-1 cycle: compiled (fills inductor's cache), then eager
 #   bash benchmarks/compile_ab.sh infer OUT_DIR  # 4-step inference at batch 1 and 9: compiled, then eager
+#   bash benchmarks/compile_ab.sh infer_klein OUT_DIR  # the same, then FLUX.2-klein-4B's eager stage-1 cycle
 # Inductor's cache lives in ./.inductor (git-ignored), so a second call on the same warm machine reuses it.
 set -u
-part=${1:?part: s1 or infer}
+part=${1:?part: s1, infer or infer_klein}
 out=${2:?output folder}
 mkdir -p "$out"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.inductor}
@@ -18,15 +19,20 @@ run() {  # name, time limit (s), bench arguments...
   local t0=$SECONDS
   timeout "$limit" python3 -m tiltflow.cli bench $S "$@" --out "$out/$name.json" >"$out/$name.log" 2>&1
   echo "$name: rc=$? wall=$((SECONDS - t0)) s"
+  pkill -f compile_worker 2>/dev/null  # a run stopped by timeout leaves inductor's workers behind
   tail -4 "$out/$name.log"
 }
 case $part in
   s1)
     run s1_compile "${S1_COMPILE_LIMIT:-440}" --stage 1 --compile blocks --warmup 1 --repeats 2 --profile
     run s1_eager "${S1_EAGER_LIMIT:-135}" --stage 1 --compile none --warmup 1 --repeats 2 ;;
-  infer)
-    run infer_compile "${INFER_COMPILE_LIMIT:-300}" --stage infer --compile blocks --warmup 2 --repeats 5 --profile
-    run infer_eager "${INFER_EAGER_LIMIT:-100}" --stage infer --compile none --warmup 2 --repeats 5 ;;
-  *) echo "unknown part $part (s1 or infer)" >&2; exit 2 ;;
+  infer|infer_klein)
+    run infer_compile "${INFER_COMPILE_LIMIT:-250}" --stage infer --compile blocks --warmup 2 --repeats 5 --profile
+    run infer_eager "${INFER_EAGER_LIMIT:-100}" --stage infer --compile none --warmup 2 --repeats 5
+    if [ "$part" = infer_klein ]; then
+      S=${S/sd35_medium/flux2_klein_4b}
+      run klein_s1_eager "${KLEIN_LIMIT:-150}" --stage 1 --compile none --warmup 1 --repeats 2
+    fi ;;
+  *) echo "unknown part $part (s1, infer or infer_klein)" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
