@@ -14,9 +14,7 @@ from safetensors.torch import load_file
 from tiltflow.storage import load
 from tiltflow.training.spine import train
 from tiltflow.worlds.registry import load_run_config
-from tiltflow.worlds.shapes.reward_model import REWARD_STATE
 from tiltflow.worlds.shapes.scene import VocabularyError
-from tiltflow.worlds.shapes.teacher import TEACHER_STATE
 
 TINY = ["world=shapes", "device=cpu", "log_every=1", "checkpoint_every=1",
         "model.num_layers=1", "model.num_heads=2", "model.head_dim=8", "model.text_hidden=16", "model.text_layers=1",
@@ -39,10 +37,10 @@ def models_dir(tmp_path_factory):
     # First call: out of time right after the reward model's first step (it checkpoints and stops).
     first = train(_cfg("stage=teacher", f"run_dir={root}", "teacher.time_limit_s=1e-9"), progress=False)
     assert first["finished"] == 0.0 and first["reward_model/step"] == 1.0
-    assert (root / REWARD_STATE).is_file() and not (root / "reward_model").exists()
+    assert (root / "reward_model_train.pt").is_file() and not (root / "reward_model").exists()
     second = train(_cfg("stage=teacher", f"run_dir={root}"), progress=False)
     assert second["finished"] == 1.0 and second["teacher/step"] == 4.0
-    assert load(root / TEACHER_STATE)["step"] == 4
+    assert load(root / "teacher_train.pt")["step"] == 4
     return root
 
 
@@ -66,7 +64,7 @@ def test_teacher_resume_matches_uninterrupted(tmp_path):
     (a / "teacher").rename(a / "teacher_at_2")
     train(_cfg(*common, f"run_dir={a}"), progress=False)
     train(_cfg(*common, f"run_dir={b}"), progress=False)
-    sa, sb = load(a / TEACHER_STATE), load(b / TEACHER_STATE)
+    sa, sb = load(a / "teacher_train.pt"), load(b / "teacher_train.pt")
     for k in sb["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
 
@@ -139,6 +137,6 @@ def test_time_limit_finish_never_exports_a_teacher_in_its_warmup(tmp_path):
     cfg = ["stage=teacher", f"run_dir={tmp_path}", "teacher.on_time_limit=finish", "teacher.warmup_iters=3"]
     out = train(_cfg(*cfg, "teacher.time_limit_s=1e-9"), progress=False)
     assert out["finished"] == 0.0 and out["teacher/step"] == 1.0 and not (tmp_path / "teacher").exists()
-    assert load(tmp_path / TEACHER_STATE)["step"] == 1
+    assert load(tmp_path / "teacher_train.pt")["step"] == 1
     again = train(_cfg(*cfg), progress=False)
     assert again["finished"] == 1.0 and again["teacher/step"] == 4.0 and (tmp_path / "teacher").is_dir()

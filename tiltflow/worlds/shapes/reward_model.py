@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,9 @@ import torch.nn.functional as F
 from tiltflow.config.shapes import ShapesRunConfig
 from tiltflow.worlds.shapes.data import image_pool
 from tiltflow.worlds.shapes.scene import HELD_OUT_BINDINGS, Scene, hard_negatives, prompt_sets
-from tiltflow.worlds.shapes.teacher import checkpoint, export_folder, log_row, resume, step_generator
+from tiltflow.worlds.shapes.teacher import export_folder, step_generator, train_part
 from tiltflow.worlds.shapes.text import MAX_TOKENS, build_tokenizer, text_config
 
-REWARD_STATE = "reward_model_train.pt"
 NOISE_STD_MAX = 0.1  # augmentation: pixel noise of a random std in [0, this] (images in [0, 1])
 
 
@@ -113,10 +111,8 @@ def train_reward_model(cfg: ShapesRunConfig, deadline: float, *, progress: bool 
     pool = torch.from_numpy(images).to(device)
     model = new_clip(cfg, tokenizer).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=0.1)
-    ckpt, parts = run_dir / REWARD_STATE, {"model": model, "optimizer": opt}
-    step = resume(ckpt, parts)
-    t0 = time.monotonic()
-    while step < rc.num_iters:
+
+    def train_step(step: int) -> float:
         g = step_generator(cfg.seed, step, 2)
         rng = np.random.default_rng([cfg.seed, step, 2])
         idx = torch.randint(pool.shape[0], (rc.batch_size,), generator=g)
@@ -133,19 +129,10 @@ def train_reward_model(cfg: ShapesRunConfig, deadline: float, *, progress: bool 
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        step += 1
-        if step % rc.log_every == 0 or step == rc.num_iters:
-            row = {"step": step, "loss": loss.item(), "elapsed_s": time.monotonic() - t0}
-            log_row(run_dir, "reward_model", row, rc.num_iters, progress)
-        if step % rc.checkpoint_every == 0 or time.monotonic() > deadline:
-            checkpoint(ckpt, parts, step)
-            if time.monotonic() > deadline and step < rc.num_iters:
-                if cfg.teacher.on_time_limit == "pause":
-                    return {"reward_model/finished": 0.0, "reward_model/step": float(step)}
-                break  # "finish": export the reward model as it stands
-    checkpoint(ckpt, parts, step)
-    export_clip(model, tokenizer, cfg.model.resolution, final_dir)
-    return {"reward_model/finished": 1.0, "reward_model/step": float(step)}
+        return loss.item()
+
+    return train_part(cfg, "reward_model", rc, {"model": model, "optimizer": opt}, train_step,
+                      lambda: export_clip(model, tokenizer, cfg.model.resolution, final_dir), deadline, progress)
 
 
 def export_clip(model: Any, tokenizer: Any, resolution: int, folder: Path) -> None:

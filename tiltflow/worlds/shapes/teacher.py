@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,6 @@ from tiltflow.worlds.shapes.data import image_pool
 from tiltflow.worlds.shapes.models import ShapesAdapter, new_transformer
 from tiltflow.worlds.shapes.scene import prompt_sets
 from tiltflow.worlds.shapes.text import TextEncoder, build_text_encoder
-
-TEACHER_STATE = "teacher_train.pt"
 
 
 def step_generator(seed: int, step: int, salt: int) -> torch.Generator:
@@ -67,28 +66,54 @@ def train_world_models(cfg: ShapesRunConfig, *, progress: bool = True) -> dict[s
     return out
 
 
-def resume(ckpt: Path, parts: dict[str, Any]) -> int:
-    """Load each part (a module or optimiser, by its key) from the checkpoint `ckpt` if there is one; the
-    step to go on from (0 without a checkpoint)."""
-    if not ckpt.is_file():
-        return 0
-    state = load(ckpt)
-    for name, part in parts.items():
-        part.load_state_dict(state[name])
-    return int(state["step"])
+def train_part(cfg: ShapesRunConfig, name: str, spec: Any, parts: dict[str, Any], train_step: Callable[[int], float],
+               export: Callable[[], None], deadline: float, progress: bool, *, warmup: int = 0,
+               extra_row: Callable[[int], dict[str, Any]] = lambda step: {}) -> dict[str, Any]:
+    """The training skeleton of the world's teacher and reward model (`name`): resume `parts` (modules and
+    optimisers, by key) from <name>_train.pt, call `train_step(step)` (one update; its loss) up to
+    spec.num_iters, append the mean loss since the previous row to <name>_metrics.jsonl every spec.log_every
+    steps and checkpoint every spec.checkpoint_every. Past `deadline` it checkpoints and pauses, or (with
+    teacher.on_time_limit "finish", past `warmup` steps) stops early; a finished part is checkpointed and
+    `export`ed. Returns <name>/finished and <name>/step."""
+    run_dir, label = Path(cfg.run_dir), name.replace("_", " ")
+    ckpt = run_dir / f"{name}_train.pt"
+    step = 0
+    if ckpt.is_file():
+        state = load(ckpt)
+        for key, part in parts.items():
+            part.load_state_dict(state[key])
+        step = int(state["step"])
 
+    def checkpoint() -> None:
+        save_atomic({**{key: part.state_dict() for key, part in parts.items()}, "step": step}, ckpt)
 
-def checkpoint(ckpt: Path, parts: dict[str, Any], step: int) -> None:
-    """The parts' state dicts (by key) and the step, written atomically to `ckpt` (what resume reads)."""
-    save_atomic({**{name: part.state_dict() for name, part in parts.items()}, "step": step}, ckpt)
-
-
-def log_row(run_dir: Path, name: str, row: dict[str, Any], num_iters: int, progress: bool) -> None:
-    """Append `row` to <name>_metrics.jsonl; with `progress`, print the step and loss too."""
-    with (run_dir / f"{name}_metrics.jsonl").open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    if progress:
-        print(f"{name.replace('_', ' ')} step {row['step']}/{num_iters} loss {row['loss']:.4f}", flush=True)
+    t0, losses = time.monotonic(), []
+    while step < spec.num_iters:
+        losses.append(train_step(step))
+        step += 1
+        out_of_time = time.monotonic() > deadline
+        if step % spec.log_every == 0 or step == spec.num_iters or out_of_time:  # the last row is the last step
+            row = {"step": step, "loss": sum(losses) / len(losses), **extra_row(step),
+                   "elapsed_s": time.monotonic() - t0}
+            with (run_dir / f"{name}_metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            if progress:
+                print(f"{label} step {step}/{spec.num_iters} loss {row['loss']:.4f}", flush=True)
+            losses = []
+        if step % spec.checkpoint_every == 0 or out_of_time:
+            checkpoint()
+            if out_of_time and step < spec.num_iters:
+                # A teacher still in its warm-up is not worth exporting: pause then, whatever on_time_limit says
+                # (the reward model can take a whole call's budget; the next call resumes the teacher).
+                if cfg.teacher.on_time_limit == "pause" or step < warmup:
+                    print(f"time limit reached at {label} step {step} of {spec.num_iters}: paused (checkpoint "
+                          f"saved{'; still in its warm-up, so not exported' if step < warmup else ''})")
+                    return {f"{name}/finished": 0.0, f"{name}/step": float(step)}
+                print(f"time limit reached at step {step} of {spec.num_iters}: exporting the {label} as it stands")
+                break
+    checkpoint()
+    export()
+    return {f"{name}/finished": 1.0, f"{name}/step": float(step)}
 
 
 def train_teacher(cfg: ShapesRunConfig, deadline: float, *, progress: bool = True) -> dict[str, Any]:
@@ -109,13 +134,11 @@ def train_teacher(cfg: ShapesRunConfig, deadline: float, *, progress: bool = Tru
     model = new_transformer(cfg.model, text.hidden_size, cfg.seed).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    ckpt, parts = run_dir / TEACHER_STATE, {"model": model, "ema": ema, "optimizer": opt}
-    start = resume(ckpt, parts)
     adapter = ShapesAdapter(model, text, device)
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    t0, step, losses = time.monotonic(), start, []
-    while step < tc.num_iters:
+
+    def train_step(step: int) -> float:
         g = step_generator(cfg.seed, step, 1)
         idx = torch.randint(pool.shape[0], (tc.batch_size,), generator=g).to(device)
         x0 = pool[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
@@ -139,28 +162,12 @@ def train_teacher(cfg: ShapesRunConfig, deadline: float, *, progress: bool = Tru
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - tc.ema_decay)
-        step += 1
-        losses.append(loss.item())
-        out_of_time = time.monotonic() > deadline
-        if step % tc.log_every == 0 or step == tc.num_iters or out_of_time:  # the last row is the last step
-            row = {"step": step, "loss": sum(losses) / len(losses), "lr": lr_at(step - 1, tc.lr, tc.warmup_iters),
-                   "elapsed_s": time.monotonic() - t0}
-            log_row(run_dir, "teacher", row, tc.num_iters, progress)
-            losses = []
-        if step % tc.checkpoint_every == 0 or out_of_time:
-            checkpoint(ckpt, parts, step)
-            if out_of_time and step < tc.num_iters:
-                # A teacher still in its warm-up is not worth exporting: pause then, whatever on_time_limit says
-                # (the reward model can take a whole call's budget; the next call resumes the teacher).
-                if tc.on_time_limit == "pause" or step < tc.warmup_iters:
-                    print(f"time limit reached at teacher step {step} of {tc.num_iters}: paused (checkpoint "
-                          f"saved{'; still in its warm-up, so not exported' if step < tc.warmup_iters else ''})")
-                    return {"teacher/finished": 0.0, "teacher/step": float(step)}
-                print(f"time limit reached at step {step} of {tc.num_iters}: exporting the teacher as it stands")
-                break
-    checkpoint(ckpt, parts, step)
-    export_folder(ema, final_dir)  # the EMA teacher as a diffusers folder in fp16 safetensors
-    return {"teacher/finished": 1.0, "teacher/step": float(step)}
+        return loss.item()
+
+    # The EMA teacher is exported as a diffusers folder in fp16 safetensors.
+    return train_part(cfg, "teacher", tc, {"model": model, "ema": ema, "optimizer": opt}, train_step,
+                      lambda: export_folder(ema, final_dir), deadline, progress, warmup=tc.warmup_iters,
+                      extra_row=lambda step: {"lr": lr_at(step - 1, tc.lr, tc.warmup_iters)})
 
 
 def export_folder(model: Any, folder: Path, *others: Any) -> None:
