@@ -73,24 +73,33 @@ class SampleSpec:
     weights: Literal["final", "base"] = "final"  # "base": the untrained generator init (a 4-step baseline)
 
 
+@dataclass
+class TextToImageRunConfig(RunConfig):
+    """What the text-to-image worlds' run configs (diffusers, shapes) share: the LoRA roles, a prompt file,
+    the sampling settings, and their checkpoint and log defaults."""
+
+    checkpoint_every: int = 100
+    log_every: int = 1
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    # One prompt per line. Diffusers: added to `prompts`; shapes: instead of prompt_set, captions in the world's
+    # vocabulary.
+    prompt_file: str | None = None
+    sample: SampleSpec = field(default_factory=SampleSpec)
+
+
 # Differentiability of the rewards the registry knows by name (None: a user factory, known once built).
 _DIFFERENTIABLE = {"brightness": True, "clip_score": True, "pickscore": True, "hpsv2": True, "aesthetic": True,
                    "imagereward": False, "remote": False}
 
 
 @dataclass
-class DiffusersRunConfig(RunConfig):
+class DiffusersRunConfig(TextToImageRunConfig):
     world: Literal["diffusers"] = "diffusers"
     run_dir: str = "runs/diffusers"
     device: str = "cuda"
-    checkpoint_every: int = 100
-    log_every: int = 1
     model: ModelSpec = field(default_factory=ModelSpec)
-    lora: LoraSpec = field(default_factory=LoraSpec)
     prompts: list[str] = field(default_factory=list)
-    prompt_file: str | None = None
     rewards: list[RewardChoice] = field(default_factory=lambda: [RewardChoice()])
-    sample: SampleSpec = field(default_factory=SampleSpec)
 
     def validate(self, path: str) -> None:
         super().validate(path)

@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tiltflow.config.diffusers import LoraSpec, SampleSpec
+from tiltflow.config.diffusers import TextToImageRunConfig
 from tiltflow.config.loader import ConfigError
-from tiltflow.config.schema import RunConfig, join_path, require, require_lr, require_min
+from tiltflow.config.schema import join_path, require, require_lr, require_min
 
 
 @dataclass
@@ -107,23 +107,18 @@ class ShapesEvalSpec:
 
 
 @dataclass
-class ShapesRunConfig(RunConfig):
+class ShapesRunConfig(TextToImageRunConfig):
     world: Literal["shapes"] = "shapes"
     run_dir: str = "runs/shapes/default"
     device: str = "cpu"
-    checkpoint_every: int = 100
-    log_every: int = 1
     models_dir: str | None = None  # the teacher stage's run directory (text_encoder/, teacher/, reward_model/)
     model: ShapesModelSpec = field(default_factory=ShapesModelSpec)
     teacher: TeacherTrainSpec = field(default_factory=TeacherTrainSpec)
     reward_model: RewardModelTrainSpec = field(default_factory=RewardModelTrainSpec)
     guidance_scale: float = 3.0  # the teacher's CFG scale inside distillation and in its many-step samples
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    prompt_set: Literal["train", "test"] = "train"  # the prompts the distillation draws from
-    prompt_file: str | None = None  # instead: one caption per line, in the world's vocabulary
+    prompt_set: Literal["train", "test"] = "train"  # the prompts the distillation draws from (or prompt_file)
     rewards: list[ShapesRewardChoice] = field(default_factory=lambda: [ShapesRewardChoice()])
     eval: ShapesEvalSpec = field(default_factory=ShapesEvalSpec)
-    sample: SampleSpec = field(default_factory=SampleSpec)
 
     def validate(self, path: str) -> None:
         super().validate(path)
