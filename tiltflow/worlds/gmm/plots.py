@@ -104,40 +104,39 @@ def _outside_note(ax: Any, samples: np.ndarray, extent: Sequence[float], min_fra
 def scatter_over_density(path: str | Path, panels: Sequence[tuple[str, np.ndarray]],
                          log_density_fn: Callable[[torch.Tensor], Any] | None = None,
                          extent: Sequence[float] = (-4.0, 4.0, -4.0, 4.0), *, grid_size: int = 200,
-                         num_levels: int = 8, log_range: float = 10.0, max_points: int = 4000, ncols: int = 4,
-                         panel_size: float = 3.0, title: str | None = None,
-                         axis_labels: tuple[str, str] = ("x[0]", "x[1]"), outside_min_fraction: float = 0.01) -> Path:
-    """One subplot per (title, samples (N, d)) panel: coordinates 0 and 1 scattered over contours.
+                         ncols: int = 4, title: str | None = None) -> Path:
+    """One subplot (3 x 3 inches) per (title, samples (N, d)) panel: coordinates 0 and 1 scattered over
+    contours.
 
     log_density_fn maps grid points, a float64 tensor (G, 2), to log-densities (G,) (tensor or array). For
     d = 2 pass the target's log_prob; for d > 2 pass a 2-D marginal (GaussianMixture.marginal([0, 1])) or
-    None to skip the contours. Contours are drawn on the log-density at `num_levels` levels spread over
-    `log_range` nats below its maximum. At most max_points samples per panel are drawn. Axes are labelled
-    `axis_labels`; when at least `outside_min_fraction` of a panel's samples (all of them, not only the
-    drawn ones) lie outside `extent` or are not finite, the panel says so and gives their mean and sd.
+    None to skip the contours. Contours are drawn on the log-density at 8 levels spread over the 10 nats
+    below its maximum. At most 4000 samples per panel are drawn. Axes are labelled x[0] and x[1]; when at
+    least 1% of a panel's samples (all of them, not only the drawn ones) lie outside `extent` or are not
+    finite, the panel says so and gives their mean and sd.
     """
     if not panels:
         raise ValueError("scatter_over_density needs at least one panel")
-    fig, axes = _new_figure(len(panels), ncols, panel_size)
+    fig, axes = _new_figure(len(panels), ncols, 3.0)
     grid = None if log_density_fn is None else _log_density_grid(log_density_fn, extent, grid_size)
     for ax, (name, samples) in zip(axes, panels):
         all_pts = np.asarray(samples)
         if all_pts.ndim != 2 or all_pts.shape[1] < 2:
             raise ValueError(f"panel {name!r}: samples must have shape (N, d >= 2), got {all_pts.shape}")
-        pts = all_pts[:max_points]
+        pts = all_pts[:4000]
         if grid is not None:
             gx, gy, lz = grid
             top = float(np.max(lz))
-            ax.contour(gx, gy, lz, levels=np.linspace(top - log_range, top, num_levels), colors="0.4", linewidths=0.7)
+            ax.contour(gx, gy, lz, levels=np.linspace(top - 10.0, top, 8), colors="0.4", linewidths=0.7)
         ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, color="tab:blue", rasterized=True)
         ax.set_xlim(extent[0], extent[1])
         ax.set_ylim(extent[2], extent[3])
         ax.set_aspect("equal")
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel(axis_labels[0], fontsize=8)
-        ax.set_ylabel(axis_labels[1], fontsize=8)
+        ax.set_xlabel("x[0]", fontsize=8)
+        ax.set_ylabel("x[1]", fontsize=8)
         ax.tick_params(labelsize=7)
-        _outside_note(ax, all_pts, extent, outside_min_fraction)
+        _outside_note(ax, all_pts, extent, 0.01)
     if title:
         fig.suptitle(title)
     return _save(fig, path)
