@@ -317,10 +317,12 @@ def build_roles(adapter: Any, *, layout: str = "shared", finetune: str = "lora",
     teacher_guidance = getattr(adapter, "guidance", None)
     student_guidance = teacher_guidance if student_guidance is None else student_guidance
     gen_src = base if generator_base is None else generator_base
+    switches: dict[int, AdapterSwitch] = {}
     if finetune == "full":
         gen, gen_named = _full_copy(gen_src, stage1_generator)
         fake, fake_named = _full_copy(base)
         gen_names: tuple[str, ...] = ()
+        fake_adapters: tuple[str, ...] = ()
     else:
         shared_gen = layout == "shared" and generator_base is None
         own = layout == "shared" or generator_base is not None  # a dedicated generator_base needs no copy
@@ -328,16 +330,13 @@ def build_roles(adapter: Any, *, layout: str = "shared", finetune: str = "lora",
         fake = base if layout == "shared" else copy.deepcopy(base)
         gen_names, gen_named = _prepare(gen, settings, targets, stage1_generator, merge=not shared_gen)
         fake_named = add_lora(fake, FAKE, settings, targets)
-    switches: dict[int, AdapterSwitch] = {}
-    if finetune == "lora":
+        fake_adapters = (FAKE,)
         trainable = [p for _, p in gen_named + fake_named]
-        for module in {id(m): m for m in (gen, fake)}.values():
+        precision = getattr(adapter, "precision", None)
+        for module in {id(m): m for m in (gen, fake)}.values():  # each distinct LoRA-carrying transformer
             switches[id(module)] = AdapterSwitch(module, trainable)
-    fake_adapters: tuple[str, ...] = (FAKE,) if finetune == "lora" else ()
-    precision = getattr(adapter, "precision", None)
-    if finetune == "lora" and precision is not None and precision.autocast:
-        for module in {id(m): m for m in (gen, fake)}.values():
-            keep_input_dtype(module)
+            if precision is not None and precision.autocast:
+                keep_input_dtype(module)
     return RoleModels(
         finetune, base, gen, fake, gen_names, gen_named, fake_named,
         teacher_role=RoleBackbone(adapter, base, switches.get(id(base)), (), teacher_guidance),
