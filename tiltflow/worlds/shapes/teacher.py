@@ -53,9 +53,11 @@ def train_world_models(cfg: ShapesRunConfig, *, progress: bool = True) -> dict[s
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     ensure_text_encoder(cfg)
     out: dict[str, Any] = {}
-    out.update(train_reward_model(cfg, deadline, progress=progress))
-    if out.get("reward_model/finished", 0.0) == 1.0:
-        out.update(train_teacher(cfg, deadline, progress=progress))
+    for name, train in (("reward_model", train_reward_model), ("teacher", train_teacher)):
+        exported = (Path(cfg.run_dir) / name / "config.json").is_file()  # by an earlier call: done
+        out.update({f"{name}/finished": 1.0} if exported else train(cfg, deadline, progress=progress))
+        if out[f"{name}/finished"] != 1.0:  # the teacher waits for the reward model
+            break
     out["finished"] = float(out.get("teacher/finished", 0.0) == 1.0)
     record_call(Path(cfg.run_dir), cfg.device, started, time.monotonic() - t0)
     if out["finished"] == 1.0:
@@ -119,8 +121,6 @@ def train_part(cfg: ShapesRunConfig, name: str, spec: Any, parts: dict[str, Any]
 def train_teacher(cfg: ShapesRunConfig, deadline: float, *, progress: bool = True) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     final_dir = run_dir / "teacher"
-    if (final_dir / "config.json").is_file():
-        return {"teacher/finished": 1.0}
     tc, device = cfg.teacher, torch.device(cfg.device)
     text = TextEncoder(run_dir / "text_encoder", device)
     scenes = prompt_sets()["train"]
