@@ -74,13 +74,7 @@ def run_demo(cfg: GMMRunConfig, user_tree: dict, out: Path, *, log: Callable[[st
     if needs_stage1 and "ac_dmd" not in methods:
         methods = [m for m in METHODS if m in methods or m == "ac_dmd"]  # stage 2 starts from the AC-DMD student
     t_start = time.time()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    gmm = build_gmm(cfg.problem)
-    teacher_net = trained_teacher(cfg, gmm, out, user_tree, log=log, tag="demo", progress=progress)
-    log("[demo] building the reference p and p_tilde sample sets")
-    ref = build_reference(cfg, gmm, teacher_net)
-    world = GMMWorld(reference=ref)
+    gmm, teacher_net, ref, world = prepare(cfg, out, out, user_tree, log=log, tag="demo", progress=progress)
     results: dict[str, dict[str, float]] = {}
     samples: dict[str, list[torch.Tensor]] = {}
     timings: dict[str, float] = {}
@@ -117,13 +111,21 @@ def run_demo(cfg: GMMRunConfig, user_tree: dict, out: Path, *, log: Callable[[st
     return results
 
 
-def trained_teacher(cfg: GMMRunConfig, gmm: ConditionalGMM, base: Path, tree: dict, *, log: Callable[[str], None],
-                    tag: str, progress: bool) -> VelocityMLP:
-    """The neural teacher of <base>/teacher, trained there first (the `teacher` stage) when it is missing."""
+def prepare(cfg: GMMRunConfig, out: Path, base: Path, tree: dict, *, log: Callable[[str], None], tag: str,
+            progress: bool) -> tuple[ConditionalGMM, VelocityMLP, Reference, GMMWorld]:
+    """What a demo problem's methods share: its output directory `out` (with config.yaml), the mixtures, the
+    neural teacher of <base>/teacher (trained there first, the `teacher` stage, when it is missing), the
+    reference p and p_tilde sample sets and a world built on them."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    gmm = build_gmm(cfg.problem)
     if not (base / "teacher" / "teacher.pt").exists():
         log(f"[{tag}] training the neural teacher (flow matching)")
         train(method_config(cfg, "teacher", base / "teacher", None, base / "teacher", tree), progress=progress)
-    return run_teacher(dataclasses.replace(cfg, teacher_run=str(base / "teacher")), gmm, progress)
+    teacher_net = run_teacher(dataclasses.replace(cfg, teacher_run=str(base / "teacher")), gmm, progress)
+    log(f"[{tag}] building the reference p and p_tilde sample sets")
+    ref = build_reference(cfg, gmm, teacher_net)
+    return gmm, teacher_net, ref, GMMWorld(reference=ref)
 
 
 def load_bounded_config() -> GMMRunConfig:
@@ -136,17 +138,12 @@ def run_bounded(cfg: GMMRunConfig, main_out: Path, *, log: Callable[[str], None]
     from the main run's AC-DMD student and teacher when the mixtures are the same (p does not depend on the
     reward), else this problem's own. Then the reference's effective beta (tiltflow.worlds.gmm.effective_beta)."""
     out = main_out / "bounded"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
     t_start = time.time()
     main_cfg = main_out / "config.yaml"
     same_p = main_cfg.exists() and from_dict(GMMRunConfig, read_yaml(main_cfg)).problem.prompts == cfg.problem.prompts
     base = main_out if same_p and (main_out / "ac_dmd" / "final.pt").exists() else out
     tree = user_tree(BOUNDED_CONFIG if cfg == load_bounded_config() else None, [], STAGE_PRESETS, "stage")
-    gmm = build_gmm(cfg.problem)
-    teacher_net = trained_teacher(cfg, gmm, base, tree, log=log, tag="demo:bounded", progress=progress)
-    ref = build_reference(cfg, gmm, teacher_net)
-    world = GMMWorld(reference=ref)
+    gmm, _, ref, world = prepare(cfg, out, base, tree, log=log, tag="demo:bounded", progress=progress)
     if not (base / "ac_dmd" / "final.pt").exists():
         log("[demo:bounded] training ac_dmd (stage 1)")
         train(method_config(cfg, "ac_dmd", base / "ac_dmd", None, base / "teacher", tree), world=world,
