@@ -102,9 +102,9 @@ def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
-def text_sample_settings(sample: Any, num: int | None, prompt: int | None, seed: int | None) -> Any:
-    """A text-to-image world's sample settings under `tiltflow sample`'s options: --seed replaces
-    sample.seed; --num and --prompt belong to worlds whose prompts are indices (gmm) and are refused."""
+def text_sample_settings(cfg: Any, num: int | None, prompt: int | None, seed: int | None) -> Any:
+    """A text-to-image world's run config under `tiltflow sample`'s options: --seed replaces sample.seed;
+    --num and --prompt belong to worlds whose prompts are indices (gmm) and are refused."""
     import dataclasses
 
     from tiltflow.config.loader import UsageError
@@ -112,4 +112,4 @@ def text_sample_settings(sample: Any, num: int | None, prompt: int | None, seed:
     if num is not None or prompt is not None:
         raise UsageError("--num and --prompt are for a gmm run; here give prompts with --text (repeatable) and "
                          "the count per prompt with sample.num_per_prompt=N")
-    return sample if seed is None else dataclasses.replace(sample, seed=seed)
+    return cfg if seed is None else dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, seed=seed))

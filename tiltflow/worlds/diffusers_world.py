@@ -280,7 +280,7 @@ class DiffusersWorld:
     def sample(self, cfg: DiffusersRunConfig, *, out: Path, texts: Sequence[str] = (), num: int | None = None,
                prompt: int | None = None, seed: int | None = None) -> str:
         """`tiltflow sample --config configs/<family>/sample.yaml --out DIR`: PNGs, index.jsonl, grid.png."""
-        cfg = dataclasses.replace(cfg, sample=text_sample_settings(cfg.sample, num, prompt, seed))
+        cfg = text_sample_settings(cfg, num, prompt, seed)
         paths = sample(cfg, list(texts) or read_prompts(cfg), out)
         return f"wrote {len(paths)} images, index.jsonl and a captioned grid.png to {out}"
 

@@ -137,9 +137,7 @@ class ShapesWorld:
     def sample(self, cfg: ShapesRunConfig, *, out: Path, texts: Sequence[str] = (), num: int | None = None,
                prompt: int | None = None, seed: int | None = None) -> str:
         """Few-step samples of a finished stage run: PNGs, index.jsonl (file, prompt, seed), a marked grid."""
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, sample=text_sample_settings(cfg.sample, num, prompt, seed))
+        cfg = text_sample_settings(cfg, num, prompt, seed)
         prompts = check_prompts(list(texts)) if texts else read_prompts(cfg)
         adapter, models = sampling_models(cfg, build_models)
         todo = [p for p in prompts for _ in range(cfg.sample.num_per_prompt)]
