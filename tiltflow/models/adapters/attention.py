@@ -103,17 +103,13 @@ class _KernelScope:
         self.backend = backend
         self.open: list[contextlib.AbstractContextManager] = []
 
-    # Inside a compiled block the hooks would be traced with it, and dynamo cannot hold a context manager open
-    # across two hooks: they step aside there (compiled blocks are unbound first, see unbind_attention_backend).
     def enter(self, module: nn.Module, args: Any) -> None:
-        if torch.compiler.is_compiling():
-            return
         ctx = attention_context(self.backend)
         ctx.__enter__()
         self.open.append(ctx)
 
     def leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.open and not torch.compiler.is_compiling():
+        if self.open:
             self.open.pop().__exit__(None, None, None)
 
 
@@ -134,9 +130,10 @@ def bind_attention_backend(transformer: nn.Module, backend: str) -> list[Any]:
 
 def unbind_attention_backend(root: nn.Module) -> int:
     """Remove the hooks of bind_attention_backend under `root`; returns the number removed. For compiled
-    blocks (parallel.compile: blocks): dynamo guards on each module's hook ids, which differ from block to
-    block, so hooked blocks recompile once per block (past dynamo's recompile limit on a 24-block SD3.5-M,
-    seen on the H200) instead of sharing one graph per kind of block. Without them the graph is traced
+    blocks (parallel.compile: blocks), both seen on the H200: dynamo cannot trace a context manager opened in
+    one hook and closed in another ("generator didn't stop"), and it guards on each module's hook ids, which
+    differ from block to block, so hooked blocks recompile once per block (past dynamo's recompile limit on a
+    24-block SD3.5-M) instead of sharing one graph per kind of block. Without them the graph is traced
     under the adapter's attention_context, which fixes the kernel in the compiled forward and backward (the
     recomputation of a checkpointed block included: it is part of the compiled graph)."""
     removed = 0
