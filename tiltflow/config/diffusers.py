@@ -9,8 +9,6 @@ from typing import Any, Literal
 from tiltflow.config.loader import ConfigError
 from tiltflow.config.schema import RunConfig, require, require_min
 
-FAMILIES = ("sd3", "flux1", "flux2")
-
 
 @dataclass
 class ModelSpec:
