@@ -80,13 +80,15 @@ def _commit() -> str:
         return "unknown"
 
 
+def _rows(path: Path) -> list[dict[str, Any]]:
+    """The records of a .jsonl file (blank lines skipped); none when the file is missing."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def _model_seconds(path: Path) -> float:
-    if not path.is_file():
-        return 0.0
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     # elapsed_s restarts at every call: add the last value of each call's run of rows
     total, last = 0.0, 0.0
-    for r in rows:
+    for r in _rows(path):
         if r["elapsed_s"] < last:
             total += last
         last = r["elapsed_s"]
@@ -96,14 +98,13 @@ def _model_seconds(path: Path) -> float:
 def _steps(path: Path, planned: int) -> str:
     if not path.is_file():
         return "none (not trained)"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = _rows(path)
     return f"{rows[-1]['step'] if rows else 0} of {planned} planned"
 
 
 def write_cards(run_dir: Path, cfg: Any) -> list[Path]:
     """README.md in each model folder of a finished teacher-stage run directory."""
-    log = run_dir / CALLS
-    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    calls = _rows(run_dir / CALLS)
     commands = sorted({c["command"] for c in calls}) or ["(unknown)"]
     written = []
     planned = {"reward_model": cfg.reward_model.num_iters, "teacher": cfg.teacher.num_iters, "text_encoder": 0}
