@@ -84,12 +84,8 @@ def merged_state_dict(transformer: nn.Module, adapter_names: Sequence[str], dtyp
     """The transformer's weights with the named adapters folded in, under the plain diffusers names;
     the module itself is left untouched (so a shared teacher stays exact)."""
     state, _ = combined_lora(transformer, adapter_names) if adapter_names else ({}, 0)
-    out: dict[str, Tensor] = {}
-    for key, value in transformer.state_dict().items():
-        if ".lora_" in key:
-            continue
-        name = key.replace(".base_layer.", ".")
-        out[name] = value.detach().float().cpu()
+    out = {key.replace(".base_layer.", "."): value.detach().float().cpu()
+           for key, value in transformer.state_dict().items() if ".lora_" not in key}
     for key in [k for k in state if k.endswith(".lora_A.weight")]:
         module = key[: -len(".lora_A.weight")]
         delta = state[f"{module}.lora_B.weight"] @ state[key]
@@ -104,8 +100,7 @@ def export_merged_transformer(transformer: nn.Module, adapter_names: Sequence[st
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in dict(transformer.config).items()}
-    config["_class_name"] = type(transformer).__name__
+    config = {**dict(transformer.config), "_class_name": type(transformer).__name__}
     (out / "config.json").write_text(json.dumps(config, indent=1, default=list) + "\n")
     save_file(merged_state_dict(transformer, adapter_names, dtype), str(out / "diffusion_pytorch_model.safetensors"))
     return out
