@@ -183,7 +183,8 @@ def build(args: Any, stage2: bool, comm: Comm = LOCAL) -> Built:
     models = build_roles(adapter, layout=args.layout, lora=LoraSettings(args.lora_rank, args.lora_alpha),
                          generator_base=gen_base, stage1_generator=s1)
     plan = ParallelConfig(activation_checkpointing=args.activation_checkpointing, batched_cfg=args.batched_cfg,
-                          compile=args.compile, shard_teacher=bool(getattr(args, "shard_teacher", False)),
+                          compile=args.compile, cuda_graphs=bool(getattr(args, "cuda_graphs", False)),
+                          shard_teacher=bool(getattr(args, "shard_teacher", False)),
                           mixed_precision=getattr(args, "mixed_precision", None) is not False)
     grad_sync = apply_parallel_plan(models, plan, comm, device_type=torch.device(args.device).type)
     for m in {id(m): m for m in (models.teacher, models.generator, models.fake)}.values():
@@ -684,8 +685,11 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--attention-backend", default="auto",
                    choices=["auto", "default", "cudnn", "flash", "efficient", "math"])
-    p.add_argument("--compile", choices=["none", "blocks"], default="none",
-                   help="torch.compile each transformer block, before anything runs (as parallel.compile)")
+    p.add_argument("--compile", choices=["none", "blocks", "model"], default="none",
+                   help="torch.compile each transformer block, or each transformer whole, before anything runs "
+                        "(as parallel.compile)")
+    p.add_argument("--cuda-graphs", action="store_true", help="with --compile model on CUDA: replay each "
+                   "compiled pass as a CUDA graph (as parallel.cuda_graphs)")
     p.add_argument("--batched-cfg", action=argparse.BooleanOptionalAction, default=False,
                    help="the teacher's CFG as one pass at batch 2B, counted as such (as parallel.batched_cfg, "
                         "which is on by default in training; off here so that pass counts and results stay "

@@ -218,9 +218,18 @@ class ParallelConfig:
     # along the batch, then split) where the conditioning concatenates; false: two passes at batch B. Worlds
     # whose backbones do not offer it (gmm) and FLUX.1-dev (guidance is an input: one pass) are unaffected.
     batched_cfg: bool = True
-    # torch.compile each transformer block (after activation checkpointing, before fully_shard), or none.
+    # torch.compile each transformer block (after activation checkpointing, before fully_shard), each distinct
+    # transformer whole (one graph per pass: fewer guard checks and launches; one process only), or none.
     # The first iterations compile (minutes for a full-size model); inductor needs a C compiler on the CPU.
-    compile: Literal["none", "blocks"] = "none"
+    compile: Literal["none", "blocks", "model"] = "none"
+    # With compile: model on CUDA, replay each compiled pass as a CUDA graph (torch.compile's "reduce-overhead"
+    # mode): one launch per pass instead of thousands, for host-bound passes; memory for the recorded graphs.
+    cuda_graphs: bool = False
+
+    def validate(self, path: str) -> None:
+        require(not self.cuda_graphs or self.compile == "model", join_path(path, "cuda_graphs"),
+                f"got true with compile '{self.compile}'; CUDA graphs replay a whole compiled pass, so they need "
+                "compile: model")
 
 
 STAGE1_STAGES = ("ac_dmd", "dmd2")

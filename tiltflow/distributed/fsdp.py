@@ -4,11 +4,13 @@ cut into which blocks."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 
 @dataclass
@@ -29,22 +31,38 @@ DYNAMO_LIMITS = {"recompile_limit": 64, "accumulated_recompile_limit": 4096}
 COMPILE_BACKEND = "inductor"
 
 
-def compile_blocks(units: Sequence[ShardUnit], *, backend: str | None = None) -> int:
+def compile_blocks(units: Sequence[ShardUnit], *, backend: str | None = None, whole: bool = False,
+                   cuda_graphs: bool = False) -> int:
     """torch.compile each distinct block of the units in place (nn.Module.compile: the module and its
-    parameters stay what they are, so fully_shard and the optimisers see the same objects), and raise
-    dynamo's recompile limits to DYNAMO_LIMITS for the process. Returns the number of blocks compiled.
-    Used by the training spine (parallel.compile: blocks) and by `tiltflow bench --compile blocks`."""
+    parameters stay what they are, so fully_shard and the optimisers see the same objects), or with `whole`
+    each distinct root instead (one graph per pass), and raise dynamo's recompile limits to DYNAMO_LIMITS for
+    the process. Returns the number of modules compiled. Used by the training spine (parallel.compile) and by
+    `tiltflow bench --compile`.
+
+    cuda_graphs (whole roots only): inductor's "reduce-overhead" mode, which records each compiled pass as a
+    CUDA graph and replays it. A replay reuses its output buffers, and each call outside a pending backward
+    starts a new replay generation, so the root's outputs are cloned before they are returned: a caller may
+    keep a pass's result across later passes (the teacher's output while the fake score runs)."""
     import torch._dynamo.config as dynamo_config
 
     backend = backend or COMPILE_BACKEND
-
     for key, value in DYNAMO_LIMITS.items():
         if hasattr(dynamo_config, key):
             setattr(dynamo_config, key, max(getattr(dynamo_config, key), value))
-    blocks = {id(block): block for unit in units for block in unit.blocks}  # distinct blocks, first seen first
-    for block in blocks.values():
-        block.compile(backend=backend, dynamic=False)
-    return len(blocks)
+    found = [unit.root for unit in units] if whole else [block for unit in units for block in unit.blocks]
+    modules = {id(m): m for m in found}  # distinct modules, first seen first
+    for module in modules.values():
+        if cuda_graphs:
+            module.forward = _cloning(torch.compile(module.forward, mode="reduce-overhead", dynamic=False))
+        else:
+            module.compile(backend=backend, dynamic=False)
+    return len(modules)
+
+
+def _cloning(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return tree_map_only(torch.Tensor, torch.clone, fn(*args, **kwargs))
+    return call
 
 
 def fsdp_shard(units: Sequence[ShardUnit], *, device_type: str, bf16: bool) -> None:

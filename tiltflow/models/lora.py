@@ -160,6 +160,9 @@ class AdapterSwitch:
         def run(module: nn.Module, *args: Any) -> Any:
             names = self.current
             assert names is not None
+            if torch.compiler.is_compiling():  # a whole compiled transformer: the graph holds its adapters, and
+                # dynamo's checkpoint recomputes that graph (it has no context_fn)
+                return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
 
             def context() -> tuple[Any, Any]:
                 return contextlib.nullcontext(), self.using(names)

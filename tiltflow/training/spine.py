@@ -105,7 +105,8 @@ def _written_sharded(path: Path) -> bool:
 def apply_parallel_plan(models: TrainModels, cfg: ParallelConfig, comm: Comm, device_type: str = "cpu",
                         *, compile_backend: str | None = None) -> GradSync:
     """Prepare the models in torchtitan's order: activation checkpointing, then torch.compile of each
-    transformer block (parallel.compile: blocks; every distinct transformer, the teacher's too), then sharding
+    transformer block (parallel.compile: blocks; every distinct transformer, the teacher's too; or each
+    transformer whole: model, optionally replayed as CUDA graphs on CUDA), then sharding
     (FSDP2: each block, then the root). The teacher's CFG is set to one batched pass or two
     (parallel.batched_cfg). Returns the gradient-sync hook the algorithm calls in its accumulation loop: one
     process has nothing to synchronise; FSDP2 reduce-scatters on the last micro-batch only. `compile_backend`
@@ -115,13 +116,17 @@ def apply_parallel_plan(models: TrainModels, cfg: ParallelConfig, comm: Comm, de
         owner.batched_cfg = cfg.batched_cfg
     if cfg.activation_checkpointing:
         models.enable_activation_checkpointing()
-    if cfg.compile == "blocks":
+    if cfg.compile != "none":
+        if cfg.compile == "model" and comm.world_size > 1:
+            raise ConfigError("parallel.compile", "got 'model' on several ranks; FSDP2 shards per block, so "
+                                                  "compile per block there: parallel.compile=blocks")
         units = models.shard_units(include_teacher=True)
         for unit in units:  # one graph per kind of block, not one per hooked block
             unbind_attention_backend(unit.root)
-        if compile_blocks(units, backend=compile_backend) == 0:
-            raise ConfigError("parallel.compile", "got 'blocks', but this world's models have no transformer "
-                                                  "blocks to compile; use parallel.compile=none")
+        if compile_blocks(units, backend=compile_backend, whole=cfg.compile == "model",
+                          cuda_graphs=cfg.cuda_graphs and device_type == "cuda") == 0:
+            raise ConfigError("parallel.compile", f"got '{cfg.compile}', but this world's models have no "
+                                                  "transformer blocks to compile; use parallel.compile=none")
     if comm.world_size == 1:
         return always_sync
     units = models.shard_units(include_teacher=cfg.shard_teacher)
