@@ -66,19 +66,13 @@ class RewardSet:
 
     def __call__(self, samples: Tensor, prompts: Sequence[Any], *,
                  only_differentiable: bool = False) -> RewardSetOutput:
-        per: dict[str, Tensor] = {}
-        total: Tensor | None = None
-        diff_total: Tensor | None = None
-        for reward, w in zip(self.rewards, self.weights):
-            if only_differentiable and not reward.differentiable:
-                continue
-            scores = check_scores(reward(samples, prompts), reward.name, samples.shape[0])
-            per[reward.name] = scores
-            total = w * scores if total is None else total + w * scores
-            if reward.differentiable:
-                diff_total = w * scores if diff_total is None else diff_total + w * scores
-        if total is None:
-            total = torch.zeros(samples.shape[0], device=samples.device)
+        used = [(r, w) for r, w in zip(self.rewards, self.weights) if r.differentiable or not only_differentiable]
+        per = {r.name: check_scores(r(samples, prompts), r.name, samples.shape[0]) for r, _ in used}
+        terms = [w * per[r.name] for r, w in used]
+        diff_terms = [w * per[r.name] for r, w in used if r.differentiable]
+        # sum(rest, first): the scores' own dtype, w1 s1 + w2 s2 + ... in reward order
+        total = sum(terms[1:], terms[0]) if terms else torch.zeros(samples.shape[0], device=samples.device)
+        diff_total = sum(diff_terms[1:], diff_terms[0]) if diff_terms else None
         return RewardSetOutput(total=total, per_reward=per, differentiable_total=diff_total)
 
 
