@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from tiltflow.rewards.preprocess import ImagePreprocess
@@ -202,7 +203,7 @@ class ClipEncoder:
         """(B, 3, H, W) in [0, 1] -> (B, D), unit norm."""
         pixels = self.preprocess(images.to(self.device)).to(self.dtype)
         pooled = self.model.vision_model(pixel_values=pixels).pooler_output
-        return _normalize(self.model.visual_projection(pooled))
+        return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
 
     def text_embeds(self, texts: list[str]) -> Tensor:
         """B strings -> (B, D), unit norm. Texts are truncated to the model's context length."""
@@ -214,15 +215,10 @@ class ClipEncoder:
         )
         out = self.model.text_model(input_ids=tokens["input_ids"].to(self.device),
                                     attention_mask=tokens["attention_mask"].to(self.device))
-        return _normalize(self.model.text_projection(out.pooler_output))
+        return F.normalize(self.model.text_projection(out.pooler_output).float(), dim=-1)
 
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.exp())
-
-
-def _normalize(x: Tensor) -> Tensor:
-    x = x.float()
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def load_tokenizer(folder: Path) -> Any:
