@@ -20,14 +20,6 @@ from torch import Tensor, nn
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def _adapter_scales(transformer: nn.Module, names: Sequence[str]) -> dict[str, float]:
-    cfgs = getattr(transformer, "peft_config", {})
-    missing = [n for n in names if n not in cfgs]
-    if missing:
-        raise KeyError(f"transformer has no adapter(s) {missing}; it has {sorted(cfgs)}")
-    return {n: float(cfgs[n].lora_alpha) / float(cfgs[n].r) for n in names}
-
-
 def combine_lora_states(parts: Sequence[tuple[dict[str, Tensor], float]]) -> tuple[dict[str, Tensor], int]:
     """Sum LoRAs given as (peft state dict, scale alpha / r) into one LoRA of scale 1: (state, rank).
     A module that some part does not touch gets zero rows from that part."""
@@ -55,9 +47,12 @@ def combined_lora(transformer: nn.Module, adapter_names: Sequence[str]) -> tuple
     """The sum of the transformer's named adapters as one LoRA with scale 1: (peft state dict, rank)."""
     from peft.utils import get_peft_model_state_dict
 
-    scales = _adapter_scales(transformer, adapter_names)
-    return combine_lora_states([(get_peft_model_state_dict(transformer, adapter_name=n), scales[n])
-                                for n in adapter_names])
+    cfgs = getattr(transformer, "peft_config", {})
+    missing = [n for n in adapter_names if n not in cfgs]
+    if missing:
+        raise KeyError(f"transformer has no adapter(s) {missing}; it has {sorted(cfgs)}")
+    return combine_lora_states([(get_peft_model_state_dict(transformer, adapter_name=n),
+                                 float(cfgs[n].lora_alpha) / float(cfgs[n].r)) for n in adapter_names])
 
 
 def export_lora(transformer: nn.Module, adapter_names: Sequence[str], out_dir: str | Path, pipeline_cls: Any,
