@@ -5,12 +5,14 @@
 #   bash benchmarks/compile_ab.sh s1 OUT_DIR     # stage-1 cycle: compiled (fills inductor's cache), then eager
 #   bash benchmarks/compile_ab.sh infer OUT_DIR  # 4-step inference at batch 1 and 9: compiled, then eager
 #   bash benchmarks/compile_ab.sh infer_klein OUT_DIR  # the same, then FLUX.2-klein-4B's eager stage-1 cycle
+#   bash benchmarks/compile_ab.sh graphs OUT_DIR  # inference: eager, --compile model, then + --cuda-graphs
+#   bash benchmarks/compile_ab.sh s1_model OUT_DIR  # stage-1 cycle: --compile model, then + --cuda-graphs
 # Inductor's cache lives in ./.inductor (git-ignored), so a second call on the same warm machine reuses it.
 # Measured on an H200 (2026-12-03): the compiled stage-1 run, compiling included, about 300 s; the eager one
 # 110 s on a fresh machine but over 125 s twice after a compiled run, so the two do not fit one 10-minute call
 # with room to spare: run `s1` with S1_COMPILE_LIMIT=360 S1_EAGER_LIMIT=180 and nothing else in the call.
 set -u
-part=${1:?part: s1, infer or infer_klein}
+part=${1:?part: s1, infer, infer_klein, graphs or s1_model}
 out=${2:?output folder}
 mkdir -p "$out"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.inductor}
@@ -36,6 +38,15 @@ case $part in
       S=${S/sd35_medium/flux2_klein_4b}
       run klein_s1_eager "${KLEIN_LIMIT:-150}" --stage 1 --compile none --warmup 1 --repeats 2
     fi ;;
-  *) echo "unknown part $part (s1, infer or infer_klein)" >&2; exit 2 ;;
+  graphs)  # 4-step inference: eager, the whole transformer compiled, then that as CUDA graphs
+    run infer_eager "${INFER_EAGER_LIMIT:-100}" --stage infer --compile none --warmup 2 --repeats 5
+    run infer_model "${INFER_MODEL_LIMIT:-150}" --stage infer --compile model --warmup 2 --repeats 5
+    TORCH_LOGS=perf_hints run infer_graphs "${INFER_GRAPHS_LIMIT:-150}" --stage infer --compile model --cuda-graphs \
+      --warmup 3 --repeats 5 --profile ;;
+  s1_model)  # stage-1 cycle: the whole transformer compiled, without CUDA graphs, then with
+    run s1_model "${S1_MODEL_LIMIT:-280}" --stage 1 --compile model --warmup 1 --repeats 2
+    TORCH_LOGS=perf_hints run s1_graphs "${S1_GRAPHS_LIMIT:-280}" --stage 1 --compile model --cuda-graphs \
+      --warmup 2 --repeats 2 --profile ;;
+  *) echo "unknown part $part (s1, infer, infer_klein, graphs or s1_model)" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
