@@ -34,15 +34,6 @@ def lr_at(step: int, lr: float, warmup: int) -> float:
     return lr * min(1.0, (step + 1) / max(1, warmup))
 
 
-def ensure_text_encoder(cfg: ShapesRunConfig) -> Path:
-    folder = Path(cfg.run_dir) / "text_encoder"
-    if not (folder / "config.json").is_file():
-        m = cfg.model
-        build_text_encoder(folder, seed=cfg.seed, hidden_size=m.text_hidden, num_layers=m.text_layers,
-                           num_heads=m.text_heads)
-    return folder
-
-
 def train_world_models(cfg: ShapesRunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Text encoder, reward model, teacher, in that order; each resumes or is skipped when done."""
     from tiltflow.worlds.shapes.cards import record_call, write_cards
@@ -51,7 +42,10 @@ def train_world_models(cfg: ShapesRunConfig, *, progress: bool = True) -> dict[s
     started, t0 = time.time(), time.monotonic()
     deadline = t0 + cfg.teacher.time_limit_s
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    ensure_text_encoder(cfg)
+    if not (Path(cfg.run_dir) / "text_encoder" / "config.json").is_file():  # built, not trained
+        m = cfg.model
+        build_text_encoder(Path(cfg.run_dir) / "text_encoder", seed=cfg.seed, hidden_size=m.text_hidden,
+                           num_layers=m.text_layers, num_heads=m.text_heads)
     out: dict[str, Any] = {}
     for name, train in (("reward_model", train_reward_model), ("teacher", train_teacher)):
         exported = (Path(cfg.run_dir) / name / "config.json").is_file()  # by an earlier call: done
