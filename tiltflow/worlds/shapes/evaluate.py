@@ -129,11 +129,9 @@ def write_marked_grid(images: np.ndarray, prompts: Sequence[str], target: Path, 
         tile = Image.fromarray(images[i]).resize((w * scale, h * scale), Image.NEAREST)
         grid.paste(tile, (x0 + 4, y0 + 4))
         words = prompts[i].removeprefix("a photo of ").split()
-        lines = [" ".join(words[:4]), " ".join(words[4:8]), " ".join(words[8:])]
-        mark = "PASS" if ok else "FAIL"
-        draw.text((x0, y0 + cell_h + 1), f"{mark} {lines[0]}", fill=(0, 0, 0))
-        for k, line in enumerate(lines[1:]):
-            draw.text((x0, y0 + cell_h + 12 * (k + 1) + 1), line, fill=(0, 0, 0))
+        lines = [f"{'PASS' if ok else 'FAIL'} " + " ".join(words[:4]), " ".join(words[4:8]), " ".join(words[8:])]
+        for k, line in enumerate(lines):  # the mark, then the caption in rows of four words
+            draw.text((x0, y0 + cell_h + 12 * k + 1), line, fill=(0, 0, 0))
     target.parent.mkdir(parents=True, exist_ok=True)
     grid.save(target)
 
