@@ -81,8 +81,7 @@ def render(scene: Scene, size: int = BASE_SIZE, seed: int = 0) -> np.ndarray:
     if size < BASE_SIZE or size % 16:
         raise ValueError(f"image size must be a multiple of 16 and >= {BASE_SIZE}, got {size}")
     rng = np.random.default_rng([seed, size])
-    image = np.empty((size, size, 3), dtype=np.uint8)
-    image[:] = BACKGROUND
+    image = np.full((size, size, 3), BACKGROUND, dtype=np.uint8)
     for shape, colour, (x, y, d) in layout(scene, size, rng):
         image[y:y + d, x:x + d][shape_mask(shape, d)] = COLOURS[colour]
     return image
