@@ -226,9 +226,8 @@ class RoleModels:
         """Detached copies of the trainable parameters: this rank's shards when sharded (a checkpoint of a
         sharded run gathers them itself; an export gathers them, see _gathered)."""
         self.rebind()
-        out = {f"generator/{n}": p.detach().clone() for n, p in self.generator_named}
-        out.update({f"fake/{n}": p.detach().clone() for n, p in self.fake_named})
-        return out
+        return {f"{role}/{n}": p.detach().clone()
+                for role, named in (("generator", self.generator_named), ("fake", self.fake_named)) for n, p in named}
 
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, Tensor], roles: Sequence[str] = ("generator", "fake")) -> None:
