@@ -29,16 +29,15 @@ def group_advantages(rewards: Mapping[str, Tensor], weights: Mapping[str, float]
     sizes = torch.bincount(group, minlength=num_groups).to(next(iter(rewards.values())).dtype)[group]
     if bool((sizes < 2).any()):
         raise ValueError("group advantages need at least 2 samples per group")
-    total = None
+    terms = []
     for name, r in rewards.items():
         centred = r - _group_mean(r, group, num_groups)
         if mode == "normalized":
             a = centred / (r.std() + eps) if r.numel() > 1 else centred
         else:
             a = centred * sizes / (sizes - 1)
-        a = weights[name] * a
-        total = a if total is None else total + a
-    assert total is not None
+        terms.append(weights[name] * a)
+    total = sum(terms[1:], terms[0])  # in reward order, from the first term (not from 0)
     if mode == "normalized":
         std = total.std()
         total = (total - total.mean()) / (std + eps)
