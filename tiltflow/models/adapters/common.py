@@ -485,12 +485,9 @@ def _dtype_kw(dtype: torch.dtype) -> dict[str, torch.dtype]:
 def load_transformer(model_cls: Any, source: str, *, what: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """A transformer alone, from a pipeline folder (transformer/ inside) or a model folder or hub id."""
     path = Path(source).expanduser()
-    if path.is_dir() and not (path / "transformer" / "config.json").is_file():
-        resolved, local_only = resolve_source(source, what=what, marker="config.json")
-        sub = None
-    else:
-        resolved, local_only = resolve_source(source, what=what, marker="transformer/config.json")
-        sub = "transformer"
+    sub = None if path.is_dir() and not (path / "transformer" / "config.json").is_file() else "transformer"
+    marker = "config.json" if sub is None else f"{sub}/config.json"
+    resolved, local_only = resolve_source(source, what=what, marker=marker)
     model = model_cls.from_pretrained(resolved, subfolder=sub, **_dtype_kw(dtype), use_safetensors=True,
                                       local_files_only=local_only)
     return model.to(device).eval().requires_grad_(False)
