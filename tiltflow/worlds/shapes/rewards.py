@@ -31,10 +31,6 @@ class VerifierReward:
 def build_rewards(choices: Sequence[Any], models_dir: str | Path, device: str | torch.device) -> RewardSet:
     from tiltflow.worlds.shapes.reward_model import load_clip_reward
 
-    rewards: list[Any] = []
-    for c in choices:
-        if c.name == "clip":
-            rewards.append(load_clip_reward(Path(models_dir) / "reward_model", device=str(device)))
-        else:
-            rewards.append(VerifierReward())
+    rewards = [load_clip_reward(Path(models_dir) / "reward_model", device=str(device)) if c.name == "clip"
+               else VerifierReward() for c in choices]
     return RewardSet(rewards, [c.weight for c in choices])
