@@ -41,7 +41,7 @@ class MeanBrightness:
 
 
 def build_rewards(choices: Sequence[RewardChoice], device: torch.device) -> RewardSet:
-    rewards, weights = [], []
+    rewards = []
     for i, c in enumerate(choices):
         opts = dict(c.options or {})
         if c.name == "brightness":
@@ -54,8 +54,7 @@ def build_rewards(choices: Sequence[RewardChoice], device: torch.device) -> Rewa
             if registry.accepts(c.name, "device") and "device" not in opts:
                 opts["device"] = str(device)
             rewards.append(registry.build_reward(c.name, **opts))
-        weights.append(c.weight)
-    return RewardSet(rewards, weights)
+    return RewardSet(rewards, [c.weight for c in choices])
 
 
 # ---- the task -----------------------------------------------------------------------------------------
