@@ -148,7 +148,6 @@ def score_samples(
 ) -> list[PromptResult]:
     """Score every sample (no gradients); one PromptResult per prompt, in prompt order."""
     results: dict[int, PromptResult] = {}
-    names = reward_set.names + [TOTAL]
     with tqdm(total=len(samples), desc="score", disable=not progress) as bar:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
@@ -162,8 +161,8 @@ def score_samples(
                     s = chunk[j]
                     result = results.setdefault(s.prompt_index, PromptResult(s.prompt_index, s.prompt))
                     result.images.append(str(s.path))
-                    for name in names:
-                        result.scores.setdefault(name, []).append(float(columns[name][row]))
+                    for name, column in columns.items():  # each reward, then the weighted total
+                        result.scores.setdefault(name, []).append(float(column[row]))
             bar.update(len(chunk))
     return [results[i] for i in sorted(results)]
 
