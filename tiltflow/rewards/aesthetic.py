@@ -36,7 +36,7 @@ class AestheticHead(nn.Module):
         if not indices or unknown:
             raise ValueError(f"aesthetic head: expected keys layers.N.weight/bias, got unexpected {unknown[:5]} "
                              f"and {len(indices)} layers")
-        self.linears = nn.ModuleList()
+        self.linears = nn.Sequential()
         for i in indices:
             weight, bias = state[f"layers.{i}.weight"], state.get(f"layers.{i}.bias")
             layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
@@ -56,10 +56,7 @@ class AestheticHead(nn.Module):
         return self.linears[0].in_features
 
     def forward(self, embeds: Tensor) -> Tensor:
-        x = embeds
-        for layer in self.linears:
-            x = layer(x)
-        return x.squeeze(-1)
+        return self.linears(embeds).squeeze(-1)
 
 
 class AestheticReward:
