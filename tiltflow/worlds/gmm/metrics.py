@@ -22,10 +22,7 @@ def _as_points(x: Tensor, name: str) -> Tensor:
 
 def _distance_sum(x: Tensor, y: Tensor, chunk_size: int) -> float:
     """sum_{i, j} |x_i - y_j|, accumulated over row chunks."""
-    total = 0.0
-    for start in range(0, x.shape[0], chunk_size):
-        total += float(torch.cdist(x[start : start + chunk_size], y).sum())
-    return total
+    return sum(float(torch.cdist(x[start : start + chunk_size], y).sum()) for start in range(0, x.shape[0], chunk_size))
 
 
 def energy_distance(x: Tensor, y: Tensor, *, chunk_size: int = 1024) -> float:
