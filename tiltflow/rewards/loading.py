@@ -122,10 +122,8 @@ def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _pick(folder: Path, requirement: FileRequirement) -> tuple[str, ...] | None:
-    for alt in requirement:
-        if all((folder / f).is_file() for f in alt):
-            return alt
-    return None
+    """The first alternative of `requirement` whose files all exist in `folder`, or None."""
+    return next((alt for alt in requirement if all((folder / f).is_file() for f in alt)), None)
 
 
 def _from_cache(repo_id: str, requirements: Sequence[FileRequirement]) -> Path | None:
