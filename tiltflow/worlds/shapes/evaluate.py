@@ -55,11 +55,8 @@ def evaluate_samples(generate: Generate, prompts: list[str], batch_size: int, re
 
 def image_embedder(rewards: Any) -> Callable[[Tensor], Tensor] | None:
     """The image embedding (B, 3, H, W) in [0, 1] -> (B, D) of the first CLIP-type reward, if any."""
-    for reward in getattr(rewards, "rewards", []):
-        encoder = getattr(reward, "encoder", None)
-        if encoder is not None and hasattr(encoder, "image_embeds"):
-            return encoder.image_embeds
-    return None
+    encoders = [getattr(reward, "encoder", None) for reward in getattr(rewards, "rewards", [])]
+    return next((e.image_embeds for e in encoders if hasattr(e, "image_embeds")), None)
 
 
 def _embed_all(embed: Callable[[Tensor], Tensor], images: np.ndarray, batch_size: int) -> Tensor:
