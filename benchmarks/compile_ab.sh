@@ -6,13 +6,14 @@
 #   bash benchmarks/compile_ab.sh infer OUT_DIR  # 4-step inference at batch 1 and 9: compiled, then eager
 #   bash benchmarks/compile_ab.sh infer_klein OUT_DIR  # the same, then FLUX.2-klein-4B's eager stage-1 cycle
 #   bash benchmarks/compile_ab.sh graphs OUT_DIR  # inference: eager, --compile model, then + --cuda-graphs
+#   bash benchmarks/compile_ab.sh fit OUT_DIR  # with checkpointing: klein-4B stage 1 at 9, SD3.5-M stage 2 at 24
 #   bash benchmarks/compile_ab.sh s1_model OUT_DIR  # stage-1 cycle: --compile model, then + --cuda-graphs
 # Inductor's cache lives in ./.inductor (git-ignored), so a second call on the same warm machine reuses it.
 # Measured on an H200 (2026-12-03): the compiled stage-1 run, compiling included, about 300 s; the eager one
 # 110 s on a fresh machine but over 125 s twice after a compiled run, so the two do not fit one 10-minute call
 # with room to spare: run `s1` with S1_COMPILE_LIMIT=360 S1_EAGER_LIMIT=180 and nothing else in the call.
 set -u
-part=${1:?part: s1, infer, infer_klein, graphs or s1_model}
+part=${1:?part: s1, infer, infer_klein, graphs, fit or s1_model}
 out=${2:?output folder}
 mkdir -p "$out"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.inductor}
@@ -43,10 +44,17 @@ case $part in
     run infer_model "${INFER_MODEL_LIMIT:-150}" --stage infer --compile model --warmup 2 --repeats 5
     TORCH_LOGS=perf_hints run infer_graphs "${INFER_GRAPHS_LIMIT:-150}" --stage infer --compile model --cuda-graphs \
       --warmup 3 --repeats 5 --profile ;;
+  fit)  # memory at the reference batches with activation checkpointing: FLUX.2-klein-4B stage 1 (batch 9), then
+    # SD3.5-M stage 2 with one rollout batch of a group of 24 (the reference group size)
+    S=${S/sd35_medium/flux2_klein_4b}
+    run klein_s1_ac "${KLEIN_LIMIT:-150}" --stage 1 --compile none --activation-checkpointing --warmup 1 --repeats 2
+    S=${S/flux2_klein_4b/sd35_medium}
+    S=${S/--batch 9/--batch 24}
+    run s2_b24_ac "${S2_LIMIT:-250}" --stage 2 --compile none --activation-checkpointing --warmup 1 --repeats 1 ;;
   s1_model)  # stage-1 cycle: the whole transformer compiled, without CUDA graphs, then with
     run s1_model "${S1_MODEL_LIMIT:-280}" --stage 1 --compile model --warmup 1 --repeats 2
     TORCH_LOGS=perf_hints run s1_graphs "${S1_GRAPHS_LIMIT:-280}" --stage 1 --compile model --cuda-graphs \
       --warmup 2 --repeats 2 --profile ;;
-  *) echo "unknown part $part (s1, infer, infer_klein, graphs or s1_model)" >&2; exit 2 ;;
+  *) echo "unknown part $part (s1, infer, infer_klein, graphs, fit or s1_model)" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
