@@ -185,6 +185,7 @@ def build(args: Any, stage2: bool, comm: Comm = LOCAL) -> Built:
     plan = ParallelConfig(activation_checkpointing=args.activation_checkpointing, batched_cfg=args.batched_cfg,
                           compile=args.compile, cuda_graphs=bool(getattr(args, "cuda_graphs", False)),
                           shard_teacher=bool(getattr(args, "shard_teacher", False)),
+                          data_parallel=getattr(args, "data_parallel", "fsdp"),
                           mixed_precision=getattr(args, "mixed_precision", None) is not False)
     grad_sync = apply_parallel_plan(models, plan, comm, device_type=torch.device(args.device).type)
     for m in {id(m): m for m in (models.teacher, models.generator, models.fake)}.values():
@@ -724,6 +725,8 @@ def add_arguments(p: Any) -> None:
                    "(efficiency and MFU None; saves the minute it takes on a full-size model, e.g. for scaling runs)")
     p.add_argument("--shard-teacher", action="store_true", help="under torchrun: shard a separate frozen teacher "
                    "too (as parallel.shard_teacher; the shared layout's teacher is the fake's base, sharded anyway)")
+    p.add_argument("--data-parallel", choices=["fsdp", "ddp"], default="fsdp", help="under torchrun: shard the "
+                   "trainable models (fsdp) or replicate them and all-reduce gradients (ddp; as parallel.data_parallel)")
     p.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
                    help="under torchrun on CUDA: FSDP2 gathers and computes in bf16, fp32 master weights and "
                         "reductions (as parallel.mixed_precision; default on)")

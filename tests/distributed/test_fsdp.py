@@ -52,10 +52,13 @@ def assert_close_states(a: dict, b: dict, num_updates: int) -> None:
             assert diff <= 8 * num_updates * U32 * scale, (role, k, diff)
 
 
-@pytest.mark.parametrize("stage", ["ac_dmd", "rtdmd"])
-def test_two_ranks_reproduce_one_process_and_resume_on_one(stage, tiny_yaml, teacher_run, tmp_path):
+# data_parallel=ddp: whole parameters on each rank, gradients all-reduced (FSDP2 over a (2 x 1) mesh); with two
+# micro-batches per update, so that the gradient sync is skipped on the first.
+@pytest.mark.parametrize(("stage", "data_parallel"), [("ac_dmd", "fsdp"), ("rtdmd", "fsdp"), ("rtdmd", "ddp")])
+def test_two_ranks_reproduce_one_process_and_resume_on_one(stage, data_parallel, tiny_yaml, teacher_run, tmp_path):
     common = [f"--config={tiny_yaml}", f"stage={stage}", f"teacher_run={teacher_run}", "stage2.ema_every=1",
-              "stage1.num_iters=3", "stage2.num_iters=3"]
+              "stage1.num_iters=3", "stage2.num_iters=3", f"parallel.data_parallel={data_parallel}",
+              *(["stage2.accumulation=2"] if data_parallel == "ddp" else [])]
     assert main(["train", *common, f"run_dir={tmp_path / 'one'}"]) == 0
     torchrun(tmp_path, *common, f"run_dir={tmp_path / 'two'}", "parallel.same_data_on_every_rank=true")
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
@@ -127,3 +130,36 @@ def test_advantages_use_the_global_batch(tmp_path):
     # ...while each rank's local batch alone would standardise differently.
     local = group_advantages({"r": scores[:12]}, {"r": 1.0}, group[:12], mode="normalized", clip=5.0)
     assert not torch.allclose(local, want[:12])
+
+
+LAYOUT = """
+import torch, torch.distributed as dist
+from tiltflow.distributed.fsdp import ShardUnit, fsdp_shard
+dist.init_process_group("gloo")
+for replicate in (False, True):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+    fsdp_shard([ShardUnit(net, list(net))], device_type="cpu", bf16=False, replicate=replicate)
+    print(replicate, [tuple(p.to_local().shape) for p in net.parameters()], flush=True)
+    net(torch.full((3, 4), float(dist.get_rank()))).square().sum().backward()
+    print(replicate, "grad", [round(float(p.grad.full_tensor().sum()), 4) for p in net.parameters()], flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_replicates_whole_parameters_and_all_reduces_gradients(tmp_path):
+    """data_parallel=ddp: each rank holds every parameter whole (FSDP: half of each weight's rows), and both
+    layouts reduce the same mean gradient over the ranks' different inputs."""
+    script = tmp_path / "layout.py"
+    script.write_text(LAYOUT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(TORCHRUN) if TORCHRUN.exists() else shutil.which("torchrun") or "torchrun", "--standalone",
+           "--nproc-per-node", "2", str(script)]
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         start_new_session=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines.count("False [(3, 4), (3,), (1, 6), (1,)]") == 2  # sharded: dim 0 split over 2 ranks
+    assert lines.count("True [(6, 4), (6,), (2, 6), (2,)]") == 2  # replicated: whole on each rank
+    grads = [line.split(" grad ")[1] for line in lines if " grad " in line]
+    assert len(grads) == 4 and len(set(grads)) == 1, grads  # every rank, both layouts: one reduced gradient

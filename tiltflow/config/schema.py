@@ -210,6 +210,10 @@ class ParallelConfig:
 
     activation_checkpointing: bool = False  # recompute each transformer block in the backward
     # Several ranks (torchrun): FSDP2 shards the generator and the fake score per block, then the root.
+    # "ddp": replicate them instead (FSDP2 over a (ranks x 1) mesh, i.e. HSDP with shards of one rank: whole
+    # parameters on every rank, gradients all-reduced in one step, as DistributedDataParallel does), for
+    # models that fit one GPU, where the per-block all-gathers cost more than the memory they save.
+    data_parallel: Literal["fsdp", "ddp"] = "fsdp"
     shard_teacher: bool = False  # a separate frozen teacher: shard it too (saves memory) or replicate it
     mixed_precision: bool = True  # under FSDP2 on CUDA: bf16 gathers and compute, fp32 master weights and reductions
     # Debugging the sharding: every rank trains on rank 0's data, so N ranks must reproduce one process.

@@ -65,14 +65,18 @@ def _cloning(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def fsdp_shard(units: Sequence[ShardUnit], *, device_type: str, bf16: bool) -> None:
+def fsdp_shard(units: Sequence[ShardUnit], *, device_type: str, bf16: bool, replicate: bool = False) -> None:
     """fully_shard every block, then every root, over all ranks. With bf16, parameters are gathered and
-    computed in bf16 while the sharded master weights stay fp32 and gradients are reduced in fp32."""
+    computed in bf16 while the sharded master weights stay fp32 and gradients are reduced in fp32.
+    replicate: a (ranks x 1) mesh (HSDP with one rank per shard): every rank holds whole parameters and
+    gradients are all-reduced, DistributedDataParallel's layout on FSDP2's hooks and gradient-sync control."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    ranks = dist.get_world_size()
+    mesh = (init_device_mesh(device_type, (ranks, 1), mesh_dim_names=("replicate", "shard")) if replicate
+            else init_device_mesh(device_type, (ranks,)))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kw = {"mesh": mesh} if mp is None else {"mesh": mesh, "mp_policy": mp}
     for unit in units:

@@ -107,7 +107,7 @@ def apply_parallel_plan(models: TrainModels, cfg: ParallelConfig, comm: Comm, de
     """Prepare the models in torchtitan's order: activation checkpointing, then torch.compile of each
     transformer block (parallel.compile: blocks; every distinct transformer, the teacher's too; or each
     transformer whole: model, optionally replayed as CUDA graphs on CUDA), then sharding
-    (FSDP2: each block, then the root). The teacher's CFG is set to one batched pass or two
+    (FSDP2: each block, then the root; parallel.data_parallel=ddp replicates instead of sharding). The teacher's CFG is set to one batched pass or two
     (parallel.batched_cfg). Returns the gradient-sync hook the algorithm calls in its accumulation loop: one
     process has nothing to synchronise; FSDP2 reduce-scatters on the last micro-batch only. `compile_backend`
     is torch.compile's backend (None: tiltflow.distributed.fsdp.COMPILE_BACKEND, inductor)."""
@@ -130,7 +130,8 @@ def apply_parallel_plan(models: TrainModels, cfg: ParallelConfig, comm: Comm, de
     if comm.world_size == 1:
         return always_sync
     units = models.shard_units(include_teacher=cfg.shard_teacher)
-    fsdp_shard(units, device_type=device_type, bf16=cfg.mixed_precision and device_type == "cuda")
+    fsdp_shard(units, device_type=device_type, bf16=cfg.mixed_precision and device_type == "cuda",
+               replicate=cfg.data_parallel == "ddp")
     return FSDPGradSync([u.root for u in units])
 
 
