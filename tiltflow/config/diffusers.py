@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tiltflow.config.loader import ConfigError
 from tiltflow.config.schema import RunConfig, require, require_min
 
 
@@ -101,14 +100,13 @@ class DiffusersRunConfig(TextToImageRunConfig):
 
     def validate(self, path: str) -> None:
         super().validate(path)
-        if self.stage == "teacher":
-            raise ConfigError("stage", "the diffusers world has no teacher stage: its teacher is the pretrained "
-                              "model.source; choose one of ac_dmd, dmd2, rtdmd, rtdmd_exact, grpo_only, bp_only, dm_bp")
+        require(self.stage != "teacher", "stage", "the diffusers world has no teacher stage: its teacher is the "
+                "pretrained model.source; choose one of ac_dmd, dmd2, rtdmd, rtdmd_exact, grpo_only, bp_only, dm_bp")
         require(bool(self.prompts or self.prompt_file), "prompts",
                 "give prompts (a list) or prompt_file (one prompt per line)")
-        if self.model.family_shift and self.sampler.shift != 1.0:
-            raise ConfigError("sampler.shift", f"got {self.sampler.shift} while model.family_shift is true (the "
-                              "family's own shift is used); set model.family_shift: false to use sampler.shift")
+        require(not self.model.family_shift or self.sampler.shift == 1.0, "sampler.shift", f"got {self.sampler.shift} "
+                "while model.family_shift is true (the family's own shift is used); set model.family_shift: false "
+                "to use sampler.shift")
         for i, c in enumerate(self.rewards):
             require(c.name in _DIFFERENTIABLE or ":" in c.name, f"rewards[{i}].name", f"unknown reward {c.name!r}; "
                     f"known: {', '.join(sorted(_DIFFERENTIABLE))}, or 'package.module:factory'")
