@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tiltflow.config.diffusers import TextToImageRunConfig
-from tiltflow.config.loader import ConfigError
 from tiltflow.config.schema import join_path, require, require_lr, require_min
 
 
@@ -122,9 +121,8 @@ class ShapesRunConfig(TextToImageRunConfig):
 
     def validate(self, path: str) -> None:
         super().validate(path)
-        if self.stage != "teacher" and not self.models_dir:
-            raise ConfigError("models_dir", f"stage {self.stage!r} needs the teacher stage's run directory "
-                              "(it holds text_encoder/, teacher/ and reward_model/)")
+        require(self.stage == "teacher" or bool(self.models_dir), "models_dir", f"stage {self.stage!r} needs the "
+                "teacher stage's run directory (it holds text_encoder/, teacher/ and reward_model/)")
         require(self.guidance_scale >= 0, "guidance_scale", f"got {self.guidance_scale}, expected >= 0")
         names = [r.name for r in self.rewards]
         require(len(set(names)) == len(names), "rewards", f"got {names}, expected each reward once")
