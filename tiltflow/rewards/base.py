@@ -67,7 +67,10 @@ class RewardSet:
     def __call__(self, samples: Tensor, prompts: Sequence[Any], *,
                  only_differentiable: bool = False) -> RewardSetOutput:
         used = [(r, w) for r, w in zip(self.rewards, self.weights) if r.differentiable or not only_differentiable]
-        per = {r.name: check_scores(r(samples, prompts), r.name, samples.shape[0]) for r, _ in used}
+        # A reward placed on another device (its options' device) scores there; its scores come back to the
+        # samples' device (a differentiable move), so rewards on several devices sum and back-propagate.
+        per = {r.name: check_scores(r(samples, prompts), r.name, samples.shape[0]).to(samples.device)
+               for r, _ in used}
         terms = [w * per[r.name] for r, w in used]
         diff_terms = [w * per[r.name] for r, w in used if r.differentiable]
         # sum(rest, first): the scores' own dtype, w1 s1 + w2 s2 + ... in reward order
