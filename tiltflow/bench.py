@@ -486,6 +486,10 @@ def profile(fn: Any, device: torch.device, args: Any, label: str, top: int = 20)
     rows = [{"name": a.key[:120], "calls": a.count, "self_s": getattr(a, attr) / 1e6} for a in avg]
     summary = {"wall_s": wall, "device_busy_s": busy, "host_gap_s": wall - busy if busy is not None else None,
                "kernels": kernels, "top_by": "self device time" if cuda else "self CPU time", "top": rows}
+    if cuda:  # where the host's time goes: launches, syncs (cudaStreamSynchronize, copies to the host), ops
+        host = sorted(prof.key_averages(), key=lambda a: a.self_cpu_time_total, reverse=True)[:top]
+        summary["top_host"] = [{"name": a.key[:120], "calls": a.count, "self_s": a.self_cpu_time_total / 1e6}
+                               for a in host]
     if coll is not None:
         summary["collectives"] = coll
     if not is_main_process():
@@ -496,6 +500,9 @@ def profile(fn: Any, device: torch.device, args: Any, label: str, top: int = 20)
              f"{summary['host_gap_s'] if busy is None else round(wall - busy, 4)} s; kernels {kernels}", "",
              f"| op or kernel (top {top} by {summary['top_by']}) | calls | self s |", "|---|---|---|"]
     lines += [f"| `{r['name']}` | {r['calls']} | {r['self_s']:.4f} |" for r in rows]
+    if cuda:
+        lines += ["", f"| host op (top {top} by self CPU time) | calls | self s |", "|---|---|---|"]
+        lines += [f"| `{r['name']}` | {r['calls']} | {r['self_s']:.4f} |" for r in summary["top_host"]]
     if coll is not None:
         lines += ["", f"Collectives (rank 0 of {world}; {coll['counted']}): CPU {coll['cpu_s']:.4f} s, device "
                   f"{fmt(coll['device_s'], '.4f')} s; per rank CPU {[round(v, 4) for v in coll['cpu_s_per_rank']]}",
