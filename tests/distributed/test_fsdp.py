@@ -133,16 +133,19 @@ def test_advantages_use_the_global_batch(tmp_path):
 
 
 LAYOUT = """
-import torch, torch.distributed as dist
+import json, torch, torch.distributed as dist
 from tiltflow.distributed.fsdp import ShardUnit, fsdp_shard
 dist.init_process_group("gloo")
+seen = {}
 for replicate in (False, True):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
     fsdp_shard([ShardUnit(net, list(net))], device_type="cpu", bf16=False, replicate=replicate)
-    print(replicate, [tuple(p.to_local().shape) for p in net.parameters()], flush=True)
+    shapes = [list(p.to_local().shape) for p in net.parameters()]
     net(torch.full((3, 4), float(dist.get_rank()))).square().sum().backward()
-    print(replicate, "grad", [round(float(p.grad.full_tensor().sum()), 4) for p in net.parameters()], flush=True)
+    seen[str(replicate)] = {"shapes": shapes, "grad": [float(p.grad.full_tensor().sum()) for p in net.parameters()]}
+with open(f"rank{dist.get_rank()}.json", "w") as f:  # one file per rank: no interleaved output
+    json.dump(seen, f)
 dist.destroy_process_group()
 """
 
@@ -155,11 +158,12 @@ def test_ddp_replicates_whole_parameters_and_all_reduces_gradients(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(TORCHRUN) if TORCHRUN.exists() else shutil.which("torchrun") or "torchrun", "--standalone",
            "--nproc-per-node", "2", str(script)]
-    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          start_new_session=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    lines = out.stdout.splitlines()
-    assert lines.count("False [(3, 4), (3,), (1, 6), (1,)]") == 2  # sharded: dim 0 split over 2 ranks
-    assert lines.count("True [(6, 4), (6,), (2, 6), (2,)]") == 2  # replicated: whole on each rank
-    grads = [line.split(" grad ")[1] for line in lines if " grad " in line]
-    assert len(grads) == 4 and len(set(grads)) == 1, grads  # every rank, both layouts: one reduced gradient
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for seen in ranks:
+        assert seen["False"]["shapes"] == [[3, 4], [3], [1, 6], [1]]  # sharded: dim 0 split over 2 ranks
+        assert seen["True"]["shapes"] == [[6, 4], [6], [2, 6], [2]]  # replicated: whole on each rank
+    grads = [seen[layout]["grad"] for seen in ranks for layout in ("False", "True")]
+    assert all(g == grads[0] for g in grads), grads  # every rank, both layouts: one reduced gradient
