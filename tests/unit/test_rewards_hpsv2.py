@@ -22,7 +22,7 @@ from tiltflow.rewards.openclip_mapping import (
     hf_config_from_openclip,
     openclip_to_hf_state_dict,
 )
-from tiltflow.rewards.testing import write_tiny_clip_tokenizer
+from tiny_rewards import write_tiny_clip_tokenizer
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "hpsv2"
 

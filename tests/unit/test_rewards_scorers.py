@@ -15,7 +15,7 @@ from tiltflow.rewards.base import RewardOutput, RewardSet
 from tiltflow.rewards.clip_score import build_clip_score
 from tiltflow.rewards.loading import load_state_dict
 from tiltflow.rewards.pickscore import build_pickscore
-from tiltflow.rewards.testing import make_aesthetic_head, make_tiny_clip_folder
+from tiny_rewards import make_aesthetic_head, make_tiny_clip_folder
 
 PROMPTS = ["a red cube", "two dogs on grass"]
 

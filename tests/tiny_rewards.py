@@ -1,4 +1,5 @@
-"""Tiny random reward models built from configs, for tests and examples that must run offline on CPU.
+"""Tiny random reward models built from configs, for the tests that must run offline on CPU (not part of the
+package: test fixtures).
 
 make_tiny_clip_folder writes a transformers CLIP folder (config, safetensors weights, a character-level
 CLIP BPE tokenizer, preprocessor_config.json) that every CLIP-based scorer here can load by path.
