@@ -733,7 +733,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--shard-teacher", action="store_true", help="under torchrun: shard a separate frozen teacher "
                    "too (as parallel.shard_teacher; the shared layout's teacher is the fake's base, sharded anyway)")
     p.add_argument("--data-parallel", choices=["fsdp", "ddp"], default="fsdp", help="under torchrun: shard the "
-                   "trainable models (fsdp) or replicate them and all-reduce gradients (ddp; as parallel.data_parallel)")
+                   "trainable models (fsdp) or replicate them and all-reduce gradients (ddp; as "
+                   "parallel.data_parallel)")
     p.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
                    help="under torchrun on CUDA: FSDP2 gathers and computes in bf16, fp32 master weights and "
                         "reductions (as parallel.mixed_precision; default on)")

@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 from PIL import Image
+from tiny_rewards import make_tiny_clip_folder
 
 from tiltflow.eval.harness import add_eval_arguments, discover_folder, run_eval
 from tiltflow.eval.prompts import PromptFileError, load_prompts
 from tiltflow.eval.report import summarize, t_quantile_975
 from tiltflow.rewards.preprocess import Prompt
-from tiny_rewards import make_tiny_clip_folder
 
 REPORTS = ("per_prompt.jsonl", "summary.json", "summary.md", "index.html", "grid.png")
 

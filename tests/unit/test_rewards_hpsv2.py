@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_rewards import write_tiny_clip_tokenizer
 
 from tiltflow.rewards.hpsv2 import build_hpsv2, openclip_preprocess
 from tiltflow.rewards.openclip_mapping import (
@@ -22,7 +23,6 @@ from tiltflow.rewards.openclip_mapping import (
     hf_config_from_openclip,
     openclip_to_hf_state_dict,
 )
-from tiny_rewards import write_tiny_clip_tokenizer
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "hpsv2"
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_rewards import make_aesthetic_head, make_tiny_clip_folder
 
 from tiltflow.rewards.aesthetic import AestheticHead, build_aesthetic
 from tiltflow.rewards.base import RewardOutput, RewardSet
 from tiltflow.rewards.clip_score import build_clip_score
 from tiltflow.rewards.loading import load_state_dict
 from tiltflow.rewards.pickscore import build_pickscore
-from tiny_rewards import make_aesthetic_head, make_tiny_clip_folder
 
 PROMPTS = ["a red cube", "two dogs on grass"]
 

@@ -60,6 +60,6 @@ class ACDMD(TwoNetworkAlgorithm):
                                                 cfg.grad_clip, self.guard, it, "generator", "generator DM loss")
             if stepped:
                 self.state.ema.update()
-        metrics.add({**out.metrics, "gen_dm_loss": float(out.loss.detach()), "gen_grad_norm": float(grad_norm),
+        metrics.add({**out.metrics, "gen_dm_loss": out.loss.detach(), "gen_grad_norm": grad_norm,
                      **self.guard.metrics()})
         return metrics.result()

@@ -175,24 +175,33 @@ def _bad_gradients(params: Sequence[nn.Parameter]) -> list[str]:
 
 class MeanMetrics:
     """Metrics over the micro-batches (and repeated updates) of one step: means, except worst cases
-    (names ending in '_max' or containing '_max_'), which keep the maximum."""
+    (names ending in '_max' or containing '_max_'), which keep the maximum. Values may be device tensors
+    (scalars); they are read once, in result(), with one host sync per device instead of one per value,
+    and each is read as float(value) would (float32 -> float64 is exact), so the numbers are the same."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
+        self.entries: list[tuple[str, Tensor | float]] = []
 
-    def add(self, metrics: Mapping[str, float]) -> None:
-        for k, v in metrics.items():
-            v = float(v)
-            if k.endswith("_max") or "_max_" in k:
-                self.sums[k] = max(self.sums.get(k, v), v)
-                self.counts[k] = 1
-            else:
-                self.sums[k] = self.sums.get(k, 0.0) + v
-                self.counts[k] = self.counts.get(k, 0) + 1
+    def add(self, metrics: Mapping[str, Tensor | float]) -> None:
+        self.entries += [(k, _local(v).detach() if isinstance(v, Tensor) else v) for k, v in metrics.items()]
 
     def result(self) -> dict[str, float]:
-        return {k: s / self.counts[k] for k, s in self.sums.items()}
+        tensors = [v for _, v in self.entries if isinstance(v, Tensor)]
+        read: dict[int, float] = {}
+        for device in {t.device for t in tensors}:
+            on = [t for t in tensors if t.device == device]
+            read.update(zip(map(id, on), torch.stack([t.double().reshape(()) for t in on]).tolist()))
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for k, v in self.entries:
+            v = read[id(v)] if isinstance(v, Tensor) else float(v)
+            if k.endswith("_max") or "_max_" in k:
+                sums[k] = max(sums.get(k, v), v)
+                counts[k] = 1
+            else:
+                sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
+        return {k: s / counts[k] for k, s in sums.items()}
 
 
 class Phases:

@@ -179,8 +179,8 @@ def tilted_velocity(roles: Roles, x_tau: Tensor, tau: Tensor, v_fake: Tensor, ba
     d_fake = x_tau - bcast(tau, x_tau) * v_fake
     est = tilted_direction(sampler, x_tau, tau, d_fake, reward_of, tilt.beta, tilt.num_pairs, generator,
                            shifted=tilt.estimator == "shifted_proposal")
-    return split_snis_velocity(v_fake, est.direction, tau), {"tilt_ess": float(est.ess.mean()),
-                                                             "tilt_ess_min": float(est.ess.min())}
+    return split_snis_velocity(v_fake, est.direction, tau), {"tilt_ess": est.ess.mean(),
+                                                             "tilt_ess_min": est.ess.min()}
 
 
 def repeated_teacher(roles: Roles, batch: Batch, guidance_scale: float) -> Callable[[Tensor, Tensor], Tensor]:
@@ -272,7 +272,7 @@ class TwoNetworkAlgorithm:
         self.phase = Phases()
         self.guard = FiniteGuard(comm)  # on_nonfinite: the loop configures it from the run config
 
-    def fake_update(self, x_s: Tensor, s: float, cond: Any, g: torch.Generator, it: int) -> dict[str, float]:
+    def fake_update(self, x_s: Tensor, s: float, cond: Any, g: torch.Generator, it: int) -> dict[str, Tensor | float]:
         """One fake-score update on samples x_s at level s (stage 2: the rollouts' final samples, s = 0,
         METHOD.md 5.5); returns its metrics."""
         out = fake_loss(self.roles, x_s, s, cond, self.fake, g)

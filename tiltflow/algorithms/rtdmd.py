@@ -110,8 +110,8 @@ class RTDMD(TwoNetworkAlgorithm):
             with self.phase("rollout"):
                 ro = self.rollout(it, rng)
                 scores = self.task.rewards(self.task.decode(ro.traj.final), ro.batch.prompts)
-            metrics.add({f"reward_{k}": float(v.mean()) for k, v in scores.per_reward.items()})
-            metrics.add({"reward_total": float(scores.total.mean())})
+            metrics.add({f"reward_{k}": v.detach().mean() for k, v in scores.per_reward.items()})
+            metrics.add({"reward_total": scores.total.detach().mean()})
             for _ in range(fake_updates_in(m, cfg.n_fake, A)):  # fake first, as in the reference
                 with self.phase("fake update"):
                     metrics.add(self.fake_update(ro.traj.final, 0.0, ro.batch.cond, rng.local, it))
@@ -123,7 +123,7 @@ class RTDMD(TwoNetworkAlgorithm):
                 if isinstance(loss, Tensor) and loss.requires_grad:
                     (loss / A).backward()
             for name, (_, t) in terms.items():
-                metrics.add({**t.metrics, f"{name}_loss": float(t.loss.detach())})
+                metrics.add({**t.metrics, f"{name}_loss": t.loss.detach()})
         with self.phase("generator update"):
             grad_norm = torch.nn.utils.clip_grad_norm_(self.roles.generator_params, cfg.grad_clip)
             checked = {k: torch.cat(v) for k, v in watched.items()}
@@ -132,7 +132,7 @@ class RTDMD(TwoNetworkAlgorithm):
                 self.state.gen_opt.step()
                 if (it + 1) % cfg.ema_every == 0:
                     self.state.ema.update()
-        metrics.add({"gen_grad_norm": float(grad_norm), **self.guard.metrics()})
+        metrics.add({"gen_grad_norm": grad_norm, **self.guard.metrics()})
         return metrics.result()
 
     def rollout(self, it: int, rng: Streams) -> Rollout:
@@ -181,7 +181,7 @@ class RTDMD(TwoNetworkAlgorithm):
 
     def policy_loss(self, ro: Rollout, adv: Tensor) -> LossOutput:
         """PPO-clip summed over the trained steps: each term's gradient is A grad log pi(x_{k+1} | x_k)."""
-        total, metrics = None, {"pg_ratio_max_dev": 0.0, "pg_clip_frac": 0.0}
+        total, metrics = None, {"pg_ratio_max_dev": [], "pg_clip_frac": []}
         for k in ro.trained:
             x_k, x_next = ro.traj.xs[k], ro.traj.xs[k + 1]
             sig = torch.full((x_k.shape[0],), self.sigmas[k], dtype=x_k.dtype, device=x_k.device)
@@ -191,10 +191,11 @@ class RTDMD(TwoNetworkAlgorithm):
             lo = ppo_clip_loss(logp, ro.traj.log_probs[k], adv, self.cfg.ppo_clip)
             total = lo.loss if total is None else total + lo.loss
             # Worst case over the trained steps: any ratio != 1 on-policy is a log-prob mismatch.
-            metrics["pg_ratio_max_dev"] = max(metrics["pg_ratio_max_dev"], lo.metrics["ratio_max_dev"])
-            metrics["pg_clip_frac"] = max(metrics["pg_clip_frac"], lo.metrics["clip_frac"])
+            metrics["pg_ratio_max_dev"].append(lo.metrics["ratio_max_dev"])
+            metrics["pg_clip_frac"].append(lo.metrics["clip_frac"])
         assert total is not None
-        return LossOutput(total, metrics)
+        return LossOutput(total, {k: torch.stack([torch.as_tensor(v, device=total.device) for v in vs]).max()
+                                  for k, vs in metrics.items()})
 
     def last_step(self, ro: Rollout) -> Tensor:
         """x0_hat = x_K - sigma_K v_theta(x_K) with x_K from the rollout held fixed (METHOD.md 5.5)."""

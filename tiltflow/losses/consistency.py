@@ -20,4 +20,4 @@ def consistency_loss(h0: Tensor, h1: Tensor, h2: Tensor | None, *, two_sample: b
         loss = ((h1 - h0) * (h2 - h0)).flatten(1).mean(1).mean()
     else:
         loss = ((h1 - h0) ** 2).flatten(1).mean(1).mean()
-    return LossOutput(loss, {"fake_consistency": float(loss.detach())})
+    return LossOutput(loss, {"fake_consistency": loss.detach()})

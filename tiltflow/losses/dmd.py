@@ -49,7 +49,7 @@ def dmd_surrogate(x_s: Tensor, direction: Tensor, reduction: str = "mean") -> Lo
         loss = sq.flatten(1).sum(1).mean()
     else:
         raise ValueError(f"dmd reduction must be 'mean' or 'sum', got {reduction!r}")
-    return LossOutput(loss, {"dm_grad_norm": float(direction.flatten(1).norm(dim=1).mean())})
+    return LossOutput(loss, {"dm_grad_norm": direction.detach().flatten(1).norm(dim=1).mean()})
 
 
 def fisher_dm_surrogate(x0: Tensor, u_real: Tensor, u_fake: Tensor, weight: Tensor) -> LossOutput:
@@ -65,7 +65,7 @@ def fisher_dm_surrogate(x0: Tensor, u_real: Tensor, u_fake: Tensor, weight: Tens
     per = (u_real**2 - u_fake**2 + 2 * (u_fake - u_real) * x0).flatten(1).sum(1)
     loss = (weight * per).mean()
     gap = ((u_fake - u_real) ** 2).flatten(1).sum(1)
-    return LossOutput(loss, {"dm_fisher_gap": float((weight * gap).detach().mean())})
+    return LossOutput(loss, {"dm_fisher_gap": (weight * gap).detach().mean()})
 
 
 def sample_tau(s: float, num: int, *, delta: float, tau_min: float, tau_max: float,

@@ -35,4 +35,4 @@ def fake_score_loss(v_pred: Tensor, v_star: Tensor, weight: Tensor) -> LossOutpu
     """weight * ||v_fake - v_star||^2, averaged over dims and batch (the mean only rescales the lr)."""
     per_sample = ((v_pred - v_star) ** 2).flatten(1).mean(1)
     loss = (weight * per_sample).mean()
-    return LossOutput(loss, {"fake_adsm": float(loss.detach())})
+    return LossOutput(loss, {"fake_adsm": loss.detach()})

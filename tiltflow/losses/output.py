@@ -10,4 +10,6 @@ from torch import Tensor
 @dataclass
 class LossOutput:
     loss: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    # Detached scalars, left on the device: reading one is a host sync, so the algorithm reads them all at
+    # once at the end of its step (tiltflow.algorithms.common.MeanMetrics).
+    metrics: dict[str, Tensor | float] = field(default_factory=dict)

@@ -19,7 +19,7 @@ def ppo_clip_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, clip_eps: float |
     else:
         clipped = -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps)
         loss = torch.maximum(unclipped, clipped).mean()
-        clip_frac = float(((ratio - 1).abs() > clip_eps).float().mean())
-    return LossOutput(loss, {"ratio_mean": float(ratio.detach().mean()),
-                             "ratio_max_dev": float((ratio.detach() - 1).abs().max()),
+        clip_frac = ((ratio.detach() - 1).abs() > clip_eps).float().mean()
+    return LossOutput(loss, {"ratio_mean": ratio.detach().mean(),
+                             "ratio_max_dev": (ratio.detach() - 1).abs().max(),
                              "clip_frac": clip_frac})

@@ -16,4 +16,4 @@ def reward_bp_loss(reward: Tensor, *, kind: str = "hinge", margin: float = 3.0) 
         loss = -reward.mean()
     else:
         raise ValueError(f"bp loss kind must be 'hinge' or 'linear', got {kind!r}")
-    return LossOutput(loss, {"bp_reward": float(reward.detach().mean())})
+    return LossOutput(loss, {"bp_reward": reward.detach().mean()})

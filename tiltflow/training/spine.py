@@ -106,11 +106,11 @@ def apply_parallel_plan(models: TrainModels, cfg: ParallelConfig, comm: Comm, de
                         *, compile_backend: str | None = None) -> GradSync:
     """Prepare the models in torchtitan's order: activation checkpointing, then torch.compile of each
     transformer block (parallel.compile: blocks; every distinct transformer, the teacher's too; or each
-    transformer whole: model, optionally replayed as CUDA graphs on CUDA), then sharding
-    (FSDP2: each block, then the root; parallel.data_parallel=ddp replicates instead of sharding). The teacher's CFG is set to one batched pass or two
-    (parallel.batched_cfg). Returns the gradient-sync hook the algorithm calls in its accumulation loop: one
-    process has nothing to synchronise; FSDP2 reduce-scatters on the last micro-batch only. `compile_backend`
-    is torch.compile's backend (None: tiltflow.distributed.fsdp.COMPILE_BACKEND, inductor)."""
+    transformer whole: model, optionally replayed as CUDA graphs on CUDA), then sharding (FSDP2: each block,
+    then the root; parallel.data_parallel=ddp replicates instead of sharding). The teacher's CFG is set to one
+    batched pass or two (parallel.batched_cfg). Returns the gradient-sync hook the algorithm calls in its
+    accumulation loop: one process has nothing to synchronise; FSDP2 reduces on the last micro-batch only.
+    `compile_backend` is torch.compile's backend (None: tiltflow.distributed.fsdp.COMPILE_BACKEND, inductor)."""
     owner = cfg_owner(models.roles().teacher)
     if hasattr(owner, "batched_cfg"):
         owner.batched_cfg = cfg.batched_cfg
