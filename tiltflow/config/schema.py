@@ -229,8 +229,15 @@ class ParallelConfig:
     # With compile: model on CUDA, replay each compiled pass as a CUDA graph (torch.compile's "reduce-overhead"
     # mode): one launch per pass instead of thousands, for host-bound passes; memory for the recorded graphs.
     cuda_graphs: bool = False
+    # Keep the frozen models (a separate teacher; the text encoders) in CPU memory and bring each of their
+    # blocks to the GPU for its forward (diffusers' group offloading; the copies on a side stream on CUDA):
+    # their GPU memory is saved, at the cost of a host-to-device copy of their weights on every pass.
+    offload_frozen: bool = False
 
     def validate(self, path: str) -> None:
+        require(not (self.offload_frozen and self.compile != "none"), join_path(path, "offload_frozen"),
+                f"got true with compile '{self.compile}'; offloaded models move their weights in forward hooks, "
+                "which compiled graphs cannot hold: use compile: none, or offload_frozen: false")
         require(not self.cuda_graphs or self.compile == "model", join_path(path, "cuda_graphs"),
                 f"got true with compile '{self.compile}'; CUDA graphs replay a whole compiled pass, so they need "
                 "compile: model")

@@ -261,6 +261,22 @@ class RoleModels:
         return [SimpleNamespace(root=m, blocks=[b for name in ("transformer_blocks", "single_transformer_blocks")
                                                 for b in getattr(m, name, [])]) for m in roots.values()]
 
+    def offload_frozen(self) -> list[str]:
+        """Group offloading (diffusers.hooks, block level) of the models no role trains: a separate teacher
+        and the adapter's text encoders. Their weights go to CPU memory (pinned) and each block comes back to
+        the device it was on for its forward. Returns what was offloaded."""
+        from diffusers.hooks import apply_group_offloading
+
+        adapter = self.teacher_role.adapter
+        frozen = {"teacher": self.teacher} if all(self.teacher is not m for m in (self.generator, self.fake)) else {}
+        frozen.update({n: m for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                       if (m := getattr(getattr(adapter, "pipe", None), n, None)) is not None})
+        for module in frozen.values():
+            device = next(module.parameters()).device
+            apply_group_offloading(module, onload_device=device, offload_type="block_level", num_blocks_per_group=1,
+                                   use_stream=device.type == "cuda")
+        return list(frozen)
+
     def enable_activation_checkpointing(self) -> None:
         """Recompute each transformer block in the backward; the recomputation runs the role (adapters)
         that ran the forward, whatever role is active later."""

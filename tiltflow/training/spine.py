@@ -104,7 +104,8 @@ def _written_sharded(path: Path) -> bool:
 
 def apply_parallel_plan(models: TrainModels, cfg: ParallelConfig, comm: Comm, device_type: str = "cpu",
                         *, compile_backend: str | None = None) -> GradSync:
-    """Prepare the models in torchtitan's order: activation checkpointing, then torch.compile of each
+    """Prepare the models in torchtitan's order: activation checkpointing (and the frozen models' CPU
+    offloading, parallel.offload_frozen), then torch.compile of each
     transformer block (parallel.compile: blocks; every distinct transformer, the teacher's too; or each
     transformer whole: model, optionally replayed as CUDA graphs on CUDA), then sharding (FSDP2: each block,
     then the root; parallel.data_parallel=ddp replicates instead of sharding). The teacher's CFG is set to one
@@ -116,6 +117,14 @@ def apply_parallel_plan(models: TrainModels, cfg: ParallelConfig, comm: Comm, de
         owner.batched_cfg = cfg.batched_cfg
     if cfg.activation_checkpointing:
         models.enable_activation_checkpointing()
+    if cfg.offload_frozen:
+        if not hasattr(models, "offload_frozen"):
+            raise ConfigError("parallel.offload_frozen", "got true, but this world's models have no frozen "
+                                                         "models to offload")
+        if comm.world_size > 1 and cfg.shard_teacher:
+            raise ConfigError("parallel.offload_frozen", "got true with parallel.shard_teacher: the teacher is "
+                                                         "either sharded or offloaded; set one of them to false")
+        models.offload_frozen()
     if cfg.compile != "none":
         if cfg.compile == "model" and comm.world_size > 1:
             raise ConfigError("parallel.compile", "got 'model' on several ranks; FSDP2 shards per block, so "
