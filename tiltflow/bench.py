@@ -187,6 +187,7 @@ def build(args: Any, stage2: bool, comm: Comm = LOCAL) -> Built:
                           shard_teacher=bool(getattr(args, "shard_teacher", False)),
                           data_parallel=getattr(args, "data_parallel", "fsdp"),
                           mixed_precision=getattr(args, "mixed_precision", None) is not False)
+    plan.validate("parallel")  # e.g. --cuda-graphs without --compile model
     grad_sync = apply_parallel_plan(models, plan, comm, device_type=torch.device(args.device).type)
     for m in {id(m): m for m in (models.teacher, models.generator, models.fake)}.values():
         m.train()

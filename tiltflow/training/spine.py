@@ -105,10 +105,10 @@ def _written_sharded(path: Path) -> bool:
 def apply_parallel_plan(models: TrainModels, cfg: ParallelConfig, comm: Comm, device_type: str = "cpu",
                         *, compile_backend: str | None = None) -> GradSync:
     """Prepare the models in torchtitan's order: activation checkpointing (and the frozen models' CPU
-    offloading, parallel.offload_frozen), then torch.compile of each
-    transformer block (parallel.compile: blocks; every distinct transformer, the teacher's too; or each
-    transformer whole: model, optionally replayed as CUDA graphs on CUDA), then sharding (FSDP2: each block,
-    then the root; parallel.data_parallel=ddp replicates instead of sharding). The teacher's CFG is set to one
+    offloading, parallel.offload_frozen), then torch.compile of each transformer block (parallel.compile:
+    blocks; every distinct transformer, the teacher's too; or each transformer whole: model, optionally
+    replayed as CUDA graphs on CUDA), then sharding (FSDP2: each block, then the root;
+    parallel.data_parallel=ddp replicates instead of sharding). The teacher's CFG is set to one
     batched pass or two (parallel.batched_cfg). Returns the gradient-sync hook the algorithm calls in its
     accumulation loop: one process has nothing to synchronise; FSDP2 reduces on the last micro-batch only.
     `compile_backend` is torch.compile's backend (None: tiltflow.distributed.fsdp.COMPILE_BACKEND, inductor)."""
