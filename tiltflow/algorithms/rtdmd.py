@@ -194,8 +194,7 @@ class RTDMD(TwoNetworkAlgorithm):
             metrics["pg_ratio_max_dev"].append(lo.metrics["ratio_max_dev"])
             metrics["pg_clip_frac"].append(lo.metrics["clip_frac"])
         assert total is not None
-        return LossOutput(total, {k: torch.stack([torch.as_tensor(v, device=total.device) for v in vs]).max()
-                                  for k, vs in metrics.items()})
+        return LossOutput(total, {k: torch.stack(vs).max() for k, vs in metrics.items()})
 
     def last_step(self, ro: Rollout) -> Tensor:
         """x0_hat = x_K - sigma_K v_theta(x_K) with x_K from the rollout held fixed (METHOD.md 5.5)."""

@@ -15,7 +15,7 @@ def ppo_clip_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, clip_eps: float |
     unclipped = -adv * ratio
     if clip_eps is None:
         loss = unclipped.mean()
-        clip_frac = 0.0
+        clip_frac = torch.zeros((), device=ratio.device)
     else:
         clipped = -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps)
         loss = torch.maximum(unclipped, clipped).mean()

@@ -72,7 +72,7 @@ class RewardSet:
         per = {r.name: check_scores(r(samples, prompts), r.name, samples.shape[0]).to(samples.device)
                for r, _ in used}
         terms = [w * per[r.name] for r, w in used]
-        diff_terms = [w * per[r.name] for r, w in used if r.differentiable]
+        diff_terms = [t for t, (r, _) in zip(terms, used) if r.differentiable]
         # sum(rest, first): the scores' own dtype, w1 s1 + w2 s2 + ... in reward order
         total = sum(terms[1:], terms[0]) if terms else torch.zeros(samples.shape[0], device=samples.device)
         diff_total = sum(diff_terms[1:], diff_terms[0]) if diff_terms else None
