@@ -143,15 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="verb", required=True)
 
-    def verb(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=help_text, epilog=EXIT_CODES)
+    def verb(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EXIT_CODES)
+        p.set_defaults(func=func)
+        return p
 
     p = verb("train", "train one stage (teacher, ac_dmd, dmd2, rtdmd, rtdmd_exact, rtdmd_fullchain, grpo_only, "
-             "bp_only, dm_bp) of any world into run_dir; resumes if run_dir holds a checkpoint")
+             "bp_only, dm_bp) of any world into run_dir; resumes if run_dir holds a checkpoint", cmd_train)
     _add_config_args(p, required=True)
-    p.set_defaults(func=cmd_train)
     p = verb("sample", "samples of a trained generator: a gmm run (--run DIR, .npy) or a diffusers model "
-             "(--config configs/<family>/sample.yaml: PNGs + a captioned grid)")
+             "(--config configs/<family>/sample.yaml: PNGs + a captioned grid)", cmd_sample)
     p.add_argument("--run", type=Path, default=None, help="gmm: a finished run directory (a teacher run samples "
                    "the teacher with its many-step sampler)")
     p.add_argument("--config", type=Path, default=None,
@@ -164,8 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: gmm 0, else sample.seed)")
     p.add_argument("--out", type=Path, default=None, help="gmm: output .npy file, shape (num, dim); diffusers: "
                    "output folder")
-    p.set_defaults(func=cmd_sample)
-    p = verb("eval", "evaluate a gmm run (--run) or score images with rewards (see docs/rewards.md)")
+    p = verb("eval", "evaluate a gmm run (--run) or score images with rewards (see docs/rewards.md)", cmd_eval)
     p.add_argument("--run", type=Path, default=None, help="a run directory: gmm runs are evaluated against "
                    "p_tilde, shapes runs with the verifier (a teacher run samples the teacher)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -182,19 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     for action in p._actions:
         if action.dest in _IMAGE_EVAL_REQUIRED:
             action.required = False
-    p.set_defaults(func=cmd_eval)
-    p = verb("demo", "every method on a gmm problem, side by side (default: the embedded 2-D problem)")
+    p = verb("demo", "every method on a gmm problem, side by side (default: the embedded 2-D problem)", cmd_demo)
     _add_config_args(p, required=False)
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of methods (default: all). Stage-2 methods need ac_dmd.")
-    p.set_defaults(func=cmd_demo)
     p = verb("bench", "time one stage-1 cycle, one stage-2 iteration and 4-step inference of a random-weight "
-             "architecture: seconds, images/s, peak memory, MFU, efficiency (JSON + a table)")
+             "architecture: seconds, images/s, peak memory, MFU, efficiency (JSON + a table)", cmd_bench)
     from tiltflow.bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(p)
-    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -208,12 +205,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, UsageError, FileNotFoundError, PromptFileError, RewardError, UnsafeFileError) as e:
-        print(f"error: {e}", file=sys.stderr)  # the user's input: one line, no traceback
-        return 2
-    except (FloatingPointError, CheckpointError, RemoteRewardError) as e:
-        print(f"error: {e}", file=sys.stderr)  # a failure while running, already explained
-        return 1
+    except (ConfigError, UsageError, FileNotFoundError, PromptFileError, RewardError, UnsafeFileError,
+            FloatingPointError, CheckpointError, RemoteRewardError) as e:
+        print(f"error: {e}", file=sys.stderr)  # one line, no traceback
+        # 1: a failure while running, already explained; 2: the user's input
+        return 1 if isinstance(e, (FloatingPointError, CheckpointError, RemoteRewardError)) else 2
 
 
 if __name__ == "__main__":
