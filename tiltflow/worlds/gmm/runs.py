@@ -100,11 +100,9 @@ class GMMWorld:
         teacher_net = run_teacher(cfg, gmm, progress)
         teacher = teacher_backbone(cfg, gmm, teacher_net)
         gen, fake = copy.deepcopy(teacher_net), copy.deepcopy(teacher_net)
-        if cfg.init_from:  # stage 2 starts from the stage-1 run's EMA generator and its fake
-            state = load(Path(cfg.init_from) / "final.pt")
-            gen.load_state_dict(state["generator"])
-            fake.load_state_dict(state["fake"])
         models = MLPModels(teacher, gen.requires_grad_(True).train(), fake.requires_grad_(True).train())
+        if cfg.init_from:  # stage 2 starts from the stage-1 run's EMA generator and its fake
+            models.load_trainable_state(load(Path(cfg.init_from) / "final.pt"))
         task = GMMTask(gmm.num_prompts, gmm.dim, build_rewards(cfg.problem), cfg.teacher.guidance_scale,
                        torch.device(cfg.device))
         reference = self.reference if self.reference is not None else build_reference(cfg, gmm, teacher_net)
