@@ -18,10 +18,6 @@ DOMINANCE = 2.0  # a drawn relation's main-axis offset is at least this many tim
 _ATTEMPTS = 500
 
 
-def object_size_range(size: int) -> tuple[int, int]:
-    return MIN_OBJECT * size // BASE_SIZE, MAX_OBJECT * size // BASE_SIZE
-
-
 def shape_mask(shape: str, d: int) -> np.ndarray:
     """(d, d) bool mask of a shape filling a d x d box, sampled at pixel centres."""
     c = (np.arange(d) + 0.5) - d / 2  # pixel-centre offsets from the box centre
@@ -60,7 +56,7 @@ def _place(sizes: Sequence[int], size: int, gap: int, rng: np.random.Generator) 
 
 def layout(scene: Scene, size: int, rng: np.random.Generator) -> list[tuple[str, str, tuple[int, int, int]]]:
     """[(shape, colour, (x, y, d))] for every object of the scene."""
-    lo, hi = object_size_range(size)
+    lo, hi = MIN_OBJECT * size // BASE_SIZE, MAX_OBJECT * size // BASE_SIZE
     gap = max(1, GAP * size // BASE_SIZE)
     objects = [(g.shape, g.colour) for g in scene.groups for _ in range(g.count)]
     palette = list(COLOURS)

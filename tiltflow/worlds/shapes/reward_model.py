@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from tiltflow.config.shapes import ShapesRunConfig
 from tiltflow.worlds.shapes.data import image_pool
-from tiltflow.worlds.shapes.scene import HELD_OUT_BINDINGS, Scene, hard_negatives, prompt_sets
+from tiltflow.worlds.shapes.scene import Scene, hard_negatives, names_held_out_binding, prompt_sets
 from tiltflow.worlds.shapes.teacher import export_folder, step_generator, train_part
 from tiltflow.worlds.shapes.text import MAX_TOKENS, build_tokenizer, text_config
 
@@ -47,15 +47,11 @@ def image_processor(resolution: int) -> Any:
                               image_std=[0.5] * 3, resample=3)
 
 
-def _allowed(s: Scene) -> bool:
-    return not any((g.colour, g.shape) in HELD_OUT_BINDINGS for g in s.groups)
-
-
 @functools.cache
 def _negative_kinds(scene: Scene) -> tuple[tuple[str, ...], ...]:
     """The allowed hard-negative captions of a scene, one tuple per kind that has any (cached: the training
     loop asks for the same 149 scenes every step)."""
-    kinds = [tuple(n.text for n in negs if _allowed(n)) for negs in hard_negatives(scene).values()]
+    kinds = [tuple(n.text for n in negs if not names_held_out_binding(n)) for negs in hard_negatives(scene).values()]
     return tuple(c for c in kinds if c)
 
 

@@ -157,12 +157,14 @@ def all_scenes(category: str) -> list[Scene]:
     raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
 
 
+def names_held_out_binding(scene: Scene) -> bool:
+    """Whether a group of `scene` is a colour-shape binding of HELD_OUT_BINDINGS."""
+    return any((g.colour, g.shape) in HELD_OUT_BINDINGS for g in scene.groups)
+
+
 def _held_out(scene: Scene) -> bool:
-    bindings = {(g.colour, g.shape) for g in scene.groups}
-    if any(b in bindings for b in HELD_OUT_BINDINGS):
-        return True
     digest = hashlib.sha256(scene.text.encode()).digest()
-    return int.from_bytes(digest[:4], "little") / 2**32 < TEST_FRACTION
+    return names_held_out_binding(scene) or int.from_bytes(digest[:4], "little") / 2**32 < TEST_FRACTION
 
 
 def prompt_sets() -> dict[str, list[Scene]]:
@@ -172,12 +174,9 @@ def prompt_sets() -> dict[str, list[Scene]]:
     test: list[Scene] = []
     for cat in CATEGORIES:
         scenes = all_scenes(cat)
-        if len(scenes) < 10:
-            train += scenes
-            test += scenes
-            continue
-        train += [s for s in scenes if not _held_out(s)]
-        test += [s for s in scenes if _held_out(s)]
+        small = len(scenes) < 10
+        train += [s for s in scenes if small or not _held_out(s)]
+        test += [s for s in scenes if small or _held_out(s)]
     return {"train": train, "test": test}
 
 

@@ -119,8 +119,7 @@ def check(scene: Scene, detections: list[Detection]) -> Verdict:
         per_group[i] = fits[:g.count]
         for d in per_group[i]:
             free.remove(d)
-    matched = [per_group[i] for i in range(len(scene.groups))]
-    if scene.relation is not None and not relation_holds(matched[0][0], matched[1][0], scene.relation):
+    if scene.relation is not None and not relation_holds(per_group[0][0], per_group[1][0], scene.relation):
         return Verdict(False, "position", detections)
     return Verdict(True, "ok", detections)
 
