@@ -120,6 +120,39 @@ def test_training_the_generator_leaves_base_and_fake_unchanged():
     assert _unchanged(before, [adapter.transformer])
 
 
+@pytest.mark.parametrize("layout", ["shared", "separate"])
+def test_adapter_switch_matches_peft_and_keeps_requires_grad(layout):
+    """The switch writes only the two fields peft's LoRA forward reads. Each role's output equals the one
+    peft's public enable_adapters / set_adapter give (bitwise: the same forward), and after any sequence of
+    switches every LoRA weight requires grad exactly when its role trains it (stage 2: the stage-1 adapter
+    stays frozen); peft's own calls would have flipped those flags."""
+    adapter = SD3Adapter.random("tiny_sd3", seed=0)
+    stage1 = build_roles(adapter, lora=SMALL)
+    export, _ = combine_lora_states([(lora_state(stage1.generator, GENERATOR), SMALL.alpha / SMALL.rank)])
+    models = build_roles(SD3Adapter.random("tiny_sd3", seed=0), layout=layout, lora=SMALL, stage1_generator=export)
+    roles = models.roles()
+    _perturb(roles.generator_params)
+    _perturb(roles.fake_params, seed=1)
+    x, s, cond = _inputs(models.teacher_role.adapter)
+    trainable = {id(p) for p in roles.generator_params + roles.fake_params}
+    with torch.no_grad():
+        for role in (roles.generator, roles.fake, roles.teacher, roles.generator, roles.teacher, roles.fake):
+            v = role.velocity(x, s, cond)
+            for module in {id(m): m for m in (models.generator, models.fake)}.values():
+                flags = {n: p.requires_grad == (id(p) in trainable)
+                         for n, p in module.named_parameters() if "lora_" in n}
+                assert all(flags.values()), [n for n, ok in flags.items() if not ok][:3]
+            for layer in role.switch.layers if role.switch is not None else []:  # peft's own way, then again
+                layer.enable_adapters(bool(role.adapters))
+                if role.adapters:
+                    layer.set_adapter(list(role.adapters))
+            expected = role.adapter.forward(role.transformer, x, s, cond, role.guidance)
+            if role.switch is not None:
+                role.switch.current = None  # peft changed the layers behind the switch's back
+                role.switch.rebind()  # and the flags: put them back for the next role
+            assert torch.equal(v, expected)
+
+
 def test_gradient_checkpointing_recomputes_with_the_forward_role():
     grads = []
     for checkpointing in (False, True):

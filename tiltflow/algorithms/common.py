@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from tiltflow.distributed import Comm
+from tiltflow.flow.rng import to_device
 from tiltflow.models.ema import EMA
 from tiltflow.rewards.base import RewardSet
 
@@ -59,7 +60,7 @@ class Batch:
 
 def randn(shape: Sequence[int], generator: torch.Generator, like: Tensor) -> Tensor:
     """Gaussian noise from a CPU generator, moved to `like`'s device and dtype (the same numbers on any device)."""
-    return torch.randn(tuple(shape), generator=generator, dtype=like.dtype).to(like.device)
+    return to_device(torch.randn(tuple(shape), generator=generator, dtype=like.dtype), like.device)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from tiltflow.algorithms.common import Batch, FiniteGuard, Phases, Task, TrainSt
 from tiltflow.config.schema import FakeConfig
 from tiltflow.distributed import Comm
 from tiltflow.flow.conventions import bcast, few_step_sigmas, forward_kernel
+from tiltflow.flow.rng import to_device
 from tiltflow.losses import (
     LossOutput,
     ambient_target,
@@ -219,7 +220,7 @@ def fisher_dm_loss(roles: Roles, x0: Tensor, s: float, batch: Batch, dm: DMSetti
     if s != 0.0:
         raise ValueError("the fisher DM scaling is defined at s = 0 (stage 2's last-step DM term)")
     lo, hi = dm.taus.tau_min, dm.taus.tau_max
-    u = torch.rand(x0.shape[0], generator=generator).to(x0.device, x0.dtype)
+    u = to_device(torch.rand(x0.shape[0], generator=generator), x0.device, x0.dtype)
     tau = 1.0 / (1.0 / lo - u * (1.0 / lo - 1.0 / hi))  # inverse CDF of p(tau) = tau^-2 / (1/lo - 1/hi)
     weight = (1 - tau) * (1.0 / lo - 1.0 / hi) / tau
     x_tau = renoise(x0, 0.0, tau, randn(x0.shape, generator, like=x0))
@@ -244,7 +245,7 @@ def fake_loss(roles: Roles, x_s: Tensor, s: float, cond: Any, fake: FakeSettings
         return out
     # Consistency (4.3): two independent CPS transitions tau -> tau' with the fake's detached velocity.
     two_sample = fake.two_sample
-    dt = fake.delta_max * (1.0 - torch.rand(b, generator=generator)).to(x_s.device, x_s.dtype)
+    dt = to_device(fake.delta_max * (1.0 - torch.rand(b, generator=generator)), x_s.device, x_s.dtype)
     tau_next = (tau - dt).clamp_min(0.0)
     v0 = v_pred.detach()
     xs_next = [cps_step(x_tau, v0, tau, tau_next, eta=fake.eta, noise=randn(x_s.shape, generator, like=x_s)).x_next

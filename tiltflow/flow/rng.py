@@ -7,6 +7,7 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 
 def step_generator(seed: int, step: int, salt: str = "", rank: int | None = None) -> torch.Generator:
@@ -32,3 +33,14 @@ def streams(seed: int, step: int, salt: str, rank: int = 0, world_size: int = 1)
     one-process run draws exactly what it drew before ranks existed."""
     shared = step_generator(seed, step, salt)
     return Streams(shared, shared if world_size == 1 else step_generator(seed, step, salt, rank))
+
+
+def to_device(t: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
+    """A CPU tensor (e.g. drawn from a CPU generator, so that the numbers do not depend on the device) on
+    `device`, without stopping the host. On CUDA a copy from pageable memory first waits for the stream to
+    drain, so the host could never queue work ahead of the GPU (one such wait per noise draw); a copy from
+    pinned memory is queued like a kernel. Any dtype change happens on the CPU, before the copy."""
+    t = t if dtype is None else t.to(dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from tiltflow.flow.conventions import bcast, forward_kernel
+from tiltflow.flow.rng import to_device
 from tiltflow.losses.output import LossOutput
 
 
@@ -72,5 +73,5 @@ def sample_tau(s: float, num: int, *, delta: float, tau_min: float, tau_max: flo
                generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
     """tau ~ U[s + delta, 1] clamped to [tau_min, tau_max] (METHOD.md 4.1 step 2)."""
     lo = min(s + delta, 1.0)
-    u = torch.rand(num, generator=generator).to(device)
+    u = to_device(torch.rand(num, generator=generator), device)
     return (lo + (1.0 - lo) * u).clamp(tau_min, tau_max)

@@ -58,8 +58,13 @@ def cps_step(x: Tensor, v: Tensor, sigma: Tensor | float, sigma_next: Tensor | f
     c_eps, std = cps_coefficients(sigma_next, eta)
     sn = bcast(sigma_next, x)
     mean = (1 - sn) * x0_hat + bcast(c_eps, x) * eps_hat
-    std_b = torch.as_tensor(std, dtype=x.dtype, device=x.device).expand(x.shape[0]).clone()
-    if bool((std_b > 0).any()):
+    if isinstance(std, Tensor):  # per-sample levels: whether any step is stochastic is read from the device
+        std_b = std.to(x.device, x.dtype).expand(x.shape[0]).clone()
+        stochastic = bool((std_b > 0).any())
+    else:  # a float (the sampler's grid): decided on the host, with no copy to the device and no read back
+        std_b = torch.full((x.shape[0],), std, dtype=x.dtype, device=x.device)
+        stochastic = std > 0
+    if stochastic:
         if noise is None:
             raise ValueError("cps_step: a stochastic step (eta > 0, sigma_next > 0) needs `noise`")
         x_next = mean + bcast(std_b, x) * noise

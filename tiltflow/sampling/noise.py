@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tiltflow.flow.rng import to_device
+
 
 def _seed_from(*keys: object) -> int:
     digest = hashlib.sha256(repr(keys).encode()).digest()
@@ -26,14 +28,12 @@ def group_noise(shape: Sequence[int], group_keys: Sequence[object], *, seed: int
 
     The draw depends only on (seed, key, step, iteration), so it is the same on every rank.
     """
-    out = torch.empty((len(group_keys), *shape), dtype=dtype, device=device)
     cache: dict[object, Tensor] = {}
-    for i, key in enumerate(group_keys):
+    for key in group_keys:
         if key not in cache:
             g = torch.Generator().manual_seed(_seed_from(seed, key, step, iteration))
             cache[key] = torch.randn(tuple(shape), generator=g, dtype=dtype)
-        out[i] = cache[key]
-    return out
+    return to_device(torch.stack([cache[key] for key in group_keys]), device)  # built on the CPU: one copy
 
 
 @dataclass
@@ -48,7 +48,7 @@ class NoisePlan:
               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> NoisePlan:
         """Independent noise everywhere; the last step (to sigma = 0) needs none."""
         def draw() -> Tensor:
-            return torch.randn((num_samples, *shape), generator=generator, dtype=dtype).to(device)
+            return to_device(torch.randn((num_samples, *shape), generator=generator, dtype=dtype), device)
         init = draw()
         return NoisePlan(init=init, steps=[draw() for _ in range(num_steps - 1)] + [None])
 
@@ -61,7 +61,7 @@ class NoisePlan:
         n = len(group_keys)
 
         def fresh() -> Tensor:
-            return torch.randn((n, *shape), generator=generator, dtype=dtype).to(device)
+            return to_device(torch.randn((n, *shape), generator=generator, dtype=dtype), device)
 
         def shared(step: int) -> Tensor:
             return group_noise(shape, group_keys, seed=seed, step=step, iteration=iteration,

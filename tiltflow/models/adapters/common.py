@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tiltflow.flow.rng import to_device
 from tiltflow.models.adapters.attention import attention_context, bind_attention_backend, resolve_attention_backend
 from tiltflow.models.adapters.attention import describe_failure as describe_failure  # re-exported for training/
 from tiltflow.models.adapters.attention import phase_context as phase_context  # re-exported for training/
@@ -321,6 +322,7 @@ class DiffusersAdapter(TransformerAdapter):
         self.precision = precision
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
         self.stub_text = stub_text
+        self._dtypes: dict[int, tuple[Tensor, torch.dtype, torch.dtype]] = {}  # see input_dtype
         key = f"{self.family}|{source}|L={self.max_sequence_length}|{self.encoder_settings()}"
         self.cache = TextEmbeddingCache(embed_cache_dir, key)
         self._bind(self.transformer)
@@ -365,7 +367,7 @@ class DiffusersAdapter(TransformerAdapter):
         else:
             fn = self._encode_prompts
         cond = self.cache.get([str(p) for p in prompts], fn)
-        return {k: v.to(self.device) for k, v in cond.items()}
+        return {k: to_device(v, self.device) for k, v in cond.items()}  # (cached on the CPU)
 
     @torch.no_grad()
     def _encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
@@ -442,7 +444,18 @@ class DiffusersAdapter(TransformerAdapter):
 
     def _cast(self, t: Tensor, transformer: nn.Module) -> Tensor:
         """Inputs go in as the transformer's (base) dtype, as the pipelines do."""
-        return t.to(device=self.device, dtype=module_dtype(transformer))
+        return t.to(device=self.device, dtype=self.input_dtype(transformer))
+
+    def input_dtype(self, transformer: nn.Module) -> torch.dtype:
+        """module_dtype(transformer), remembered per transformer. diffusers' ModelMixin.dtype walks every
+        submodule: for a 24-block transformer with LoRA layers that was most of a pass's host time (tens of
+        ms, three times a pass). Read again when the first parameter is another object (fully_shard replaces
+        parameters) or has changed dtype (.to)."""
+        first = next(transformer.parameters())
+        hit = self._dtypes.get(id(transformer))
+        if hit is None or hit[0] is not first or hit[1] != first.dtype:
+            hit = self._dtypes[id(transformer)] = (first, first.dtype, module_dtype(transformer))
+        return hit[2]
 
 
 def shift_from_mu(mu: float, scheduler_config: Any) -> float:

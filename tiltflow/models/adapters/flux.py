@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tiltflow.models.adapters.common import DiffusersAdapter, batch_sigma, module_dtype, shift_from_mu
+from tiltflow.models.adapters.common import DiffusersAdapter, batch_sigma, shift_from_mu
 
 LORA_PATTERN = (r"(transformer_blocks|single_transformer_blocks)\.\d+\.attn\."
                 r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)")
@@ -55,7 +55,7 @@ class FluxAdapter(DiffusersAdapter):
     def forward(self, transformer: nn.Module, x: Tensor, sigma: Tensor, cond: dict[str, Tensor],
                 guidance: float | None = None) -> Tensor:
         b, _, h, w = x.shape
-        dtype = module_dtype(transformer)
+        dtype = self.input_dtype(transformer)
         g = None
         if transformer.config.guidance_embeds:
             value = self.guidance if guidance is None else float(guidance)

@@ -1,0 +1,78 @@
+"""Where the host waits for the GPU in a stage-1 cycle and in 4-step sampling (issue 8: no host synchronisation
+inside the loop). Every synchronising call is caught with torch.cuda.set_sync_debug_mode("warn"), which
+warns at each one (a blocking copy to or from the device, .item(), .tolist(), torch.cuda.synchronize ...)
+with the Python line that made it.
+
+A stage-1 cycle may wait only where it has to read a value: the finite-value guard of each update (one read
+of its losses and gradient norm) and the step's metrics (one read). Noise and the timesteps it draws on the
+host reach the device through pinned memory, without a wait; the sampler decides on the host whether a step
+is stochastic. Sampling waits once, for the images it returns to the host. Skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _built():
+    from tiltflow import bench
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--arch", "tiny_sd3", "--device", "cuda", "--resolution", "32", "--batch", "2",
+                         "--n-fake", "3", "--batched-cfg", "--no-activation-checkpointing", "--out", "unused.json"])
+    return bench, args, bench.build(args, stage2=False)
+
+
+def _syncs(fn) -> Counter:
+    """(file name, line) of every synchronising call fn makes, counted."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return Counter((w.filename.rsplit("/", 1)[-1], w.lineno) for w in caught
+                   if "synchroniz" in str(w.message).lower())
+
+
+def test_stage1_cycle_waits_only_for_the_guard_and_the_metrics():
+    bench, args, b = _built()
+    algo = bench.algorithm("1", b, args)
+    algo.step(0)  # warm: caches, allocator
+    syncs = _syncs(lambda: algo.step(1))
+    where = Counter()
+    for (name, line), n in syncs.items():
+        where[name] += n
+    assert set(where) <= {"common.py"}, f"host waits outside the guard and the metrics: {dict(syncs)}"
+    # One guard read per update (n_fake fake updates + 1 generator update) and one metrics read.
+    assert sum(syncs.values()) == args.n_fake + 2, dict(syncs)
+
+
+def test_sampling_waits_once_for_the_images():
+    from tiltflow.flow.conventions import few_step_sigmas
+    from tiltflow.sampling import NoisePlan, sample
+
+    _, _, b = _built()
+    cond = b.adapter.encode(["a red cat", "a blue dog"])
+    sigmas = few_step_sigmas(b.sampler.num_steps, b.sampler.shift)
+    g = torch.Generator().manual_seed(0)
+
+    def once():
+        with torch.no_grad():
+            plan = NoisePlan.fresh(2, b.task.sample_shape, b.sampler.num_steps, g, device=b.task.device)
+            x = sample(lambda x, s: b.roles.generator.velocity(x, s, cond), sigmas, plan, eta=b.sampler.eta).final
+            return (b.task.decode(x) * 255).round().to(torch.uint8).cpu()
+
+    once()
+    syncs = _syncs(once)
+    assert sum(syncs.values()) == 1, dict(syncs)
