@@ -183,10 +183,8 @@ def build(args: Any, stage2: bool, comm: Comm = LOCAL) -> Built:
     models = build_roles(adapter, layout=args.layout, lora=LoraSettings(args.lora_rank, args.lora_alpha),
                          generator_base=gen_base, stage1_generator=s1)
     plan = ParallelConfig(activation_checkpointing=args.activation_checkpointing, batched_cfg=args.batched_cfg,
-                          compile=args.compile, cuda_graphs=bool(getattr(args, "cuda_graphs", False)),
-                          shard_teacher=bool(getattr(args, "shard_teacher", False)),
-                          data_parallel=getattr(args, "data_parallel", "fsdp"),
-                          mixed_precision=getattr(args, "mixed_precision", None) is not False)
+                          compile=args.compile, cuda_graphs=args.cuda_graphs, shard_teacher=args.shard_teacher,
+                          data_parallel=args.data_parallel, mixed_precision=args.mixed_precision is not False)
     plan.validate("parallel")  # e.g. --cuda-graphs without --compile model
     grad_sync = apply_parallel_plan(models, plan, comm, device_type=torch.device(args.device).type)
     for m in {id(m): m for m in (models.teacher, models.generator, models.fake)}.values():
@@ -331,7 +329,7 @@ def pass_table(b: Built, snaps: list[tuple[Counter, Counter]], args: Any) -> lis
         row = {"component": component, "name": name, "batch": batch, "grad": grad,
                "calls": [c[kind] for c, _ in snaps], "backwards": [bw[kind] for _, bw in snaps]}
         row.update({f"{m}{t}": None for m in ("forward", "forward_backward") for t in ("_s", "_kernel_s")})
-        if getattr(args, "skip_pass_timing", False):
+        if args.skip_pass_timing:
             rows.append({**row, "forward_flops": None, "backward_flops": None})
             continue
         f_fwd, f_bwd = flops_per_sample(b, kind, args)
@@ -354,6 +352,19 @@ def needed(rows: list[dict[str, Any]], r: int, time: str = "_kernel_s") -> tuple
     return seconds, flops
 
 
+def between_barriers(fn: Any, device: torch.device, *, count_closing: bool = True) -> float:
+    """Seconds of fn() with its device work synchronised, between two barriers (several ranks); with
+    count_closing the time includes the closing barrier, so that it is the slowest rank's."""
+    sync(device)
+    barrier()
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    wall = time.perf_counter() - t0
+    barrier()
+    return time.perf_counter() - t0 if count_closing else wall
+
+
 def timed_repeats(fn: Any, b: Built, args: Any) -> tuple[list[float], list[tuple[Counter, Counter]], list]:
     """Wall time and pass counts of each repeat; peak memory over the repeats (CUDA only), one per rank
     (gathered; one in a single process). Several ranks: each repeat starts and ends at a barrier (so its time,
@@ -365,13 +376,7 @@ def timed_repeats(fn: Any, b: Built, args: Any) -> tuple[list[float], list[tuple
     walls, snaps = [], []
     for r in range(args.repeats):
         with b.task.log.counting() as log:
-            sync(dev)
-            barrier()
-            t0 = time.perf_counter()
-            fn(r)
-            sync(dev)
-            barrier()
-            walls.append(time.perf_counter() - t0)
+            walls.append(between_barriers(lambda r=r: fn(r), dev))
         snaps.append((log.calls, log.backwards))
     peak = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None
     return walls, snaps, gather_objects(peak)
@@ -384,7 +389,7 @@ def summarise(key: str, fn: Any, b: Built, args: Any, images: int) -> dict[str, 
     passes, its wall time: per GPU)."""
     walls, snaps, peaks = timed_repeats(fn, b, args)
     rows = pass_table(b, snaps, args)
-    timed = not getattr(args, "skip_pass_timing", False)
+    timed = not args.skip_pass_timing
     need = [needed(rows, r) for r in range(len(walls))] if timed else None  # (kernel seconds, FLOPs) per repeat
     eff = [s / w for (s, _), w in zip(need, walls)] if timed else None
     eff_wall = [needed(rows, r, "_s")[0] / w for r, w in enumerate(walls)] if timed else None
@@ -446,7 +451,7 @@ def bench_inference(batch: int, b: Built, args: Any) -> dict[str, Any]:
     out = summarise(TIME_KEY["infer"], once, b, args, batch)
     # The bound: the passes it ran at their GPU kernel time (bound_wall_s: at their CUDA-event time alone);
     # --skip-pass-timing times no pass alone, so there is no bound (None).
-    timed = not getattr(args, "skip_pass_timing", False)
+    timed = not args.skip_pass_timing
     bound, bound_wall = (statistics.median(needed(out["passes"], r, t)[0] for r in range(args.repeats))
                          if timed else None for t in ("_kernel_s", "_s"))
     row = {"stage": "infer", "batch": batch, **out, "bound_s": bound, "bound_wall_s": bound_wall,
@@ -466,13 +471,7 @@ def profile(fn: Any, device: torch.device, args: Any, label: str, top: int = 20)
     cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=acts) as prof:
-        sync(device)
-        barrier()
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        wall = time.perf_counter() - t0
-        barrier()
+        wall = between_barriers(fn, device, count_closing=False)
     busy, kernels = None, None
     if cuda:
         spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
@@ -482,15 +481,16 @@ def profile(fn: Any, device: torch.device, args: Any, label: str, top: int = 20)
     if coll is not None:
         ranks = gather_objects({k: coll[k] for k in ("cpu_s", "device_s")})
         coll.update(cpu_s_per_rank=[r["cpu_s"] for r in ranks], device_s_per_rank=[r["device_s"] for r in ranks])
-    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    avg = sorted(prof.key_averages(), key=lambda a: getattr(a, attr), reverse=True)[:top]
-    rows = [{"name": a.key[:120], "calls": a.count, "self_s": getattr(a, attr) / 1e6} for a in avg]
+
+    def ranked(attr: str) -> list[dict[str, Any]]:  # the top ops or kernels by one of their self times
+        avg = sorted(prof.key_averages(), key=lambda a: getattr(a, attr), reverse=True)[:top]
+        return [{"name": a.key[:120], "calls": a.count, "self_s": getattr(a, attr) / 1e6} for a in avg]
+
+    rows = ranked("self_device_time_total" if cuda else "self_cpu_time_total")
     summary = {"wall_s": wall, "device_busy_s": busy, "host_gap_s": wall - busy if busy is not None else None,
                "kernels": kernels, "top_by": "self device time" if cuda else "self CPU time", "top": rows}
     if cuda:  # where the host's time goes: launches, syncs (cudaStreamSynchronize, copies to the host), ops
-        host = sorted(prof.key_averages(), key=lambda a: a.self_cpu_time_total, reverse=True)[:top]
-        summary["top_host"] = [{"name": a.key[:120], "calls": a.count, "self_s": a.self_cpu_time_total / 1e6}
-                               for a in host]
+        summary["top_host"] = ranked("self_cpu_time_total")
     if coll is not None:
         summary["collectives"] = coll
     if not is_main_process():
@@ -618,11 +618,11 @@ def guarded(stage: str, batch: int, fn: Any, *fn_args: Any) -> dict[str, Any]:
     """A run's row, or the error that stopped it (out of memory) so that the other runs still happen. Several
     ranks: the error propagates (the other ranks wait in a collective that will not come; torchrun stops
     them all), and the JSON keeps the runs finished before it."""
-    if torch.distributed.is_initialized():
-        return fn(*fn_args)
     try:
         return fn(*fn_args)
     except torch.OutOfMemoryError as err:
+        if torch.distributed.is_initialized():
+            raise
         return {"stage": stage, "batch": batch, "error": f"out of memory: {str(err).splitlines()[0][:200]}"}
 
 
