@@ -24,6 +24,7 @@ from tiltflow.config.diffusers import DiffusersRunConfig, LoraSpec, ModelSpec, R
 from tiltflow.config.loader import ConfigError
 from tiltflow.config.schema import STAGE1_STAGES, SamplerConfig
 from tiltflow.distributed.state import barrier, full_tensor, is_main_process
+from tiltflow.flow.conventions import few_step_sigmas
 from tiltflow.models.ema import EMA
 from tiltflow.rewards.base import RewardOutput, RewardSet
 from tiltflow.worlds.base import WorldSetup, text_sample_settings
@@ -242,7 +243,6 @@ class DiffusersWorld:
     def build(self, cfg: DiffusersRunConfig, *, progress: bool = True) -> WorldSetup:
         import diffusers
 
-        from tiltflow.flow.conventions import few_step_sigmas
         from tiltflow.models.export import save_lora
 
         stage1 = cfg.stage in STAGE1_STAGES
@@ -299,7 +299,6 @@ def write_samples(cfg: DiffusersRunConfig, adapter: Any, generator: Any, sampler
     sharded generator samples on every rank (its forwards gather the weights: a collective); every rank
     draws the same noise for the same prompts, and rank 0 alone writes the files."""
     from tiltflow.eval.report import write_grid
-    from tiltflow.flow.conventions import few_step_sigmas
     from tiltflow.sampling import NoisePlan
     from tiltflow.sampling import sample as run_sampler
 

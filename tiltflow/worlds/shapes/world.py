@@ -17,7 +17,9 @@ from torch import Tensor
 from tiltflow.config.schema import STAGE1_STAGES
 from tiltflow.config.shapes import ShapesRunConfig
 from tiltflow.distributed.state import barrier, is_main_process
+from tiltflow.flow.conventions import few_step_sigmas
 from tiltflow.models.ema import EMA
+from tiltflow.sampling import NoisePlan, sample
 from tiltflow.worlds.base import WorldSetup, text_sample_settings
 from tiltflow.worlds.diffusers_world import (
     DiffusersTask,
@@ -31,6 +33,7 @@ from tiltflow.worlds.diffusers_world import (
 )
 from tiltflow.worlds.shapes.evaluate import eval_prompts, evaluate_samples, write_eval, write_marked_grid
 from tiltflow.worlds.shapes.models import ShapesAdapter
+from tiltflow.worlds.shapes.rewards import build_rewards
 from tiltflow.worlds.shapes.scene import parse, prompt_sets
 
 
@@ -55,8 +58,6 @@ def build_models(cfg: ShapesRunConfig, init_state: dict[str, Tensor] | None) -> 
 
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int], num_steps: int, device: torch.device) -> Any:
     """A NoisePlan whose sample i depends only on seeds[i] (so index.jsonl's seed reproduces it)."""
-    from tiltflow.sampling import NoisePlan
-
     plans = [NoisePlan.fresh(1, shape, num_steps, torch.Generator().manual_seed(int(s)), device=device) for s in seeds]
     steps = [None if p is None else torch.cat([pl.steps[k] for pl in plans]) for k, p in enumerate(plans[0].steps)]
     return NoisePlan(init=torch.cat([p.init for p in plans]), steps=steps)
@@ -64,9 +65,6 @@ def seeded_noise(seeds: Sequence[int], shape: Sequence[int], num_steps: int, dev
 
 def few_step(models: Any, adapter: ShapesAdapter, sampler: Any, prompts: list[str], seeds: Sequence[int],
              eta: float | None = None) -> Tensor:
-    from tiltflow.flow.conventions import few_step_sigmas
-    from tiltflow.sampling import sample
-
     sigmas = few_step_sigmas(sampler.num_steps, sampler.shift)
     cond = adapter.encode(prompts)
     plan = seeded_noise(seeds, adapter.latent_shape(adapter.resolution, adapter.resolution), sampler.num_steps,
@@ -97,8 +95,6 @@ class ShapesWorld:
         return train_world_models(cfg, progress=progress)
 
     def build(self, cfg: ShapesRunConfig, *, progress: bool = True) -> WorldSetup:
-        from tiltflow.worlds.shapes.rewards import build_rewards
-
         stage1 = cfg.stage in STAGE1_STAGES
         init_state = read_final(cfg.init_from) if (not stage1 and cfg.init_from) else None
         adapter, models = build_models(cfg, init_state)
@@ -182,7 +178,6 @@ def evaluate_teacher(cfg: ShapesRunConfig, models_dir: str | Path, *, num_steps:
     """The teacher's many-step Euler samples with CFG on cfg.eval's prompt set: verifier and reward scores,
     written to out_dir/<name>_metrics.json and <name>_grid.png."""
     from tiltflow.worlds.shapes.models import euler_sample
-    from tiltflow.worlds.shapes.rewards import build_rewards
 
     adapter = ShapesAdapter.load(models_dir, cfg.device)
     rewards = build_rewards(cfg.rewards, models_dir, adapter.device)
