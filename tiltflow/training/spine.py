@@ -85,12 +85,14 @@ def train(cfg: RunConfig, *, world: Any = None, progress: bool = True) -> dict[s
 def make_checkpointer(run_dir: Path, comm: Comm, models: TrainModels, state: TrainState,
                       cfg: RunConfig) -> Checkpointer:
     """One process: the loop's own state in one atomic file. Several ranks (or resuming on one process from
-    a checkpoint that several wrote): the trainable state gathered to full tensors (any rank count loads it)."""
+    a checkpoint that several wrote): a distributed checkpoint (DCP), each rank writing its own shards, that
+    any rank count loads; checkpoint.pt is then its commit record."""
     path = run_dir / "checkpoint.pt"
+    settings = {"keep": cfg.checkpoint_keep, "retries": cfg.checkpoint_retries,
+                "retry_wait_s": cfg.checkpoint_retry_wait_s}
     if comm.world_size > 1 or (path.exists() and _written_sharded(path)):
-        return ShardedCheckpointer(run_dir, comm, models.modules(), state)
-    return FileCheckpointer(run_dir, keep=cfg.checkpoint_keep, retries=cfg.checkpoint_retries,
-                            retry_wait_s=cfg.checkpoint_retry_wait_s)
+        return ShardedCheckpointer(run_dir, comm, models.modules(), state, **settings)
+    return FileCheckpointer(run_dir, **settings)
 
 
 def _written_sharded(path: Path) -> bool:
