@@ -39,6 +39,14 @@ def _new_figure(num_panels: int, ncols: int, panel_size: float) -> tuple[Any, li
     return fig, axes
 
 
+def _label(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
+    """A panel's title (9 pt), axis labels (8 pt) and tick labels (7 pt)."""
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
 def _log_density_grid(log_density_fn: Callable[[torch.Tensor], Any], extent: Sequence[float],
                       grid_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     xs = np.linspace(extent[0], extent[1], grid_size)
@@ -130,10 +138,7 @@ def scatter_over_density(path: str | Path, panels: Sequence[tuple[str, np.ndarra
             ax.contour(gx, gy, lz, levels=np.linspace(top - 10.0, top, 8), colors="0.4", linewidths=0.7)
         ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, color="tab:blue", rasterized=True)
         ax.set(xlim=(extent[0], extent[1]), ylim=(extent[2], extent[3]), aspect="equal")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("x[0]", fontsize=8)
-        ax.set_ylabel("x[1]", fontsize=8)
-        ax.tick_params(labelsize=7)
+        _label(ax, name, "x[0]", "x[1]")
         _outside_note(ax, all_pts, extent, 0.01)
     if title:
         fig.suptitle(title)
@@ -271,11 +276,8 @@ def metric_curves(path: str | Path, curves: Mapping[str, Mapping[str, Sequence[t
                 lines += ["off the axis (triangles):", *notes]
             if hidden:
                 lines += ["hidden by an equal curve:", *hidden]
-            ax.set_title(title, fontsize=9)
             # notes go under the x label, outside the data area, so they never cover a line
-            ax.set_xlabel("\n".join(lines), fontsize=8)
-            ax.set_ylabel(ylabel, fontsize=8)
-            ax.tick_params(labelsize=7)
+            _label(ax, title, "\n".join(lines), ylabel)
     seen: dict[str, Any] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
