@@ -576,10 +576,7 @@ def command(args: Any) -> str:
         if k in ("func", "verb") or v is None or v is False:
             continue
         flag = "--" + k.replace("_", "-")
-        if v is True:
-            parts.append(flag)
-        else:
-            parts += [flag, str(v)]
+        parts += [flag] if v is True else [flag, str(v)]  # a switch, or an option and its value
     for k in ("activation_checkpointing", "batched_cfg"):  # switches whose off state is worth spelling out
         if getattr(args, k, None) is False:
             parts.append("--no-" + k.replace("_", "-"))
