@@ -308,3 +308,20 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_a_retry_recovers(tmp_p
         {"step": 2, "model": None, "algo": None})
     assert len(seen) == 1 and "No space left on device; retrying in 0 s (1/1)" in seen[0]
     assert load_into_fresh(tmp_path)[0]["step"] == 2
+
+
+def test_an_unreadable_commit_record_falls_back_to_the_newest_step_directory(tmp_path):
+    """checkpoint.pt damaged (a disk fault): every step directory was complete before it was renamed into
+    place, so the newest one loads, with a warning; the spine still picks the sharded checkpointer."""
+    from tiltflow.training.spine import _written_sharded
+
+    want = saved_on_one_process(tmp_path, [1, 2], keep=2)
+    with open(tmp_path / "checkpoint.pt", "r+b") as f:
+        f.truncate(100)
+    assert _written_sharded(tmp_path / "checkpoint.pt")
+    seen: list[str] = []
+    loaded, got = load_into_fresh(tmp_path, seen)
+    assert loaded["step"] == 2
+    assert_same(got, want["last"])
+    assert len(seen) == 1 and f"checkpoint {tmp_path / 'checkpoint.pt'} cannot be read" in seen[0], seen
+    assert sorted(p.name for p in (tmp_path / FOLDER).iterdir()) == ["step00000001", "step00000002"]  # kept

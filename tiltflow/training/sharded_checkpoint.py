@@ -84,6 +84,11 @@ class ShardedCheckpointer:
         if comm.rank == 0:
             self._remove_leftovers()
 
+    @staticmethod
+    def folder_in(run_dir: Path) -> bool:
+        """Whether run_dir holds a distributed checkpoint folder (the checkpoints of a run on several ranks)."""
+        return (Path(run_dir) / FOLDER).is_dir()
+
     # ---- the Checkpointer interface --------------------------------------------------------------------
     def exists(self) -> bool:
         return self.path.exists()
@@ -112,9 +117,17 @@ class ShardedCheckpointer:
     def load(self) -> dict[str, Any]:
         """Load the newest readable committed checkpoint into the modules, optimisers and EMA of this rank;
         returns the loop's state ({"step", "skipped_updates", "model": None, "algo": None}: nothing left for
-        the loop to load). A checkpoint.pt written by one process (FileCheckpointer) is cut into this rank's
-        shards and returned for the loop to load."""
-        record = load(self.path)
+        the loop to load). When checkpoint.pt cannot be read, the step directories are tried newest first
+        (each is complete: it is renamed into place only once written). A checkpoint.pt written by one
+        process (FileCheckpointer) is cut into this rank's shards and returned for the loop to load."""
+        try:
+            record = load(self.path)
+        except UnsafeFileError:
+            raise
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+            self.warn(f"checkpoint {self.path} cannot be read ({type(err).__name__}: {_first_line(err)}); trying "
+                      f"the step directories in {self.folder}")
+            record = {"format": FORMAT, "dirs": self._step_dirs()}
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             if isinstance(record, dict) and "model" in record and "algo" in record and not record.get("sharded"):
                 self.loaded = f"{self.path} (written by one process)"
@@ -133,7 +146,7 @@ class ShardedCheckpointer:
                 continue
             self.loaded = f"{folder} (distributed checkpoint written by {ranks} ranks)"
             return {**loop, "model": None, "algo": None}
-        raise CheckpointError(f"no readable checkpoint in {self.folder}: " + "; ".join(errors))
+        raise CheckpointError(f"no readable checkpoint in {self.folder}: " + ("; ".join(errors) or "none there"))
 
     # ---- writing ---------------------------------------------------------------------------------------
     def _write(self, target: Path, loop: dict[str, Any]) -> None:
@@ -383,6 +396,11 @@ class ShardedCheckpointer:
         except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError):
             return []
         return list(record["dirs"]) if isinstance(record, dict) and record.get("format") == FORMAT else []
+
+    def _step_dirs(self) -> list[str]:
+        """The step directories in the folder, newest first (committed or not)."""
+        found = [d.name for d in self.folder.iterdir() if STEP_DIR.fullmatch(d.name)] if self.folder.is_dir() else []
+        return sorted(found, reverse=True)
 
     def _remove_leftovers(self) -> None:
         """What writes a killed run never finished left: temporary directories, step directories no commit

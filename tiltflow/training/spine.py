@@ -96,12 +96,13 @@ def make_checkpointer(run_dir: Path, comm: Comm, models: TrainModels, state: Tra
 
 
 def _written_sharded(path: Path) -> bool:
-    """Whether several ranks wrote this checkpoint; an unreadable file is left to FileCheckpointer, which
-    falls back to an older kept checkpoint and says so."""
+    """Whether several ranks wrote this checkpoint (its commit record says so). An unreadable file is the
+    sharded checkpointer's when a distributed checkpoint folder is there (it tries the step directories), else
+    FileCheckpointer's, which falls back to an older kept checkpoint and says so."""
     try:
         return bool(load(path).get("sharded", False))
     except (RuntimeError, EOFError, OSError, ValueError):
-        return False
+        return ShardedCheckpointer.folder_in(path.parent)
 
 
 def apply_parallel_plan(models: TrainModels, cfg: ParallelConfig, comm: Comm, device_type: str = "cpu",
