@@ -10,7 +10,6 @@ import json
 import os
 import re
 import socket
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tiltflow.flow.deadline import answers_within
 from tiltflow.rewards.preprocess import ImagePreprocess
 
 # A requirement is a tuple of alternatives; an alternative is a tuple of files that must all exist.
@@ -147,19 +147,8 @@ def _hub_reachable() -> bool:
 
     url = urlparse(constants.ENDPOINT)
     host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=_PROBE_SECONDS):
-                result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(_PROBE_SECONDS)
-    return bool(result and result[0])
+    return answers_within(lambda: socket.create_connection((host, port), timeout=_PROBE_SECONDS).close(),
+                          _PROBE_SECONDS)
 
 
 def _download(repo_id: str, requirements: Sequence[FileRequirement], what: str) -> Path:

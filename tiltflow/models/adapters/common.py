@@ -14,7 +14,6 @@ import hashlib
 import math
 import os
 import re
-import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tiltflow.flow.deadline import answers_within
 from tiltflow.flow.rng import to_device
 from tiltflow.models.adapters.attention import attention_context, bind_attention_backend, resolve_attention_backend
 from tiltflow.models.adapters.attention import describe_failure as describe_failure  # re-exported for training/
@@ -50,19 +50,7 @@ def _probe_hub(repo_id: str) -> bool:
     """Whether the hub answers for repo_id within _PROBE_S seconds (a thread bounds DNS stalls too)."""
     from huggingface_hub import HfApi
 
-    answer: list[bool] = []
-
-    def probe() -> None:
-        try:
-            HfApi().model_info(repo_id, timeout=_PROBE_S)
-            answer.append(True)
-        except Exception:  # noqa: BLE001 - any failure means "cannot use the hub now"
-            answer.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(_PROBE_S + 0.5)
-    return bool(answer and answer[0])
+    return answers_within(lambda: HfApi().model_info(repo_id, timeout=_PROBE_S), _PROBE_S + 0.5)
 
 
 def resolve_source(source: str, *, what: str, marker: str = "model_index.json") -> tuple[str, bool]:
