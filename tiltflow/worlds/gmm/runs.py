@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from tiltflow.config.gmm import GMMRunConfig
-from tiltflow.config.loader import ConfigError, UsageError, to_yaml
+from tiltflow.config.loader import ConfigError, UsageError, from_dict, read_yaml, to_yaml
 from tiltflow.distributed.fsdp import ShardUnit
 from tiltflow.distributed.state import full_state_dict, is_main_process
 from tiltflow.models.base import Backbone
@@ -220,8 +220,6 @@ def run_samples(net: VelocityMLP, cfg: GMMRunConfig, gmm: ConditionalGMM, num: i
 
 def load_generator(run_dir: str | Path) -> tuple[VelocityMLP, GMMRunConfig]:
     """The EMA generator (or, for a teacher run, the teacher) of a finished run, and its config."""
-    from tiltflow.config.loader import from_dict, read_yaml
-
     cfg = from_dict(GMMRunConfig, read_yaml(Path(run_dir) / "config.yaml"))
     cfg.run_dir = str(run_dir)
     return load_run_model(cfg, build_gmm(cfg.problem))[0], cfg

@@ -32,7 +32,7 @@ from tiltflow.worlds.diffusers_world import (
     write_pngs,
 )
 from tiltflow.worlds.shapes.evaluate import eval_prompts, evaluate_samples, write_eval, write_marked_grid
-from tiltflow.worlds.shapes.models import ShapesAdapter
+from tiltflow.worlds.shapes.models import ShapesAdapter, euler_sample
 from tiltflow.worlds.shapes.rewards import build_rewards
 from tiltflow.worlds.shapes.scene import parse, prompt_sets
 
@@ -177,8 +177,6 @@ def evaluate_teacher(cfg: ShapesRunConfig, models_dir: str | Path, *, num_steps:
                      out_dir: Path, name: str) -> dict[str, float]:
     """The teacher's many-step Euler samples with CFG on cfg.eval's prompt set: verifier and reward scores,
     written to out_dir/<name>_metrics.json and <name>_grid.png."""
-    from tiltflow.worlds.shapes.models import euler_sample
-
     adapter = ShapesAdapter.load(models_dir, cfg.device)
     rewards = build_rewards(cfg.rewards, models_dir, adapter.device)
     prompts = eval_prompts(cfg.eval.prompt_set, cfg.eval.max_prompts, cfg.eval.num_per_prompt)
