@@ -325,3 +325,42 @@ def test_an_unreadable_commit_record_falls_back_to_the_newest_step_directory(tmp
     assert_same(got, want["last"])
     assert len(seen) == 1 and f"checkpoint {tmp_path / 'checkpoint.pt'} cannot be read" in seen[0], seen
     assert sorted(p.name for p in (tmp_path / FOLDER).iterdir()) == ["step00000001", "step00000002"]  # kept
+
+
+# ---- a LoRA world: the shared layout, stage 2 over a frozen stage-1 adapter ----------------------------
+@pytest.fixture(scope="module")
+def lora_stage1(tmp_path_factory) -> Path:
+    from test_fsdp_worlds import DIFFUSERS, STAGES
+
+    from tiltflow.training.spine import train
+    from tiltflow.worlds.registry import load_run_config
+
+    run_dir = tmp_path_factory.mktemp("lora") / "s1"
+    train(load_run_config(None, [*DIFFUSERS, *STAGES, "stage=ac_dmd", f"run_dir={run_dir}"]), progress=False)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_a_lora_run_saved_on_two_ranks_resumes_on_one_process(lora_stage1, tmp_path):
+    """The diffusers world (tiny random SD3, one transformer carrying the generator's and the fake's adapters
+    over the frozen stage-1 one): stage 2 saved on 2 ranks after step 1 resumes on one process for step 2,
+    and ends where 2 steps on one process end, within test_fsdp_worlds.py's bound for sharded arithmetic."""
+    from safetensors.torch import load_file
+    from test_fsdp_worlds import DIFFUSERS, STAGES, UPDATES, assert_close, steps
+    from test_fsdp_worlds import torchrun as train_on_two_ranks
+
+    from tiltflow.training.spine import train
+    from tiltflow.worlds.registry import load_run_config
+
+    common = [*DIFFUSERS, *STAGES, "stage=rtdmd", f"init_from={lora_stage1}"]
+    one, mix = tmp_path / "one" / "s2", tmp_path / "mix" / "s2"
+    train(load_run_config(None, [*common, f"run_dir={one}"]), progress=False)
+    train_on_two_ranks(tmp_path, "diffusers", *common, f"run_dir={mix}", "stage2.num_iters=1",
+                       "parallel.same_data_on_every_rank=true")
+    tensors, meta = read_checkpoint(mix)
+    assert meta["roles"] == {"generator": "generator", "fake": "generator"} and meta["world_size"] == 2
+    assert any(".generator." in k for k in tensors) and any(".fake." in k for k in tensors)
+    assert not any("generator_stage1" in k for k in tensors)  # the frozen adapter is the stage-1 run's
+    train(load_run_config(None, [*common, f"run_dir={mix}"]), progress=False)
+    assert steps(mix) == steps(one) == [1, 2]
+    assert_close(load_file(str(one / "final.safetensors")), load_file(str(mix / "final.safetensors")), UPDATES)
