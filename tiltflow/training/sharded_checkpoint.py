@@ -247,12 +247,21 @@ class ShardedCheckpointer:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
 
-        meta = self._read_meta(folder)
-        metadata = read_metadata(folder)
-        check_files(folder, metadata)
+        problem = None
+        try:
+            meta = self._read_meta(folder)
+            metadata = read_metadata(folder)
+            check_files(folder, metadata)
+        except _Unreadable as err:
+            problem = str(err)
+        problems = [p for p in gather_objects(problem) if p]  # every rank tries the next one, or none does
+        if problems:
+            raise _Unreadable(problems[0])
         if meta["roles"] != self._aliases():
             raise _layout_error(folder, f"its roles share modules as {meta['roles']}, this run's as "
                                         f"{self._aliases()}")
+        for role in self.optims:
+            self._check_groups(folder, role, meta["param_groups"][role])
         models, targets = self._targets(folder, metadata)
         try:
             with _single_process_quiet():
@@ -262,7 +271,7 @@ class ShardedCheckpointer:
                 if isinstance(exc, UnsafeFileError):
                     raise exc from None
             raise _Unreadable(_first_failure(err)) from None
-        self._apply(folder, models, targets, meta)
+        self._apply(models, targets, meta)
         return dict(meta["loop"]), int(meta["world_size"])
 
     def _read_meta(self, folder: Path) -> dict[str, Any]:
@@ -304,26 +313,20 @@ class ShardedCheckpointer:
             targets[key] = _shaped_like(p, tuple(md.size), md.properties.dtype)
         return models, targets
 
-    def _apply(self, folder: Path, models: dict[str, dict[str, Tensor]], targets: dict[str, Tensor],
-               meta: dict[str, Any]) -> None:
+    def _apply(self, models: dict[str, dict[str, Tensor]], targets: dict[str, Tensor], meta: dict[str, Any]) -> None:
         """Hand the loaded tensors to the modules and optimisers (the EMA shadows were loaded in place)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         for role, module in self._distinct().items():
             set_model_state_dict(module, models[role], options=StateDictOptions(strict=False))
         for role, opt in self.optims.items():
-            opt.load_state_dict(self._optimizer_state(folder, role, targets, meta["param_groups"][role]))
+            opt.load_state_dict(self._optimizer_state(role, targets, meta["param_groups"][role]))
         self.state.ema.decay = float(meta["ema_decay"])
 
-    def _optimizer_state(self, folder: Path, role: str, targets: dict[str, Tensor],
-                         saved_groups: list[dict[str, Any]]) -> dict[str, Any]:
+    def _optimizer_state(self, role: str, targets: dict[str, Tensor], saved_groups: list[dict[str, Any]]) -> dict:
         """The optimiser's own state-dict format (parameters numbered in group order) from name-keyed state."""
         opt, names = self.optims[role], self._names(role)
         mine = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
-        theirs = [list(g["params"]) for g in saved_groups]
-        if mine != theirs:
-            raise _layout_error(folder, f"its {role} optimiser's parameter groups hold other parameters "
-                                        f"({sum(map(len, theirs))} against this run's {sum(map(len, mine))})")
         state: dict[int, dict[str, Tensor]] = {}
         groups, index = [], 0
         for names_in_group, saved in zip(mine, saved_groups):
@@ -335,6 +338,15 @@ class ShardedCheckpointer:
                     state[i] = entry
             index += len(names_in_group)
         return {"state": state, "param_groups": groups}
+
+    def _check_groups(self, folder: Path, role: str, saved_groups: list[dict[str, Any]]) -> None:
+        """The role's optimiser holds the parameters the checkpoint's did, by name and group."""
+        names = self._names(role)
+        mine = [[names[id(p)] for p in g["params"]] for g in self.optims[role].param_groups]
+        theirs = [list(g["params"]) for g in saved_groups]
+        if mine != theirs:
+            raise _layout_error(folder, f"its {role} optimiser's parameter groups hold other parameters "
+                                        f"({sum(map(len, theirs))} against this run's {sum(map(len, mine))})")
 
     # ---- one-process checkpoints on several ranks ------------------------------------------------------
     def _from_one_process(self, record: dict[str, Any]) -> dict[str, Any]:
