@@ -113,3 +113,17 @@ def test_subgrpo_plan_shares_untrained_steps():
     assert torch.equal(plan.steps[0][0], plan.steps[0][1]) and torch.equal(plan.steps[2][0], plan.steps[2][1])
     assert not torch.equal(plan.steps[1][0], plan.steps[1][1])
     assert plan.steps[3] is None
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7, 1.0])
+def test_cps_sample_is_cps_step_x_next(eta):
+    """cps_sample (no log-probability, no host decision) gives cps_step's next state: per-sample levels with
+    a zero among them (a transition clamped at sigma = 0), and a float level. float64, so equal bitwise."""
+    from tiltflow.sampling.cps import cps_sample
+
+    g = torch.Generator().manual_seed(3)
+    x, v, noise = (torch.randn(4, 3, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    sigma = torch.tensor([0.9, 0.5, 0.3, 0.2], dtype=torch.float64)
+    for sigma_next in (torch.tensor([0.6, 0.0, 0.1, 0.0], dtype=torch.float64), 0.25):
+        expected = cps_step(x, v, sigma, sigma_next, eta=eta, noise=noise).x_next
+        assert torch.equal(cps_sample(x, v, sigma, sigma_next, eta=eta, noise=noise), expected)

@@ -42,7 +42,7 @@ from tiltflow.losses.tilted import (
 )
 from tiltflow.models.base import guided_velocity
 from tiltflow.models.roles import Roles
-from tiltflow.sampling.cps import cps_step
+from tiltflow.sampling.cps import cps_sample, cps_step
 
 
 @dataclass
@@ -248,7 +248,7 @@ def fake_loss(roles: Roles, x_s: Tensor, s: float, cond: Any, fake: FakeSettings
     dt = to_device(fake.delta_max * (1.0 - torch.rand(b, generator=generator)), x_s.device, x_s.dtype)
     tau_next = (tau - dt).clamp_min(0.0)
     v0 = v_pred.detach()
-    xs_next = [cps_step(x_tau, v0, tau, tau_next, eta=fake.eta, noise=randn(x_s.shape, generator, like=x_s)).x_next
+    xs_next = [cps_sample(x_tau, v0, tau, tau_next, eta=fake.eta, noise=randn(x_s.shape, generator, like=x_s))
                for _ in range(2 if two_sample else 1)]
     x_cat = torch.cat(xs_next)
     tau_cat = tau_next.repeat(len(xs_next))

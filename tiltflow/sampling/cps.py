@@ -51,13 +51,7 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor | float, reduction: s
 def cps_step(x: Tensor, v: Tensor, sigma: Tensor | float, sigma_next: Tensor | float, *, eta: float,
              noise: Tensor | None, reduction: str = "sum") -> StepOutput:
     """One CPS step. `noise` (same shape as x) is required unless the step is deterministic."""
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must lie in [0, 1], got {eta}")
-    x0_hat = x0_from_v(x, v, sigma)
-    eps_hat = eps_from_v(x, v, sigma)
-    c_eps, std = cps_coefficients(sigma_next, eta)
-    sn = bcast(sigma_next, x)
-    mean = (1 - sn) * x0_hat + bcast(c_eps, x) * eps_hat
+    x0_hat, mean, std = _mean(x, v, sigma, sigma_next, eta)
     if isinstance(std, Tensor):  # per-sample levels: whether any step is stochastic is read from the device
         std_b = std.to(x.device, x.dtype).expand(x.shape[0]).clone()
         stochastic = bool((std_b > 0).any())
@@ -73,3 +67,23 @@ def cps_step(x: Tensor, v: Tensor, sigma: Tensor | float, sigma_next: Tensor | f
         x_next = mean
         log_prob = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     return StepOutput(x_next=x_next, mean=mean, std=std_b, log_prob=log_prob, x0_hat=x0_hat)
+
+
+def cps_sample(x: Tensor, v: Tensor, sigma: Tensor | float, sigma_next: Tensor | float, *, eta: float,
+               noise: Tensor) -> Tensor:
+    """cps_step's x_next alone, for transitions that need no log-probability (the consistency term's): the
+    noise is added with the step's std even where that std is zero, which adds nothing, so whether a step
+    is stochastic is never read back from the device."""
+    _, mean, std = _mean(x, v, sigma, sigma_next, eta)
+    return mean + bcast(std, x) * noise
+
+
+def _mean(x: Tensor, v: Tensor, sigma: Tensor | float, sigma_next: Tensor | float,
+          eta: float) -> tuple[Tensor, Tensor, Tensor | float]:
+    """(x0_hat, mean, std) of the CPS step."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1], got {eta}")
+    x0_hat = x0_from_v(x, v, sigma)
+    c_eps, std = cps_coefficients(sigma_next, eta)
+    mean = (1 - bcast(sigma_next, x)) * x0_hat + bcast(c_eps, x) * eps_from_v(x, v, sigma)
+    return x0_hat, mean, std
