@@ -174,6 +174,47 @@ def test_gradient_checkpointing_recomputes_with_the_forward_role():
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("every", [2, 3])
+def test_checkpointing_every_kth_block_recomputes_only_those(every, monkeypatch):
+    """parallel.activation_checkpointing_every = k: blocks 0, k, 2k, ... (over the double- then the
+    single-stream blocks) are recomputed, the others keep their activations; the gradients are those of
+    the run without checkpointing (recomputation repeats the same operations, so within float32 noise)."""
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def counting(fn, *args, **kw):
+        calls.append(fn)
+        return real(fn, *args, **kw)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    grads = []
+    for k in (None, every):
+        adapter = Flux2Adapter.random("tiny_flux2", seed=0)
+        models = build_roles(adapter, lora=SMALL)
+        if k is not None:
+            models.enable_activation_checkpointing(every=k)
+        roles = models.roles()
+        _perturb(roles.generator_params)
+        adapter.transformer.train()
+        x, s, cond = _inputs(adapter)
+        calls.clear()
+        roles.generator.velocity(x, s, cond).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in roles.generator_params]))
+    blocks = list(adapter.transformer.transformer_blocks) + list(adapter.transformer.single_transformer_blocks)
+    assert [c.__self__ for c in calls] == blocks[::every]
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_checkpointing_every_must_be_a_positive_integer():
+    from tiltflow.config.loader import ConfigError
+    from tiltflow.worlds.registry import load_run_config
+
+    with pytest.raises(ConfigError, match="parallel.activation_checkpointing_every.*got 0.*>= 1"):
+        load_run_config(None, ["parallel.activation_checkpointing_every=0"])
+    cfg = load_run_config(None, ["parallel.activation_checkpointing_every=2"])
+    assert cfg.parallel.activation_checkpointing_every == 2
+
+
 @pytest.mark.parametrize("layout", ["shared", "separate"])
 def test_stage2_starts_from_the_stage1_generator(layout):
     adapter = SD3Adapter.random("tiny_sd3", seed=0)

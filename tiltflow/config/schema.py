@@ -209,6 +209,9 @@ class ParallelConfig:
     """How the spine prepares the models before the optimisers are built (tiltflow.training.spine)."""
 
     activation_checkpointing: bool = False  # recompute each transformer block in the backward
+    # With activation_checkpointing: recompute blocks 0, k, 2k, ... only (k = 2: about half the activation memory
+    # saved for half the recomputation); 1: every block.
+    activation_checkpointing_every: int = 1
     # Several ranks (torchrun): FSDP2 shards the generator and the fake score per block, then the root.
     # "ddp": replicate them instead (FSDP2 over a (ranks x 1) mesh, i.e. HSDP with shards of one rank: whole
     # parameters on every rank, gradients all-reduced in one step, as DistributedDataParallel does), for
@@ -241,6 +244,8 @@ class ParallelConfig:
         require(not self.cuda_graphs or self.compile == "model", join_path(path, "cuda_graphs"),
                 f"got true with compile '{self.compile}'; CUDA graphs replay a whole compiled pass, so they need "
                 "compile: model")
+        require(self.activation_checkpointing_every >= 1, join_path(path, "activation_checkpointing_every"),
+                f"got {self.activation_checkpointing_every}, expected an integer >= 1 (1: every block)")
 
 
 STAGE1_STAGES = ("ac_dmd", "dmd2")

@@ -276,18 +276,37 @@ class RoleModels:
                                    use_stream=device.type == "cuda")
         return list(frozen)
 
-    def enable_activation_checkpointing(self) -> None:
-        """Recompute each transformer block in the backward; the recomputation runs the role (adapters)
-        that ran the forward, whatever role is active later."""
+    def enable_activation_checkpointing(self, every: int = 1) -> None:
+        """Recompute transformer blocks in the backward: every one (every = 1), or blocks 0, every, 2 every,
+        ... (the others keep their activations: less memory saved, less recomputed). The recomputation runs the
+        role (adapters) that ran the forward, whatever role is active later."""
         for module in {id(m): m for m in (self.generator, self.fake)}.values():
             switch = next((sw for sw in self.switches if sw.transformer is module), None)
-            module.enable_gradient_checkpointing(switch.checkpoint_fn() if switch else None)
+            fn = switch.checkpoint_fn() if switch else _checkpoint
+            if every > 1:
+                blocks = [b for name in ("transformer_blocks", "single_transformer_blocks")
+                          for b in getattr(module, name, [])]
+                kept = {id(b) for i, b in enumerate(blocks) if i % every}
+                fn = _unless(kept, fn)
+            module.enable_gradient_checkpointing(fn)
 
     def generator_weights(self) -> dict[str, Tensor]:
         """What initialises a stage-2 generator: the LoRA state (lora) or the full state dict (full)."""
         if self.finetune == "full":  # gathered when sharded (every rank calls this)
             return {k: _gathered(v.detach()).float().cpu().clone() for k, v in self.generator.state_dict().items()}
         return lora_state(self.generator, GENERATOR)
+
+
+def _checkpoint(module: nn.Module, *args: Any) -> Any:
+    """diffusers' default gradient_checkpointing_func: recompute the block in the backward."""
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+
+def _unless(kept: set[int], checkpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """A gradient_checkpointing_func that runs the blocks whose id is in `kept` plainly."""
+    def run(module: nn.Module, *args: Any) -> Any:
+        return module(*args) if id(module) in kept else checkpoint(module, *args)
+    return run
 
 
 def _prepare(base: nn.Module, settings: LoraSettings, targets: list[str], stage1: dict[str, Tensor] | None,

@@ -118,8 +118,9 @@ def apply_parallel_plan(models: TrainModels, cfg: ParallelConfig, comm: Comm, de
     owner = cfg_owner(models.roles().teacher)
     if hasattr(owner, "batched_cfg"):
         owner.batched_cfg = cfg.batched_cfg
-    if cfg.activation_checkpointing:
-        models.enable_activation_checkpointing()
+    if cfg.activation_checkpointing:  # (a world's models without the `every` argument get the default)
+        every = cfg.activation_checkpointing_every
+        models.enable_activation_checkpointing(**({"every": every} if every != 1 else {}))
     if cfg.offload_frozen:
         if not hasattr(models, "offload_frozen"):
             raise ConfigError("parallel.offload_frozen", "got true, but this world's models have no frozen "
