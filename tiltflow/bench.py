@@ -182,7 +182,8 @@ def build(args: Any, stage2: bool, comm: Comm = LOCAL) -> Built:
     s1 = stage1_lora(adapter, gen_init, args.lora_rank, args.seed) if stage2 else None
     models = build_roles(adapter, layout=args.layout, lora=LoraSettings(args.lora_rank, args.lora_alpha),
                          generator_base=gen_base, stage1_generator=s1)
-    plan = ParallelConfig(activation_checkpointing=args.activation_checkpointing, batched_cfg=args.batched_cfg,
+    plan = ParallelConfig(activation_checkpointing=args.activation_checkpointing,
+                          activation_checkpointing_every=args.checkpoint_every, batched_cfg=args.batched_cfg,
                           compile=args.compile, cuda_graphs=args.cuda_graphs, shard_teacher=args.shard_teacher,
                           data_parallel=args.data_parallel, mixed_precision=args.mixed_precision is not False)
     plan.validate("parallel")  # e.g. --cuda-graphs without --compile model
@@ -312,7 +313,7 @@ def flops_per_sample(b: Built, kind: tuple, args: Any) -> tuple[int, int]:
                 totals.append(counter.get_total_flops())
     finally:
         if ac:
-            b.models.enable_activation_checkpointing()
+            b.models.enable_activation_checkpointing(args.checkpoint_every)
     return totals[0], totals[-1] - totals[0]
 
 
@@ -689,6 +690,8 @@ def add_arguments(p: Any) -> None:
                    "batch (1 prompt); infer: batch 1 and this batch")
     p.add_argument("--layout", choices=["shared", "separate"], default="shared")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--checkpoint-every", type=int, default=1, help="with activation checkpointing: recompute "
+                   "blocks 0, k, 2k, ... only (as parallel.activation_checkpointing_every)")
     p.add_argument("--attention-backend", default="auto",
                    choices=["auto", "default", "cudnn", "flash", "efficient", "math"])
     p.add_argument("--compile", choices=["none", "blocks", "model"], default="none",
