@@ -45,14 +45,15 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             os.fsync(f.fileno())
         fault_point("checkpoint_write", obj.get("step") if isinstance(obj, dict) else None)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)  # the rename itself survives a power cut
+        fsync_dir(path.parent)  # the rename itself survives a power cut
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """fsync a directory, so that a rename inside it survives a power cut (not possible everywhere)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # a platform without directory handles: the rename is still atomic

@@ -33,6 +33,23 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written (disk full, no permission) after the configured retries."""
 
 
+def write_with_retries(write: Callable[[], None], what: str, failures: type[Exception] | tuple[type[Exception], ...],
+                       retries: int, wait_s: float, warn: Callable[[str], None]) -> None:
+    """write(); on one of `failures`, retried `retries` times `wait_s` apart (each failure warned), then
+    CheckpointError naming `what` (the checkpoint) and the reason."""
+    for attempt in range(retries + 1):
+        try:
+            write()
+            return
+        except failures as err:
+            message = f"cannot write checkpoint {what}: {getattr(err, 'strerror', None) or err}"
+            if attempt == retries:
+                raise CheckpointError(f"{message}; gave up after {attempt + 1} attempt(s) (checkpoint_retries = "
+                                      f"{retries}); the previous checkpoint is intact") from err
+            warn(f"{message}; retrying in {wait_s:g} s ({attempt + 1}/{retries})")
+            time.sleep(wait_s)
+
+
 class FileCheckpointer:
     """run_dir/checkpoint.pt, written atomically (temporary file, fsync, rename) and loaded weights-only.
 
@@ -65,17 +82,8 @@ class FileCheckpointer:
         return [p for _, p in sorted(found, reverse=True)]
 
     def save(self, state: dict[str, Any]) -> None:
-        for attempt in range(self.retries + 1):
-            try:
-                save_atomic(state, self.path)
-                break
-            except OSError as err:
-                what = f"cannot write checkpoint {self.path} (step {state.get('step')}): {err.strerror or err}"
-                if attempt == self.retries:
-                    raise CheckpointError(f"{what}; gave up after {attempt + 1} attempt(s) (checkpoint_retries = "
-                                          f"{self.retries}); the previous checkpoint is intact") from err
-                self.warn(f"{what}; retrying in {self.retry_wait_s:g} s ({attempt + 1}/{self.retries})")
-                time.sleep(self.retry_wait_s)
+        write_with_retries(lambda: save_atomic(state, self.path), f"{self.path} (step {state.get('step')})",
+                           OSError, self.retries, self.retry_wait_s, self.warn)
         if self.keep > 1:
             self._keep_history(int(state["step"]))
 

@@ -38,7 +38,6 @@ import pickle
 import re
 import shutil
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -52,8 +51,8 @@ from tiltflow.algorithms.common import TrainState
 from tiltflow.config.loader import ConfigError
 from tiltflow.distributed import Comm
 from tiltflow.distributed.state import gather_objects
-from tiltflow.storage import UnsafeFileError, fault_point, load, save_atomic
-from tiltflow.training.checkpointing import CheckpointError
+from tiltflow.storage import UnsafeFileError, fault_point, fsync_dir, load, save_atomic
+from tiltflow.training.checkpointing import CheckpointError, write_with_retries
 
 FORMAT = "tiltflow-dcp"
 VERSION = 1
@@ -102,17 +101,8 @@ class ShardedCheckpointer:
         loop = {k: v for k, v in state.items() if k not in ("model", "algo")}
         step = int(loop["step"])
         target = self.folder / f"step{step:08d}"
-        for attempt in range(self.retries + 1):
-            try:
-                self._write(target, loop)
-                return
-            except _WriteFailed as err:
-                what = f"cannot write checkpoint {target} (step {step}): {err}"
-                if attempt == self.retries:
-                    raise CheckpointError(f"{what}; gave up after {attempt + 1} attempt(s) (checkpoint_retries = "
-                                          f"{self.retries}); the previous checkpoint is intact") from None
-                self.warn(f"{what}; retrying in {self.retry_wait_s:g} s ({attempt + 1}/{self.retries})")
-                time.sleep(self.retry_wait_s)
+        write_with_retries(lambda: self._write(target, loop), f"{target} (step {step})", _WriteFailed,
+                           self.retries, self.retry_wait_s, self.warn)
 
     def load(self) -> dict[str, Any]:
         """Load the newest readable committed checkpoint into the modules, optimisers and EMA of this rank;
@@ -210,9 +200,9 @@ class ShardedCheckpointer:
 
     def _commit(self, tmp: Path, target: Path, step: int) -> None:
         """Rename the complete temporary directory into place, then replace the commit record."""
-        _fsync(tmp)
+        fsync_dir(tmp)
         os.replace(tmp, target)
-        _fsync(self.folder)
+        fsync_dir(self.folder)
         dirs = [target.name, *self._committed()][:self.keep]
         save_atomic({"format": FORMAT, "sharded": True, "step": step, "dirs": dirs}, self.path)
         self._remove_uncommitted(set(dirs))
@@ -610,17 +600,3 @@ def _single_process_quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def _fsync(folder: Path) -> None:
-    """fsync a directory, so that a rename inside it survives a power cut (not possible everywhere)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
