@@ -62,8 +62,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_PAUSED
     scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
     print(f"{cfg.stage} finished: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
-    if cfg.stage == "teacher" and cfg.world == "gmm":  # the shapes teacher stage says where its models went
-        print(f"teacher written to {cfg.run_dir}/teacher.pt (sample it with `tiltflow sample --run {cfg.run_dir}`)")
+    if isinstance(metrics.get("note"), str):  # what the world wants the user to know, e.g. where a teacher went
+        print(metrics["note"])
     print(f"run directory: {cfg.run_dir}")
     return 0
 

@@ -93,7 +93,9 @@ class GMMWorld:
         net = run_teacher(cfg, gmm, progress)
         reference = build_reference(cfg, gmm, net)
         samples = generate(net, gmm.num_prompts, cfg.eval.num_samples, teacher_sigmas(cfg), 0.0, 7, gmm.dim)
-        return final_metrics(cfg, samples, reference, f"teacher ({cfg.teacher.sample_steps} Euler steps)")
+        return {**final_metrics(cfg, samples, reference, f"teacher ({cfg.teacher.sample_steps} Euler steps)"),
+                "note": f"teacher written to {cfg.run_dir}/teacher.pt (sample it with `tiltflow sample --run "
+                        f"{cfg.run_dir}`)"}
 
     def build(self, cfg: GMMRunConfig, *, progress: bool = True) -> WorldSetup:
         gmm = build_gmm(cfg.problem)
