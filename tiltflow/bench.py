@@ -578,7 +578,7 @@ def command(args: Any) -> str:
             continue
         flag = "--" + k.replace("_", "-")
         parts += [flag] if v is True else [flag, str(v)]  # a switch, or an option and its value
-    for k in ("activation_checkpointing", "batched_cfg"):  # switches whose off state is worth spelling out
+    for k in ("activation_checkpointing", "batched_cfg", "mixed_precision"):  # switches whose off state counts
         if getattr(args, k, None) is False:
             parts.append("--no-" + k.replace("_", "-"))
     return " ".join(parts)

@@ -148,3 +148,19 @@ def test_skip_pass_timing_counts_passes_and_reports_no_ratio(tmp_path):
         assert run["latency_s"] > 0
         for key in ("efficiency", "mfu", "bound_s", "bound_wall_s", "latency_ratio", "latency_ratio_wall"):
             assert run[key] is None, key
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-mixed-precision", "--no-batched-cfg", "--no-activation-checkpointing"],
+                                   ["--mixed-precision", "--checkpoint-every", "2", "--compile", "blocks"]])
+def test_recorded_command_reruns_the_same_settings(extra):
+    """The provenance command parses back to the same settings, switches turned off included (it used to drop
+    --no-mixed-precision, so rerunning it would have turned mixed precision back on)."""
+    import argparse
+
+    from tiltflow.bench import add_arguments, command
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--arch", "tiny_sd3", "--out", "b.json", *extra])
+    again = p.parse_args(command(args).split()[2:])
+    assert vars(again) == vars(args)
