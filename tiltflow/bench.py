@@ -71,7 +71,7 @@ from tiltflow.worlds.diffusers_world import DiffusersTask, MeanBrightness, adapt
 ARCHS = sorted(p.stem for p in ARCH_DIR.glob("*.json"))
 # The teacher's CFG scale per architecture (METHOD.md 4.4); FLUX.1-dev takes it as its guidance input.
 GUIDANCE = {"sd3_medium": 7.0, "sd35_medium": 4.5, "flux1_dev": 3.5, "flux2_klein_4b": 4.0, "flux2_klein_9b": 4.0,
-            "tiny_sd3": 4.5, "tiny_flux1": 3.5, "tiny_flux2": 4.0}
+            "tiny_sd3": 4.5, "tiny_flux1": 3.5, "tiny_flux2": 4.0, "narrow_sd35": 4.5}
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # bf16 dense, by GPU name
 PROMPTS = [f"a photo of a {c} {o} on a {b} street" for c in ("red", "blue", "green") for o in ("cat", "car")
            for b in ("small", "large")]
