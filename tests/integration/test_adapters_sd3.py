@@ -90,6 +90,30 @@ def test_embedding_cache_on_disk(saved, tmp_path):
     assert other.encode(PROMPTS[:1])["prompt_embeds"].shape[1] == 77 + 8  # other settings, other key
 
 
+def test_a_fixed_prompt_set_is_encoded_once(saved, capsys):
+    """A task over a fixed prompt set larger than the in-memory cache's default (256) keeps all of its
+    embeddings once encoded: a second pass over the set runs the text encoders on nothing (before, the
+    least recently used entries were dropped and a sequential pass re-encoded every prompt). A set over the
+    memory budget keeps the default size and says to use the disk cache."""
+    from tiltflow.rewards.base import RewardSet
+    from tiltflow.worlds.diffusers_world import DiffusersTask, MeanBrightness
+
+    adapter = SD3Adapter.from_pretrained(str(saved), max_sequence_length=16)
+    prompts = [f"a photo of object number {i}" for i in range(300)]
+    DiffusersTask(adapter, prompts, RewardSet([MeanBrightness()]), 4.5, 32)
+    assert adapter.cache.max_memory == 301  # the prompts and the empty prompt
+    encoded = []
+    run = adapter._run_text_encoders
+    adapter._run_text_encoders = lambda ps: (encoded.extend(ps), run(ps))[1]
+    for _ in range(2):
+        for i in range(0, len(prompts), 50):
+            adapter.encode(prompts[i:i + 50])
+    assert len(encoded) == len(prompts)  # each once, in the first pass only
+    assert not adapter.hold_prompt_set(prompts, budget_gib=1e-3)
+    assert "model.embed_cache_dir" in capsys.readouterr().err
+    assert adapter.cache.max_memory == 301
+
+
 def test_missing_local_folder_fails_fast(tmp_path):
     missing = tmp_path / "no" / "such" / "sd3"
     t0 = time.time()

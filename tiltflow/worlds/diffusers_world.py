@@ -89,6 +89,8 @@ class DiffusersTask:
                  resolution: int):
         self.adapter = adapter
         self.prompts = list(prompts)
+        if hasattr(adapter, "hold_prompt_set"):  # a fixed prompt set: each prompt encoded once per run
+            adapter.hold_prompt_set(self.prompts)
         self.rewards = rewards
         self.guidance_scale = guidance_scale
         self.device = adapter.device

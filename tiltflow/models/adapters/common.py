@@ -14,6 +14,7 @@ import hashlib
 import math
 import os
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -356,6 +357,23 @@ class DiffusersAdapter(TransformerAdapter):
             fn = self._encode_prompts
         cond = self.cache.get([str(p) for p in prompts], fn)
         return {k: to_device(v, self.device) for k, v in cond.items()}  # (cached on the CPU)
+
+    def hold_prompt_set(self, prompts: Sequence[str], budget_gib: float = 8.0) -> bool:
+        """Keep every prompt of a fixed prompt set (and the empty prompt of CFG) in the in-memory embedding
+        cache once encoded, so that each is encoded once per run rather than again whenever the least
+        recently used entries (256 by default) were dropped, if they fit `budget_gib` of host memory (fp32;
+        SD3's are 5.5 MB a prompt). Returns whether they fit; otherwise the disk cache (model.embed_cache_dir)
+        is what saves re-encoding, and a warning says so."""
+        n = len(set(prompts)) + 1
+        size = n * 4 * sum(math.prod(shape) for shape in self.stub_shapes().values())
+        if size <= budget_gib * 2**30:
+            self.cache.max_memory = max(self.cache.max_memory, n)
+            return True
+        if self.cache.root is None:
+            print(f"warning: the {n - 1} prompts' text embeddings ({size / 2**30:.1f} GiB) exceed the "
+                  f"{budget_gib:g} GiB kept in memory, so prompts are encoded again when drawn again; set "
+                  "model.embed_cache_dir to keep them on disk", file=sys.stderr, flush=True)
+        return False
 
     @torch.no_grad()
     def _encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
