@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from tqdm.auto import tqdm
 
-from tiltflow.distributed.state import gather_objects
+from tiltflow.distributed.state import gather_objects, is_main_process
 from tiltflow.storage import FAULT_ENV, fault_point
 from tiltflow.training.checkpointing import Checkpointer, FileCheckpointer
 from tiltflow.training.logger import Logger
@@ -100,7 +100,8 @@ def run_loop(algo: Algorithm, hooks: LoopHooks, *, run_dir: Path, num_iters: int
         if guard is not None:
             guard.skipped = int(state.get("skipped_updates", 0))
         log.resume_at(start)
-        print(f"[{desc}] resumed from {ckpt.describe()} at step {start}", file=sys.stderr, flush=True)
+        if is_main_process():  # under torchrun, rank 0 speaks for the run
+            print(f"[{desc}] resumed from {ckpt.describe()} at step {start}", file=sys.stderr, flush=True)
     end = num_iters if stop_at is None else min(stop_at, num_iters)
     t0 = time.time()
     bar = tqdm(range(start, end), desc=desc, disable=None if progress else True, dynamic_ncols=True, leave=False)
@@ -123,7 +124,9 @@ def run_loop(algo: Algorithm, hooks: LoopHooks, *, run_dir: Path, num_iters: int
         # out of time on any rank (a collective under torchrun: every rank stops at the same step)
         out_of_time = time_limit_s > 0 and done < end and any(gather_objects(time.time() - t0 > time_limit_s))
         if done % checkpoint_every == 0 or done == end or out_of_time:
-            ckpt.save({"step": done, "model": hooks.model_state(), "algo": algo.state_dict(),
+            own = getattr(ckpt, "saves_modules_itself", False)  # (the sharded one reads modules and optimisers)
+            ckpt.save({"step": done, "model": None if own else hooks.model_state(),
+                       "algo": None if own else algo.state_dict(),
                        **({"skipped_updates": guard.skipped} if guard is not None else {})})
         if line is not None:
             line.update(done)

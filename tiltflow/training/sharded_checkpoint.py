@@ -68,6 +68,8 @@ class ShardedCheckpointer:
     falls back to an older one when the newest cannot be read); retries, retry_wait_s: a failed write is
     retried on every rank together, then raises CheckpointError."""
 
+    saves_modules_itself = True  # the loop passes no copies of the model and algorithm state to save()
+
     def __init__(self, run_dir: Path, comm: Comm, modules: Mapping[str, nn.Module], state: TrainState,
                  name: str = "checkpoint.pt", *, keep: int = 1, retries: int = 0, retry_wait_s: float = 10.0,
                  warn: Callable[[str], None] | None = None):
