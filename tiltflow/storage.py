@@ -25,6 +25,7 @@ FAULT_ENV = "TILTFLOW_FAULT"
 def fault_point(where: str, step: int | None = None) -> None:
     """Test hook: when TILTFLOW_FAULT is `where` or `where@step`, announce it on stderr and sleep (the test
     kills the process there). Places: checkpoint_write (temporary file written, not yet renamed),
+    checkpoint_shards (several ranks: every rank's shards in the temporary directory, not yet committed),
     optimizer_step (inside an iteration, after its first optimiser step), after_loop (last checkpoint written,
     final weights not yet)."""
     wanted = os.environ.get(FAULT_ENV)

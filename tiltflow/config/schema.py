@@ -271,7 +271,9 @@ class RunConfig:
     init_from: str | None = None  # stage 2: the stage-1 run directory whose final weights start this stage
     device: str = "cpu"
     checkpoint_every: int = 200
-    checkpoint_keep: int = 1  # checkpoints kept: checkpoint.pt, plus checkpoint-step<N>.pt for the newest N-1 before it
+    # Checkpoints kept: checkpoint.pt plus checkpoint-step<N>.pt for the newest N-1 before it (one process), or
+    # the newest N step directories of checkpoint-dcp/ (several ranks)
+    checkpoint_keep: int = 1
     checkpoint_retries: int = 0  # a failed checkpoint write (disk full, no permission): retries, then the run stops
     checkpoint_retry_wait_s: float = 10.0
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss, gradient or reward: stop, or skip that update
