@@ -71,6 +71,11 @@ class UnsafeFileError(pickle.UnpicklingError):
     """A file that holds more than tensors, numbers, strings and containers: refused, never unpickled."""
 
 
+# What load() raises on a torn, truncated or damaged file. UnsafeFileError (a foreign file) is one of them:
+# callers that fall back to an older checkpoint re-raise it first.
+UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError)
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     path = Path(path)
     if not path.is_file():

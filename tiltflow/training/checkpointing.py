@@ -8,7 +8,6 @@ position and the RNG exactly."""
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 import sys
 import time
@@ -16,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from tiltflow.storage import UnsafeFileError, load, save_atomic
+from tiltflow.storage import UNREADABLE, UnsafeFileError, load, save_atomic
 
 
 class Checkpointer(Protocol):
@@ -96,7 +95,7 @@ class FileCheckpointer:
                 state = load(path)
             except UnsafeFileError:  # not a torn file but a foreign one: refuse, do not look for another
                 raise
-            except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+            except UNREADABLE as err:
                 errors.append(f"{path.name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
                 self.warn(f"checkpoint {path} cannot be read ({errors[-1]}); trying an older one")
                 continue

@@ -51,7 +51,7 @@ from tiltflow.algorithms.common import TrainState
 from tiltflow.config.loader import ConfigError
 from tiltflow.distributed import Comm
 from tiltflow.distributed.state import gather_objects
-from tiltflow.storage import UnsafeFileError, fault_point, fsync_dir, load, save_atomic
+from tiltflow.storage import UNREADABLE, UnsafeFileError, fault_point, fsync_dir, load, save_atomic
 from tiltflow.training.checkpointing import CheckpointError, write_with_retries
 
 FORMAT = "tiltflow-dcp"
@@ -116,7 +116,7 @@ class ShardedCheckpointer:
             record = load(self.path)
         except UnsafeFileError:
             raise
-        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        except UNREADABLE as err:
             self.warn(f"checkpoint {self.path} cannot be read ({type(err).__name__}: {_first_line(err)}); trying "
                       f"the step directories in {self.folder}")
             record = {"format": FORMAT, "dirs": self._step_dirs()}
@@ -271,7 +271,7 @@ class ShardedCheckpointer:
             meta = load(folder / META)
         except UnsafeFileError:
             raise
-        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        except UNREADABLE as err:
             raise _Unreadable(f"{META}: {type(err).__name__}: {_first_line(err)}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise _Unreadable(f"{META} is not a {FORMAT} record")
@@ -397,7 +397,7 @@ class ShardedCheckpointer:
         """The step directories checkpoint.pt names (newest first); none when it is missing or unreadable."""
         try:
             record = load(self.path)
-        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError):
+        except UNREADABLE:
             return []
         return list(record["dirs"]) if isinstance(record, dict) and record.get("format") == FORMAT else []
 

@@ -26,7 +26,7 @@ from tiltflow.models.adapters.attention import unbind_attention_backend
 from tiltflow.models.base import cfg_owner
 from tiltflow.models.ema import EMA
 from tiltflow.models.roles import Roles
-from tiltflow.storage import load
+from tiltflow.storage import UNREADABLE, load
 from tiltflow.training.checkpointing import Checkpointer, FileCheckpointer
 from tiltflow.training.logger import Logger
 from tiltflow.training.loop import LoopHooks, NonFinite, run_loop
@@ -101,7 +101,7 @@ def _written_sharded(path: Path) -> bool:
     FileCheckpointer's, which falls back to an older kept checkpoint and says so."""
     try:
         return bool(load(path).get("sharded", False))
-    except (RuntimeError, EOFError, OSError, ValueError):
+    except UNREADABLE:
         return ShardedCheckpointer.folder_in(path.parent)
 
 
