@@ -108,5 +108,7 @@ def test_collective_time_counts_named_ops_and_not_barriers():
     names = {r["name"] for r in c["by_name"]}
     assert names == {"FSDP::all_gather (test)", "gloo:all_gather"}
     outer = next(r["cpu_s"] for r in c["by_name"] if r["name"] == "FSDP::all_gather (test)")
-    assert c["cpu_s"] == pytest.approx(outer) and 0.02 <= c["cpu_s"] < 0.05
+    # The union is the outer region alone (the barrier's 0.05 s is not in it); no upper bound on the time
+    # itself: a busy machine stretches a 0.02 s sleep (0.077 s seen in a clean-clone CI run).
+    assert c["cpu_s"] == pytest.approx(outer) and c["cpu_s"] >= 0.02
     assert c["device_s"] is None and c["ops"] == 2
