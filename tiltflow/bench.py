@@ -431,6 +431,9 @@ def bench_stage(stage: str, b: Built, args: Any) -> dict[str, Any]:
            **summarise(TIME_KEY[stage], lambda r: algo.step(args.warmup + r), b, args, batches * args.batch)}
     if args.profile:
         row["profile"] = profile(lambda: algo.step(args.warmup + args.repeats), b.task.device, args, f"stage{stage}")
+    if args.memory_trace:
+        row["memory"] = memory_at_peak(lambda: algo.step(args.warmup + args.repeats + 1), b.task.device, args,
+                                       f"stage{stage}")
     return {"batch": args.batch, **row}
 
 
@@ -511,6 +514,93 @@ def profile(fn: Any, device: torch.device, args: Any, label: str, top: int = 20)
                   "", "| collective op or kernel | calls | CPU s (total) | device s (total) |", "|---|---|---|---|"]
         lines += [f"| `{r['name']}` | {r['calls']} | {r['cpu_s']:.4f} | {fmt(r['device_s'], '.4f')} |"
                   for r in coll["by_name"]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return {**summary, "path": str(path)}
+
+
+def live_at_peak(events: list[dict[str, Any]]) -> tuple[int, dict[int, dict[str, Any]], dict[str, Any] | None]:
+    """Replay a CUDA allocator trace (torch.cuda.memory._snapshot()["device_traces"][i]): the largest sum of
+    live blocks, the blocks live at that moment (address -> event) and the allocation that reached it. A block
+    counts from its `alloc` to its `free_completed` (a free pending on another stream still holds memory);
+    blocks allocated before the trace started are not in it."""
+    live: dict[int, dict[str, Any]] = {}
+    total = best = 0
+    at_best: dict[int, dict[str, Any]] = {}
+    peak_event = None
+    for ev in events:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+            total += ev["size"]
+            if total > best:
+                best, at_best, peak_event = total, dict(live), ev
+        elif ev["action"] == "free_completed" and ev["addr"] in live:
+            total -= live.pop(ev["addr"])["size"]
+    return best, at_best, peak_event
+
+
+def frame_label(frames: list[dict[str, Any]]) -> str:
+    """Where an allocation came from: the innermost tiltflow frame (which pass of which update), then the
+    innermost frame of the library it called (diffusers, peft, torch.nn, or inductor's generated code)."""
+    def short(f: dict[str, Any]) -> str:
+        name = f["filename"]
+        for root in ("/tiltflow/", "/diffusers/", "/peft/", "/torch/"):
+            if root in name:
+                name = root.strip("/") + "/" + name.split(root, 1)[1]
+                break
+        else:
+            name = Path(name).name
+        return f"{name}:{f['line']} {f['name']}"
+
+    ours = next((f for f in frames if "/tiltflow/" in f["filename"]), None)
+    others = [f for f in frames if "/tiltflow/" not in f["filename"] and not f["filename"].startswith("??")]
+    lib = next((f for f in others if any(k in f["filename"] for k in ("/diffusers/", "/peft/", "torchinductor"))),
+               others[0] if others else None)
+    parts = [short(f) for f in (ours, lib) if f is not None]
+    return " <- ".join(reversed(parts)) if parts else "(no Python frame)"
+
+
+def memory_at_peak(fn: Any, device: torch.device, args: Any, label: str, top: int = 25) -> dict[str, Any]:
+    """One more run of fn with the CUDA allocator's history recorded (Python stacks): the peak of allocated
+    memory within it, split into what was allocated before (weights, optimiser and EMA state, caches) and the
+    blocks live at the peak grouped by where they were allocated (frame_label); written as markdown next to
+    the JSON. CUDA only (None elsewhere)."""
+    if device.type != "cuda":
+        return {"skipped": "the allocator trace is CUDA's"}
+    sync(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    try:
+        fn()
+        sync(device)
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    traces = snap["device_traces"][device.index if device.index is not None else torch.cuda.current_device()]
+    best, blocks, peak_event = live_at_peak(traces)
+    groups: dict[str, list[int]] = {}
+    for ev in blocks.values():
+        groups.setdefault(frame_label(ev.get("frames", [])), []).append(ev["size"])
+    rows = sorted(({"where": k, "blocks": len(v), "gib": sum(v) / 2**30} for k, v in groups.items()),
+                  key=lambda r: -r["gib"])
+    gib = 2**30
+    summary = {"allocated_before_gib": before / gib, "traced_peak_gib": (before + best) / gib,
+               "max_memory_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
+               "live_at_peak_gib": best / gib, "events": len(traces),
+               "peak_reached_at": frame_label(peak_event.get("frames", [])) if peak_event else None,
+               "top": rows[:top]}
+    if not is_main_process():
+        return summary
+    path = args.out.with_name(f"{args.out.stem}.memory_{label}.md")
+    lines = [f"# Memory at the peak of `{label}` ({args.arch}, batch {args.batch}, {args.resolution} px)", "",
+             f"allocated before the run {summary['allocated_before_gib']:.2f} GiB; peak "
+             f"{summary['traced_peak_gib']:.2f} GiB from the trace (max_memory_allocated "
+             f"{summary['max_memory_allocated_gib']:.2f} GiB); live at "
+             f"the peak, allocated during the run: {best / gib:.2f} GiB; {len(traces)} allocator events", "",
+             f"The allocation that reached the peak: `{summary['peak_reached_at']}`", "",
+             f"| allocated at (library frame <- tiltflow frame), top {top} | blocks | GiB |", "|---|---|---|"]
+    lines += [f"| `{r['where']}` | {r['blocks']} | {r['gib']:.3f} |" for r in rows[:top]]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return {**summary, "path": str(path)}
@@ -729,6 +819,9 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--lora-alpha", type=float, default=64.0)
     p.add_argument("--profile", action="store_true", help="also profile one more iteration (torch.profiler): "
                    "<out>.profile_<stage>.md; under torchrun also the time spent in collectives")
+    p.add_argument("--memory-trace", action="store_true", help="also run one more iteration with the CUDA "
+                   "allocator's history recorded: <out>.memory_<stage>.md, the blocks live at its peak by where they "
+                   "were allocated")
     p.add_argument("--skip-pass-timing", action="store_true", help="count the passes but do not time each alone "
                    "(efficiency and MFU None; saves the minute it takes on a full-size model, e.g. for scaling runs)")
     p.add_argument("--shard-teacher", action="store_true", help="under torchrun: shard a separate frozen teacher "

@@ -9,6 +9,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from tiltflow.cli import main
 
@@ -164,3 +165,33 @@ def test_recorded_command_reruns_the_same_settings(extra):
     args = p.parse_args(["--arch", "tiny_sd3", "--out", "b.json", *extra])
     again = p.parse_args(command(args).split()[2:])
     assert vars(again) == vars(args)
+
+
+def _ev(action, addr, size, where="x.py"):
+    return {"action": action, "addr": addr, "size": size,
+            "frames": [{"filename": "/site/torch/nn/modules/linear.py", "line": 1, "name": "forward"},
+                       {"filename": f"/site/diffusers/{where}", "line": 3, "name": "forward"},
+                       {"filename": "/repo/tiltflow/algorithms/ac_dmd.py", "line": 7, "name": "fake_update"}]}
+
+
+def test_live_at_peak_replays_allocs_and_completed_frees():
+    from tiltflow.bench import frame_label, live_at_peak
+
+    events = [_ev("alloc", 1, 100), _ev("alloc", 2, 50, "attn.py"),
+              _ev("free_requested", 1, 100),  # still held until its free completes
+              _ev("alloc", 3, 30), _ev("free_completed", 1, 100), _ev("free_completed", 3, 30),
+              _ev("alloc", 4, 120), _ev("free_completed", 4, 120)]
+    best, live, at = live_at_peak(events)
+    assert best == 180 and sorted(live) == [1, 2, 3] and at["addr"] == 3  # not 50 + 120 = 170 later
+    assert frame_label(live[2]["frames"]) == ("diffusers/attn.py:3 forward <- "
+                                              "tiltflow/algorithms/ac_dmd.py:7 fake_update")
+    assert frame_label([]) == "(no Python frame)"
+    assert live_at_peak([]) == (0, {}, None)
+
+
+def test_memory_trace_is_cuda_only(tmp_path):
+    from tiltflow.bench import memory_at_peak
+
+    ran = []
+    assert "skipped" in memory_at_peak(lambda: ran.append(1), torch.device("cpu"), None, "stage1")
+    assert ran == []  # nothing runs where there is no allocator trace
