@@ -136,9 +136,19 @@ class CountedReward:
 
 
 class CountedTask(DiffusersTask):
-    def __init__(self, *args: Any, log: PassLog, **kw: Any):
+    """The task, its passes counted. encode_every_batch: the prompts of every batch go through the text
+    encoders, cache bypassed (the empty prompt of CFG is still encoded once), counted as text_encode passes."""
+
+    def __init__(self, *args: Any, log: PassLog, encode_every_batch: bool = False, **kw: Any):
         super().__init__(*args, **kw)
-        self.log = log
+        self.log, self.encode_every_batch = log, encode_every_batch
+
+    def encode(self, prompts: Any) -> dict[str, Tensor]:
+        if not self.encode_every_batch:
+            return super().encode(prompts)
+        out = self.adapter._encode_prompts(list(prompts))
+        self.log.record("text_encode", "prompts", len(prompts), next(iter(out.values())))
+        return out
 
     def decode(self, x: Tensor) -> Tensor:
         return self.log.record("vae_decode", "vae", x.shape[0], super().decode(x))
@@ -175,7 +185,8 @@ def build(args: Any, stage2: bool, comm: Comm = LOCAL) -> Built:
     family = load_arch(args.arch)["family"]
     scale = args.guidance_scale
     extra = {"guidance": scale} if family == "flux1" else {}
-    adapter = adapter_class(family).random(args.arch, seed=args.seed, device=args.device, text_encoders=False,
+    adapter = adapter_class(family).random(args.arch, seed=args.seed, device=args.device,
+                                           text_encoders=args.text_encoders,
                                            attention_backend=args.attention_backend, **extra)
     gen_base = adapter.random_transformer(seed=args.seed + 1) if family == "flux2" else None
     gen_init = gen_base if gen_base is not None else adapter.transformer
@@ -192,7 +203,8 @@ def build(args: Any, stage2: bool, comm: Comm = LOCAL) -> Built:
         m.train()
     log = PassLog()
     rewards = RewardSet([CountedReward(MeanBrightness(), log)])
-    task = CountedTask(adapter, PROMPTS, rewards, 1.0 if family == "flux1" else scale, args.resolution, log=log)
+    task = CountedTask(adapter, PROMPTS, rewards, 1.0 if family == "flux1" else scale, args.resolution, log=log,
+                       encode_every_batch=args.text_encoders)
     sampler = SamplerConfig(num_steps=args.num_steps, eta=args.eta,
                             shift=float(adapter.sigma_shift(args.resolution, args.resolution, args.num_steps)))
     plain = models.roles()
@@ -267,7 +279,10 @@ def one_pass(b: Built, kind: tuple, batch: int, backward: bool) -> Any:
     dev = b.task.device
     plain = {"teacher": b.models.teacher_role, "generator": b.models.generator_role, "fake": b.models.fake_role}
     g = torch.Generator().manual_seed(0)
-    if component == "transformer":
+    if component == "text_encode":
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+        run = lambda: next(iter(b.adapter._encode_prompts(prompts).values()))  # noqa: E731
+    elif component == "transformer":
         x = torch.randn(batch, *b.task.sample_shape, generator=g).to(dev)
         sigma = torch.full((batch,), 0.5, device=dev)
         cond = b.adapter.encode([PROMPTS[i % len(PROMPTS)] for i in range(batch)])
@@ -730,10 +745,11 @@ def run_bench(args: Any) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     report: dict[str, Any] = {
         "provenance": provenance(args), "settings": {k: str(v) for k, v in vars(args).items() if k != "func"},
-        "notes": "random weights; stub text embeddings (as from the text-embedding cache; text encoding not "
-                 "timed); brightness reward through the full VAE decoder; bf16 autocast and bf16 frozen base on "
-                 "CUDA, fp32 LoRA; stage 2 = one iteration of rollout_batches rollout batches (the reference "
-                 "accumulates 16)", "runs": []}
+        "notes": ("random weights; text encoders run on every batch's prompts (--text-encoders; the empty prompt "
+                  "encoded once)" if args.text_encoders else "random weights; stub text embeddings (as from the "
+                  "text-embedding cache; text encoding not timed)") + "; brightness reward through the full VAE "
+                 "decoder; bf16 autocast and bf16 frozen base on CUDA, fp32 LoRA; stage 2 = one iteration of "
+                 "rollout_batches rollout batches (the reference accumulates 16)", "runs": []}
     if comm.world_size > 1:
         report["provenance"].update(world_size=comm.world_size, backend=torch.distributed.get_backend(),
                                     local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", comm.world_size)),
@@ -819,6 +835,10 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--lora-alpha", type=float, default=64.0)
     p.add_argument("--profile", action="store_true", help="also profile one more iteration (torch.profiler): "
                    "<out>.profile_<stage>.md; under torchrun also the time spent in collectives")
+    p.add_argument("--text-encoders", action="store_true", help="build the text encoders too (random weights, "
+                   "full size where the architecture file gives them: sd35_medium) and run them on every batch's "
+                   "prompts, cache bypassed, as a trainer without the text-embedding cache does; default: cache-like "
+                   "stub embeddings, text encoding not timed")
     p.add_argument("--memory-trace", action="store_true", help="also run one more iteration with the CUDA "
                    "allocator's history recorded: <out>.memory_<stage>.md, the blocks live at its peak by where they "
                    "were allocated")

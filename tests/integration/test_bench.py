@@ -195,3 +195,26 @@ def test_memory_trace_is_cuda_only(tmp_path):
     ran = []
     assert "skipped" in memory_at_peak(lambda: ran.append(1), torch.device("cpu"), None, "stage1")
     assert ran == []  # nothing runs where there is no allocator trace
+
+
+def test_sd35_text_components_have_the_public_sizes():
+    """`bench --text-encoders` on sd35_medium builds these: CLIP ViT-L/14 text (123.65 M parameters with its
+    projection), OpenCLIP bigG/14 text (694.7 M) and the T5 v1.1 XXL encoder (4.762 B), counted on the meta
+    device."""
+    import transformers
+
+    from tiltflow.models.arch import load_arch
+
+    spec = load_arch("sd35_medium")
+    assert not any(k.startswith("text_encoder") for k in spec["components"])  # stubs unless asked for
+    counts = {}
+    for name, part in spec["text_components"].items():
+        if name.startswith("text_encoder"):
+            cfg = {k: v for k, v in part.items() if not k.startswith("_")}
+            conf = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+            with torch.device("meta"):
+                model = getattr(transformers, part["_class_name"])(conf)
+            counts[name] = sum(p.numel() for p in model.parameters())
+    assert abs(counts["text_encoder"] - 123.65e6) < 0.01e6
+    assert abs(counts["text_encoder_2"] - 694.7e6) < 0.1e6
+    assert abs(counts["text_encoder_3"] - 4.762e9) < 0.001e9

@@ -286,6 +286,9 @@ class DiffusersAdapter(TransformerAdapter):
         precision = Precision.resolve(device, base_dtype, autocast)
         listed = any(k.startswith("text_encoder") for k in spec["components"])
         with_text = listed if text_encoders is None else text_encoders
+        if with_text and not listed and "text_components" in spec:  # full size: only when asked for explicitly
+            spec["components"].update(spec["text_components"])
+            listed = True
         if with_text and not listed:
             raise ValueError(f"architecture {arch!r} lists no text encoders; use text_encoders=False (stubs)")
         pipe = build_random_pipeline(spec, seed=seed, device=precision.device, dtype=precision.base_dtype,
