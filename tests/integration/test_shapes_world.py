@@ -140,3 +140,30 @@ def test_time_limit_finish_never_exports_a_teacher_in_its_warmup(tmp_path):
     assert load(tmp_path / "teacher_train.pt")["step"] == 1
     again = train(_cfg(*cfg), progress=False)
     assert again["finished"] == 1.0 and again["teacher/step"] == 4.0 and (tmp_path / "teacher").is_dir()
+
+
+def test_non_finite_teacher_loss_names_its_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    """The losses stay on the device and are read at rows and checkpoints only; a NaN at step 6 (between the
+    checkpoint at step 5 and the next row) stops the run naming step 6, and teacher_train.pt still holds the
+    step-5 weights."""
+    import torch.nn.functional as F
+
+    from tiltflow.worlds.shapes import teacher as teacher_mod
+
+    cfg = ["stage=teacher", f"run_dir={tmp_path}", "teacher.num_iters=12", "teacher.checkpoint_every=5",
+           "teacher.log_every=4", "reward_model.num_iters=1"]
+    calls = {"n": 0}
+    real = F.mse_loss
+
+    def poisoned(*args, **kw):  # the teacher's 7th loss (step 6) is NaN
+        calls["n"] += 1
+        out = real(*args, **kw)
+        return out * float("nan") if calls["n"] == 7 else out
+
+    monkeypatch.setattr(teacher_mod.F, "mse_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"teacher: non-finite flow-matching loss \(nan\) at step 6"):
+        train(_cfg(*cfg), progress=False)
+    saved = load(tmp_path / "teacher_train.pt")
+    assert saved["step"] == 5 and all(torch.isfinite(v).all() for v in saved["model"].values())
+    rows = [json.loads(line) for line in (tmp_path / "teacher_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4]  # the row of step 8 would have held the NaN: never written

@@ -116,17 +116,16 @@ def train_reward_model(cfg: ShapesRunConfig, deadline: float, *, progress: bool 
         batch = [scenes[int(captions[int(i)])] for i in idx]
         negs = negative_texts(batch, rc.num_hard_negatives, rng)
         loss = contrastive_loss(model, x * 2 - 1, [s.text for s in batch], negs, tokenizer)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"reward model: non-finite contrastive loss at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        return loss.item()
+        return loss.detach()  # read (and checked) by train_part at its rows and checkpoints
 
     return train_part(cfg, "reward_model", rc, {"model": model, "optimizer": opt}, train_step,
-                      lambda: export_clip(model, tokenizer, cfg.model.resolution, final_dir), deadline, progress)
+                      lambda: export_clip(model, tokenizer, cfg.model.resolution, final_dir), deadline, progress,
+                      loss_name="contrastive loss")
 
 
 def export_clip(model: Any, tokenizer: Any, resolution: int, folder: Path) -> None:

@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from tiltflow.config.shapes import ShapesRunConfig
 from tiltflow.flow.conventions import interpolate
+from tiltflow.flow.rng import to_device
 from tiltflow.storage import load, save_atomic
 from tiltflow.worlds.shapes.data import image_pool
 from tiltflow.worlds.shapes.models import ShapesAdapter, new_transformer
@@ -62,15 +64,18 @@ def train_world_models(cfg: ShapesRunConfig, *, progress: bool = True) -> dict[s
     return out
 
 
-def train_part(cfg: ShapesRunConfig, name: str, spec: Any, parts: dict[str, Any], train_step: Callable[[int], float],
-               export: Callable[[], None], deadline: float, progress: bool, *, warmup: int = 0,
+def train_part(cfg: ShapesRunConfig, name: str, spec: Any, parts: dict[str, Any],
+               train_step: Callable[[int], Tensor], export: Callable[[], None], deadline: float, progress: bool, *,
+               warmup: int = 0, loss_name: str = "loss",
                extra_row: Callable[[int], dict[str, Any]] = lambda step: {}) -> dict[str, Any]:
     """The training skeleton of the world's teacher and reward model (`name`): resume `parts` (modules and
-    optimisers, by key) from <name>_train.pt, call `train_step(step)` (one update; its loss) up to
-    spec.num_iters, append the mean loss since the previous row to <name>_metrics.jsonl every spec.log_every
-    steps and checkpoint every spec.checkpoint_every. Past `deadline` it checkpoints and pauses, or (with
-    teacher.on_time_limit "finish", past `warmup` steps) stops early; a finished part is checkpointed and
-    `export`ed. Returns <name>/finished and <name>/step."""
+    optimisers, by key) from <name>_train.pt, call `train_step(step)` (one update; its detached loss, left on
+    the device so that the host runs ahead) up to spec.num_iters, append the mean loss since the previous row
+    to <name>_metrics.jsonl every spec.log_every steps and checkpoint every spec.checkpoint_every. The losses
+    are read (one wait) only there, and checked first: a non-finite one stops the run with its step before
+    anything is written, so the last checkpoint on disk is still the good one. Past `deadline` it checkpoints
+    and pauses, or (with teacher.on_time_limit "finish", past `warmup` steps) stops early; a finished part is
+    checkpointed and `export`ed. Returns <name>/finished and <name>/step."""
     run_dir, label = Path(cfg.run_dir), name.replace("_", " ")
     ckpt = run_dir / f"{name}_train.pt"
     step = 0
@@ -83,20 +88,34 @@ def train_part(cfg: ShapesRunConfig, name: str, spec: Any, parts: dict[str, Any]
     def checkpoint() -> None:
         save_atomic({**{key: part.state_dict() for key, part in parts.items()}, "step": step}, ckpt)
 
-    t0, losses = time.monotonic(), []
+    t0, losses, read = time.monotonic(), [], []  # losses since the last row: on the device; read: on the host
+
+    def read_losses() -> list[float]:  # the one wait per row or checkpoint
+        if len(read) < len(losses):
+            values = torch.stack(losses[len(read):]).float().cpu().tolist()
+            for i, v in enumerate(values):
+                if not math.isfinite(v):
+                    bad = step - len(losses) + len(read) + i
+                    raise FloatingPointError(f"{label}: non-finite {loss_name} ({v}) at step {bad}; the last "
+                                             f"checkpoint ({ckpt}) is from before it and was not overwritten")
+            read.extend(values)
+        return read
+
     while step < spec.num_iters:
         losses.append(train_step(step))
         step += 1
         out_of_time = time.monotonic() > deadline
         if step % spec.log_every == 0 or step == spec.num_iters or out_of_time:  # the last row is the last step
-            row = {"step": step, "loss": sum(losses) / len(losses), **extra_row(step),
+            values = read_losses()
+            row = {"step": step, "loss": sum(values) / len(values), **extra_row(step),
                    "elapsed_s": time.monotonic() - t0}
             with (run_dir / f"{name}_metrics.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
             if progress:
                 print(f"{label} step {step}/{spec.num_iters} loss {row['loss']:.4f}", flush=True)
-            losses = []
+            losses, read = [], []
         if step % spec.checkpoint_every == 0 or out_of_time:
+            read_losses()
             checkpoint()
             if out_of_time and step < spec.num_iters:
                 # A teacher still in its warm-up is not worth exporting: pause then, whatever on_time_limit says
@@ -107,6 +126,7 @@ def train_part(cfg: ShapesRunConfig, name: str, spec: Any, parts: dict[str, Any]
                     return {f"{name}/finished": 0.0, f"{name}/step": float(step)}
                 print(f"time limit reached at step {step} of {spec.num_iters}: exporting the {label} as it stands")
                 break
+    read_losses()
     checkpoint()
     export()
     return {f"{name}/finished": 1.0, f"{name}/step": float(step)}
@@ -127,40 +147,41 @@ def train_teacher(cfg: ShapesRunConfig, deadline: float, *, progress: bool = Tru
 
     model = new_transformer(cfg.model, text.hidden_size, cfg.seed).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     adapter = ShapesAdapter(model, text, device)
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
     def train_step(step: int) -> float:
+        # Every draw from the step's CPU generator (the numbers do not depend on the device), copied without a
+        # wait (to_device); nothing in the step reads a value back, so the host queues steps ahead of the GPU.
         g = step_generator(cfg.seed, step, 1)
-        idx = torch.randint(pool.shape[0], (tc.batch_size,), generator=g).to(device)
+        idx = to_device(torch.randint(pool.shape[0], (tc.batch_size,), generator=g), device)
         x0 = pool[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
-        drop = (torch.rand(tc.batch_size, generator=g) < tc.caption_dropout).to(device)
+        drop = to_device(torch.rand(tc.batch_size, generator=g) < tc.caption_dropout, device)
         rows = torch.where(drop, torch.full_like(caption_ids[idx], empty), caption_ids[idx])
         cond = {k: v[rows] for k, v in table.items()}
-        sigma = torch.sigmoid(torch.randn(tc.batch_size, generator=g)).to(device)  # logit-normal(0, 1)
-        eps = torch.randn(x0.shape, generator=g).to(device)
+        sigma = to_device(torch.sigmoid(torch.randn(tc.batch_size, generator=g)), device)  # logit-normal(0, 1)
+        eps = to_device(torch.randn(x0.shape, generator=g), device)
         x = interpolate(x0, eps, sigma)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc.lr, tc.warmup_iters)
         with autocast:
             v = adapter.forward(model, x, sigma, cond)
         loss = F.mse_loss(v.float(), eps - x0)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"teacher: non-finite flow-matching loss at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - tc.ema_decay)
-        return loss.item()
+            torch._foreach_lerp_(ema_params, params, 1 - tc.ema_decay)
+        return loss.detach()
 
     # The EMA teacher is exported as a diffusers folder in fp16 safetensors.
     return train_part(cfg, "teacher", tc, {"model": model, "ema": ema, "optimizer": opt}, train_step,
                       lambda: export_folder(ema, final_dir), deadline, progress, warmup=tc.warmup_iters,
+                      loss_name="flow-matching loss",
                       extra_row=lambda step: {"lr": lr_at(step - 1, tc.lr, tc.warmup_iters)})
 
 
