@@ -555,8 +555,9 @@ def live_at_peak(events: list[dict[str, Any]]) -> tuple[int, dict[int, dict[str,
 
 
 def frame_label(frames: list[dict[str, Any]]) -> str:
-    """Where an allocation came from: the innermost tiltflow frame (which pass of which update), then the
-    innermost frame of the library it called (diffusers, peft, torch.nn, or inductor's generated code)."""
+    """Where an allocation came from: the innermost frame of the library that made it (diffusers, peft,
+    inductor's generated code, else the innermost non-tiltflow one) <- the innermost tiltflow frame <- the
+    innermost frame in tiltflow's algorithms or losses (which update), each where there is one."""
     def short(f: dict[str, Any]) -> str:
         name = f["filename"]
         for root in ("/tiltflow/", "/diffusers/", "/peft/", "/torch/"):
@@ -568,11 +569,14 @@ def frame_label(frames: list[dict[str, Any]]) -> str:
         return f"{name}:{f['line']} {f['name']}"
 
     ours = next((f for f in frames if "/tiltflow/" in f["filename"]), None)
+    # and which loss or update it serves: the innermost frame of tiltflow's algorithms or losses, if another
+    step = next((f for f in frames if any(k in f["filename"] for k in ("/tiltflow/algorithms/", "/tiltflow/losses/"))
+                 and f is not ours), None)
     others = [f for f in frames if "/tiltflow/" not in f["filename"] and not f["filename"].startswith("??")]
     lib = next((f for f in others if any(k in f["filename"] for k in ("/diffusers/", "/peft/", "torchinductor"))),
                others[0] if others else None)
-    parts = [short(f) for f in (ours, lib) if f is not None]
-    return " <- ".join(reversed(parts)) if parts else "(no Python frame)"
+    parts = [short(f) for f in (lib, ours, step) if f is not None]
+    return " <- ".join(parts) if parts else "(no Python frame)"
 
 
 def memory_at_peak(fn: Any, device: torch.device, args: Any, label: str, top: int = 25) -> dict[str, Any]:
@@ -614,7 +618,7 @@ def memory_at_peak(fn: Any, device: torch.device, args: Any, label: str, top: in
              f"{summary['max_memory_allocated_gib']:.2f} GiB); live at "
              f"the peak, allocated during the run: {best / gib:.2f} GiB; {len(traces)} allocator events", "",
              f"The allocation that reached the peak: `{summary['peak_reached_at']}`", "",
-             f"| allocated at (library frame <- tiltflow frame), top {top} | blocks | GiB |", "|---|---|---|"]
+             f"| allocated at (library <- tiltflow <- update frame), top {top} | blocks | GiB |", "|---|---|---|"]
     lines += [f"| `{r['where']}` | {r['blocks']} | {r['gib']:.3f} |" for r in rows[:top]]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

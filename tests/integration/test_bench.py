@@ -185,6 +185,11 @@ def test_live_at_peak_replays_allocs_and_completed_frees():
     assert best == 180 and sorted(live) == [1, 2, 3] and at["addr"] == 3  # not 50 + 120 = 170 later
     assert frame_label(live[2]["frames"]) == ("diffusers/attn.py:3 forward <- "
                                               "tiltflow/algorithms/ac_dmd.py:7 fake_update")
+    torch_f, lib_f, step_f = live[2]["frames"]  # innermost first; the adapter's frame sits between
+    adapter_f = {"filename": "/repo/tiltflow/models/adapters/sd3.py", "line": 33, "name": "forward"}
+    deep = [torch_f, lib_f, adapter_f, step_f]
+    assert frame_label(deep) == ("diffusers/attn.py:3 forward <- tiltflow/models/adapters/sd3.py:33 "
+                                                "forward <- tiltflow/algorithms/ac_dmd.py:7 fake_update")
     assert frame_label([]) == "(no Python frame)"
     assert live_at_peak([]) == (0, {}, None)
 
