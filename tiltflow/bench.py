@@ -323,8 +323,9 @@ def flops_per_sample(b: Built, kind: tuple, args: Any) -> tuple[int, int]:
         with stance:
             totals = []  # the forward alone, then (with gradient) forward + backward
             for backward in (False, True)[:1 + grad]:
+                fn = one_pass(b, kind, 1, backward=backward)  # its inputs (and text encoding) outside the count
                 with FlopCounterMode(display=False) as counter:
-                    one_pass(b, kind, 1, backward=backward)()
+                    fn()
                 totals.append(counter.get_total_flops())
     finally:
         if ac:

@@ -223,3 +223,23 @@ def test_sd35_text_components_have_the_public_sizes():
     assert abs(counts["text_encoder"] - 123.65e6) < 0.01e6
     assert abs(counts["text_encoder_2"] - 694.7e6) < 0.1e6
     assert abs(counts["text_encoder_3"] - 4.762e9) < 0.001e9
+
+
+def test_text_encoders_run_per_batch_and_stay_out_of_the_transformer_flops(tmp_path):
+    """--text-encoders: one text_encode pass per batch of the cycle (n_fake + 1), and each transformer pass's
+    FLOPs are those of the run with stub embeddings (the first one counted used to include the encoding of
+    its prompts, 22.6 TFLOP too many on SD3.5-M)."""
+    rows = {}
+    for name, extra in (("stub", []), ("text", ["--text-encoders"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["bench", "--arch", "tiny_sd3", "--resolution", "64", "--batch", "2", "--stage", "1",
+                     "--n-fake", "2", "--device", "cpu", "--repeats", "1", "--warmup", "1", "--out", str(out),
+                     *extra]) == 0
+        rows[name] = {(p["component"], p["name"], p["batch"], p["grad"]): p
+                      for p in json.loads(out.read_text())["runs"][0]["passes"]}
+    text = rows["text"].pop(("text_encode", "prompts", 2, False))
+    assert text["calls"] == [3] and text["forward_flops"] > 0
+    assert rows["text"].keys() == rows["stub"].keys()
+    for kind, p in rows["stub"].items():
+        assert rows["text"][kind]["forward_flops"] == p["forward_flops"], kind
+        assert rows["text"][kind]["backward_flops"] == p["backward_flops"], kind
