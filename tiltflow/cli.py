@@ -105,6 +105,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from tiltflow.demo import METHODS, run_demo
 
+    if args.world == "shapes":
+        from tiltflow.worlds.shapes.demo import demo_config, run_shapes_demo
+
+        if args.config is not None or args.methods is not None:
+            raise UsageError("--world shapes runs one RTDMD fine-tune from the committed models: it takes "
+                             "KEY=VALUE overrides, not --config or --methods")
+        out = args.out if args.out is not None else Path("runs/demo_shapes")
+        if args.dry_run:
+            print(to_yaml(demo_config(out, args.overrides)), end="")
+            return 0
+        run_shapes_demo(out, args.overrides)
+        return 0
+    args.out = args.out if args.out is not None else Path("runs/demo")
     path = args.config or DEFAULT_GMM_CONFIG
     cfg = load_run_config(path, args.overrides)
     if cfg.world != "gmm":
@@ -182,9 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     for action in p._actions:
         if action.dest in _IMAGE_EVAL_REQUIRED:
             action.required = False
-    p = verb("demo", "every method on a gmm problem, side by side (default: the embedded 2-D problem)", cmd_demo)
+    p = verb("demo", "every method on a gmm problem, side by side (default: the embedded 2-D problem); with "
+             "--world shapes, a short RTDMD fine-tune of the committed shapes models on the CPU, before and after",
+             cmd_demo)
     _add_config_args(p, required=False)
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
+    p.add_argument("--world", choices=["gmm", "shapes"], default="gmm", help="gmm (default): every method on a gmm "
+                   "problem; shapes: an RTDMD fine-tune from checkpoints/shapes (about 6 min on 2 CPU cores), its "
+                   "scores and samples before and after")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default runs/demo, or "
+                   "runs/demo_shapes with --world shapes)")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of methods (default: all). Stage-2 methods need ac_dmd.")
     p = verb("bench", "time one stage-1 cycle, one stage-2 iteration and 4-step inference of a random-weight "

@@ -167,3 +167,36 @@ def test_non_finite_teacher_loss_names_its_step_and_keeps_the_checkpoint(tmp_pat
     assert saved["step"] == 5 and all(torch.isfinite(v).all() for v in saved["model"].values())
     rows = [json.loads(line) for line in (tmp_path / "teacher_metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [4]  # the row of step 8 would have held the NaN: never written
+
+
+def test_shapes_demo_before_and_after(models_dir, tmp_path, capsys):
+    """`tiltflow demo --world shapes`: the starting generator's scores and samples, a short RTDMD run through
+    the spine, the same captions and noise after; report, grids and metrics written."""
+    from tiltflow.cli import main
+
+    out = tmp_path / "demo"
+    tiny = [o for o in TINY if o.startswith(("model.", "lora."))]
+    argv = ["demo", "--world", "shapes", "--out", str(out), f"models_dir={models_dir}", *tiny,
+            "stage2.num_iters=2", "stage2.num_prompts=1", "stage2.group_size=2", "eval.max_prompts=3",
+            "eval.num_per_prompt=2"]
+    assert main(argv) == 0
+    for name in ("before_metrics.json", "after_metrics.json", "before_after.png", "report.md",
+                 "rtdmd/final.safetensors", "rtdmd/config.yaml", "rtdmd/metrics.jsonl"):
+        assert (out / name).is_file(), name
+    m = json.loads((out / "demo_metrics.json").read_text())
+    assert m["before"]["reward/clip"] != m["after"]["reward/clip"]  # the generator moved
+    # "after" is the run's final generator on the same prompts and noise as its own final evaluation
+    final = json.loads((out / "rtdmd" / "final_metrics.json").read_text())
+    assert m["after"]["verifier/overall"] == final["verifier/overall"]
+    assert m["after"]["reward/clip"] == final["reward/clip"]  # the same weights, prompts and noise
+    report = (out / "report.md").read_text()
+    assert "before: the teacher, no CFG" in report and "after: RTDMD fine-tune" in report
+
+
+def test_shapes_demo_usage_errors(tmp_path, capsys):
+    from tiltflow.cli import main
+
+    assert main(["demo", "--world", "shapes", "--out", str(tmp_path), f"models_dir={tmp_path / 'none'}"]) == 2
+    assert "lacks ['teacher', 'text_encoder', 'reward_model']" in capsys.readouterr().err
+    assert main(["demo", "--world", "shapes", "--methods", "ac_dmd"]) == 2
+    assert "not --config or --methods" in capsys.readouterr().err
