@@ -106,14 +106,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tiltflow.demo import METHODS, run_demo
 
     if args.world == "shapes":
-        from tiltflow.worlds.shapes.demo import demo_config, run_shapes_demo
+        from tiltflow.demo import run_shapes_demo, shapes_demo_config
 
         if args.config is not None or args.methods is not None:
             raise UsageError("--world shapes runs one RTDMD fine-tune from the committed models: it takes "
                              "KEY=VALUE overrides, not --config or --methods")
         out = args.out if args.out is not None else Path("runs/demo_shapes")
         if args.dry_run:
-            print(to_yaml(demo_config(out, args.overrides)), end="")
+            print(to_yaml(shapes_demo_config(out, args.overrides)), end="")
             return 0
         run_shapes_demo(out, args.overrides)
         return 0
