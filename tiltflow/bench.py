@@ -146,7 +146,7 @@ class CountedTask(DiffusersTask):
     def encode(self, prompts: Any) -> dict[str, Tensor]:
         if not self.encode_every_batch:
             return super().encode(prompts)
-        out = self.adapter._encode_prompts(list(prompts))
+        out = self.adapter.encode_uncached(prompts)
         self.log.record("text_encode", "prompts", len(prompts), next(iter(out.values())))
         return out
 
@@ -281,7 +281,7 @@ def one_pass(b: Built, kind: tuple, batch: int, backward: bool) -> Any:
     g = torch.Generator().manual_seed(0)
     if component == "text_encode":
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-        run = lambda: next(iter(b.adapter._encode_prompts(prompts).values()))  # noqa: E731
+        run = lambda: next(iter(b.adapter.encode_uncached(prompts).values()))  # noqa: E731
     elif component == "transformer":
         x = torch.randn(batch, *b.task.sample_shape, generator=g).to(dev)
         sigma = torch.full((batch,), 0.5, device=dev)
@@ -540,19 +540,24 @@ def live_at_peak(events: list[dict[str, Any]]) -> tuple[int, dict[int, dict[str,
     live blocks, the blocks live at that moment (address -> event) and the allocation that reached it. A block
     counts from its `alloc` to its `free_completed` (a free pending on another stream still holds memory);
     blocks allocated before the trace started are not in it."""
-    live: dict[int, dict[str, Any]] = {}
-    total = best = 0
-    at_best: dict[int, dict[str, Any]] = {}
-    peak_event = None
-    for ev in events:
-        if ev["action"] == "alloc":
-            live[ev["addr"]] = ev
-            total += ev["size"]
-            if total > best:
-                best, at_best, peak_event = total, dict(live), ev
-        elif ev["action"] == "free_completed" and ev["addr"] in live:
-            total -= live.pop(ev["addr"])["size"]
-    return best, at_best, peak_event
+    def replay(stop: int) -> tuple[dict[int, dict[str, Any]], int, int]:  # (live after events[:stop], best, its index)
+        live: dict[int, dict[str, Any]] = {}
+        total = best = 0
+        at = -1
+        for i, ev in enumerate(events[:stop]):
+            if ev["action"] == "alloc":
+                live[ev["addr"]] = ev
+                total += ev["size"]
+                if total > best:
+                    best, at = total, i
+            elif ev["action"] == "free_completed" and ev["addr"] in live:
+                total -= live.pop(ev["addr"])["size"]
+        return live, best, at
+
+    _, best, at = replay(len(events))  # first the peak's position, then the blocks live there (no copy per maximum)
+    if at < 0:
+        return 0, {}, None
+    return best, replay(at + 1)[0], events[at]
 
 
 def frame_label(frames: list[dict[str, Any]]) -> str:
@@ -584,7 +589,7 @@ def memory_at_peak(fn: Any, device: torch.device, args: Any, label: str, top: in
     """One more run of fn with the CUDA allocator's history recorded (Python stacks): the peak of allocated
     memory within it, split into what was allocated before (weights, optimiser and EMA state, caches) and the
     blocks live at the peak grouped by where they were allocated (frame_label); written as markdown next to
-    the JSON. CUDA only (None elsewhere)."""
+    the JSON. CUDA only (elsewhere: {"skipped": why}, and fn does not run)."""
     if device.type != "cuda":
         return {"skipped": "the allocator trace is CUDA's"}
     sync(device)

@@ -361,6 +361,13 @@ class DiffusersAdapter(TransformerAdapter):
         cond = self.cache.get([str(p) for p in prompts], fn)
         return {k: to_device(v, self.device) for k, v in cond.items()}  # (cached on the CPU)
 
+    def encode_uncached(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """The prompts through the text encoders every time, on the device, no cache (a trainer without the
+        text-embedding cache; `tiltflow bench --text-encoders`)."""
+        if not prompts:
+            raise ValueError("encode_uncached: got an empty list of prompts")
+        return self._encode_prompts([str(p) for p in prompts])
+
     def hold_prompt_set(self, prompts: Sequence[str], budget_gib: float = 8.0) -> bool:
         """Keep every prompt of a fixed prompt set (and the empty prompt of CFG) in the in-memory embedding
         cache once encoded, so that each is encoded once per run rather than again whenever the least

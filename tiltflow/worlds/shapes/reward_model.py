@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from tiltflow.config.shapes import ShapesRunConfig
 from tiltflow.worlds.shapes.data import image_pool
@@ -106,7 +107,7 @@ def train_reward_model(cfg: ShapesRunConfig, deadline: float, *, progress: bool 
     model = new_clip(cfg, tokenizer).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=0.1)
 
-    def train_step(step: int) -> float:
+    def train_step(step: int) -> Tensor:
         g = step_generator(cfg.seed, step, 2)
         rng = np.random.default_rng([cfg.seed, step, 2])
         idx = torch.randint(pool.shape[0], (rc.batch_size,), generator=g)

@@ -153,7 +153,7 @@ def train_teacher(cfg: ShapesRunConfig, deadline: float, *, progress: bool = Tru
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
-    def train_step(step: int) -> float:
+    def train_step(step: int) -> Tensor:
         # Every draw from the step's CPU generator (the numbers do not depend on the device), copied without a
         # wait (to_device); nothing in the step reads a value back, so the host queues steps ahead of the GPU.
         g = step_generator(cfg.seed, step, 1)
