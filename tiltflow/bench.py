@@ -216,7 +216,8 @@ def build(args: Any, stage2: bool, comm: Comm = LOCAL) -> Built:
 def algorithm(stage: str, b: Built, args: Any, *, warmup: bool = False) -> Any:
     """The reference settings (configs/reference), with the optimisers the spine builds."""
     lr = 1e-6 if b.adapter.family == "flux2" else 3e-5
-    fake = FakeConfig(lr=lr, weighting="clamped", consistency_gamma=0.01, consistency_delta_max=0.2)
+    fake = FakeConfig(lr=lr, weighting="clamped", consistency_gamma=0.01, consistency_delta_max=0.2,
+                      consistency_grad=args.consistency_grad)
     if stage == "1":
         cfg: Any = Stage1Config(batch_size=args.batch, lr=lr, n_fake=args.n_fake, ema_decay=0.99, fake=fake)
         return ACDMD(cfg, b.sampler, b.task, b.roles, build_train_state(cfg, b.roles), seed=args.seed, comm=b.comm)
@@ -829,6 +830,9 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--eta", type=float, default=0.9)
     p.add_argument("--num-steps", type=int, default=4)
     p.add_argument("--n-fake", type=int, default=10, help="stage 1: fake updates per generator update")
+    p.add_argument("--consistency-grad", choices=["both", "anchor"], default="both",
+                   help="stage1.fake.consistency_grad: both (default) or anchor (h(x'_i) as stop-gradient targets: "
+                   "the transitions' pass runs without a graph)")
     p.add_argument("--rollout-batches", type=int, default=1, help="stage 2: rollout batches per iteration "
                    "(reference 16)")
     p.add_argument("--dm-target", choices=["teacher", "tilted"], default="teacher",

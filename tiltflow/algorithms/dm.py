@@ -110,11 +110,12 @@ class FakeSettings:
     gamma: float
     delta_max: float
     two_sample: bool
+    grad: str = "both"  # "both" | "anchor": which denoiser outputs of the consistency term carry gradient
 
     @staticmethod
     def of(cfg: FakeConfig, taus: TauRange, eta: float) -> FakeSettings:
         return FakeSettings(taus, eta, cfg.weighting, cfg.consistency_gamma, cfg.consistency_delta_max,
-                            cfg.consistency_two_sample)
+                            cfg.consistency_two_sample, cfg.consistency_grad)
 
 
 def teacher_velocity(roles: Roles, x: Tensor, tau: Tensor, batch: Batch, guidance_scale: float) -> Tensor:
@@ -252,7 +253,9 @@ def fake_loss(roles: Roles, x_s: Tensor, s: float, cond: Any, fake: FakeSettings
                for _ in range(2 if two_sample else 1)]
     x_cat = torch.cat(xs_next)
     tau_cat = tau_next.repeat(len(xs_next))
-    h_next = x_cat - bcast(tau_cat, x_cat) * roles.fake.velocity(x_cat, tau_cat, repeat_rows(cond, len(xs_next)))
+    # "anchor": h(x'_i) are stop-gradient targets, so their pass keeps no graph (no backward, no activations).
+    with torch.set_grad_enabled(torch.is_grad_enabled() and fake.grad == "both"):
+        h_next = x_cat - bcast(tau_cat, x_cat) * roles.fake.velocity(x_cat, tau_cat, repeat_rows(cond, len(xs_next)))
     h0 = x_tau - bcast(tau, x_tau) * v_pred
     hs = h_next.chunk(len(xs_next))
     cons = consistency_loss(h0, hs[0], hs[1] if two_sample else None, two_sample=two_sample)

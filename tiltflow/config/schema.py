@@ -60,6 +60,11 @@ class FakeConfig:
     consistency_gamma: float = 0.01
     consistency_delta_max: float = 0.2
     consistency_two_sample: bool = True
+    # Which denoiser outputs of the consistency term carry gradient (docs/method.md 4.3): "both" (the anchor
+    # h0 and the two transitions' h(x'_i): the gradient of the whole estimate) or "anchor" (h0 only; h(x'_i) are
+    # stop-gradient targets, as consistency models treat their lower-noise end; the transitions' pass then runs
+    # without a graph).
+    consistency_grad: Literal["both", "anchor"] = "both"
 
     def validate(self, path: str) -> None:
         require_lr(self.lr, join_path(path, "lr"))
