@@ -9,6 +9,11 @@ a finished run is skipped (its final_metrics.json exists).
     python benchmarks/shapes_distill.py --phase stage1 --seeds 0 1 --time-limit 450 stage1.num_iters=400
     python benchmarks/shapes_distill.py --phase stage2 --seeds 0 1 --time-limit 420 stage2.num_iters=200
 
+`--finish` exports the paused runs where they stand instead of training further: each paused run (a checkpoint,
+no final_metrics.json) is resumed once with `<stage>.num_iters` set to its checkpoint's step, so it finishes at
+once and writes final.safetensors, final_metrics.json and final_grid.png (what stage 2's init_from and the CPU
+demo read).
+
 Each process's output goes to <root>/<method>_s<seed>.log; the script prints one line per run (exit code, wall
 time, the last metrics) and exits non-zero if any run failed (exit codes other than 0 and 3).
 """
@@ -23,6 +28,20 @@ import time
 from pathlib import Path
 
 PHASES = {"stage1": ("ac_dmd", "dmd2"), "stage2": ("rtdmd", "grpo_only", "bp_only")}
+
+
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The step of a run's newest readable checkpoint, None without one."""
+    from tiltflow.training.checkpointing import FileCheckpointer
+
+    ckpt = FileCheckpointer(run_dir)
+    return int(ckpt.load()["step"]) if ckpt.exists() else None
+
+
+def finish_overrides(phase: str, run_dir: Path) -> list[str] | None:
+    """`<stage>.num_iters=<checkpoint step>` for a paused run; None for a run with nothing to finish."""
+    step = checkpoint_step(run_dir)
+    return None if step is None else [f"{phase}.num_iters={step}"]
 
 
 def commands(phase: str, methods: list[str], seeds: list[int], root: Path, configs: Path, time_limit: float,
@@ -48,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, default=Path("runs/shapes"))
     p.add_argument("--configs", type=Path, default=Path("configs/shapes"))
     p.add_argument("--time-limit", type=float, default=0.0, help="time_limit_s of every run (0: none)")
+    p.add_argument("--finish", action="store_true", help="export each paused run at its checkpoint's step "
+                   "instead of training further (runs without a checkpoint are left alone)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for every run")
     args = p.parse_args(argv)
     methods = args.methods or list(PHASES[args.phase])
@@ -57,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args.root.mkdir(parents=True, exist_ok=True)
     todo = [(n, c) for n, c in commands(args.phase, methods, args.seeds, args.root, args.configs, args.time_limit,
                                         args.overrides) if not (args.root / n / "final_metrics.json").is_file()]
+    if args.finish:  # the overrides come last, so the checkpoint's step wins over any num_iters given
+        todo = [(n, c + extra) for n, c in todo if (extra := finish_overrides(args.phase, args.root / n)) is not None]
     t0 = time.time()
     procs = {}
     for name, argv_ in todo:

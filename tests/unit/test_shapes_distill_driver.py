@@ -39,3 +39,25 @@ def test_finished_runs_are_skipped_and_other_phases_methods_refused(tmp_path, ca
     with pytest.raises(SystemExit) as err:
         driver.main(["--phase", "stage1", "--methods", "rtdmd", "--root", str(tmp_path)])
     assert err.value.code == 2 and "not stage1 methods" in capsys.readouterr().err
+
+
+def test_finish_exports_paused_runs_at_their_checkpoint_step(tmp_path, monkeypatch):
+    from tiltflow.storage import save_atomic
+
+    driver = _driver()
+    (tmp_path / "ac_dmd_s0").mkdir()
+    save_atomic({"step": 37, "model": None, "algo": None}, tmp_path / "ac_dmd_s0" / "checkpoint.pt")
+    started = []
+
+    class Done:  # a process that finished at once
+        def __init__(self, argv, **kw):
+            started.append(argv)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(driver.subprocess, "Popen", Done)
+    rc = driver.main(["--phase", "stage1", "--methods", "ac_dmd", "--seeds", "0", "1", "--root", str(tmp_path),
+                      "--finish", "stage1.num_iters=2000"])
+    assert rc == 0 and len(started) == 1  # ac_dmd_s1 has no checkpoint: nothing to finish
+    assert started[0][-2:] == ["stage1.num_iters=2000", "stage1.num_iters=37"]  # the checkpoint's step wins
