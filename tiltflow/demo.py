@@ -264,6 +264,19 @@ SHAPES_SHOWN = ["verifier/overall", "verifier/single_object", "verifier/two_obje
                 "fd/reward_embed"]
 
 
+def init_lora_overrides(overrides: list[str]) -> list[str]:
+    """With init_from=DIR: the stage-1 run's lora settings (its fake-score LoRA is loaded into this run's, so
+    the shapes must agree), placed before the user's overrides; nothing without init_from or its config.yaml."""
+    import yaml
+
+    init = [o.split("=", 1)[1] for o in overrides if o.startswith("init_from=")]
+    path = Path(init[-1]) / "config.yaml" if init else None
+    if path is None or not path.is_file():
+        return []
+    lora = (yaml.safe_load(path.read_text()) or {}).get("lora") or {}
+    return [f"lora.{k}={lora[k]}" for k in ("layout", "finetune", "rank", "alpha") if k in lora]
+
+
 def shapes_demo_config(out: Path, overrides: list[str]) -> Any:
     """The shapes demo's config: SHAPES_DEMO_SETTINGS, the run directory OUT/rtdmd, models_dir checkpoints/shapes (the
     committed models, relative to the working directory), then the user's overrides."""
@@ -271,7 +284,7 @@ def shapes_demo_config(out: Path, overrides: list[str]) -> Any:
     from tiltflow.worlds.registry import load_run_config
 
     cfg = load_run_config(None, [*SHAPES_DEMO_SETTINGS, "models_dir=checkpoints/shapes", f"run_dir={out / 'rtdmd'}",
-                                 *overrides], default_world="shapes")
+                                 *init_lora_overrides(overrides), *overrides], default_world="shapes")
     missing = [p for p in ("teacher", "text_encoder", "reward_model") if not (Path(cfg.models_dir) / p).is_dir()]
     if missing:
         raise ConfigError("models_dir", f"{str(cfg.models_dir)!r} lacks {missing}: the shapes demo starts from the "

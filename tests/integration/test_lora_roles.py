@@ -235,6 +235,16 @@ def test_stage2_starts_from_the_stage1_generator(layout):
     assert torch.equal(v_teacher, fresh.forward(SD3Adapter.random("tiny_sd3", seed=0).transformer, x, s, cond))
 
 
+def test_a_fake_state_of_another_rank_is_refused_by_name():
+    """A stage-1 fake score saved at another lora.rank is refused before any weight is copied."""
+    stage1 = build_roles(SD3Adapter.random("tiny_sd3", seed=0), lora=LoraSettings(rank=2, alpha=2.0))
+    stage2 = build_roles(SD3Adapter.random("tiny_sd3", seed=0), lora=SMALL)
+    before = [p.detach().clone() for _, p in stage2.fake_named]
+    with pytest.raises(ValueError, match=r"fake parameters do not fit.*\(2, .*\(4, .*lora.rank"):
+        stage2.load_trainable_state(stage1.trainable_state(), roles=("fake",))
+    assert not _changed(before, [p for _, p in stage2.fake_named])
+
+
 def test_separate_full_finetune_trains_every_weight_in_fp32():
     adapter = SD3Adapter.random("tiny_sd3", seed=0)
     models = build_roles(adapter, layout="separate", finetune="full")

@@ -236,6 +236,13 @@ class RoleModels:
             missing = [n for n, _ in named if f"{role}/{n}" not in state]
             if missing:
                 raise KeyError(f"state lacks {len(missing)} {role} parameters, e.g. {missing[:2]}")
+            wrong = [(n, tuple(state[f"{role}/{n}"].shape), tuple(p.shape)) for n, p in named
+                     if not hasattr(p, "device_mesh") and state[f"{role}/{n}"].shape != p.shape]
+            if wrong:
+                n, got, want = wrong[0]
+                raise ValueError(f"state's {role} parameters do not fit this model ({len(wrong)} differ in shape, "
+                                 f"e.g. {n}: {got} in the state, {want} here): was it saved with another lora.rank "
+                                 "or lora.finetune than this run's?")
             for n, p in named:
                 value = state[f"{role}/{n}"].to(p.device, p.dtype)
                 if hasattr(p, "device_mesh") and not hasattr(value, "device_mesh"):  # a full tensor into shards
