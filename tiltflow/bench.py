@@ -830,9 +830,9 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--eta", type=float, default=0.9)
     p.add_argument("--num-steps", type=int, default=4)
     p.add_argument("--n-fake", type=int, default=10, help="stage 1: fake updates per generator update")
-    p.add_argument("--consistency-grad", choices=["both", "anchor"], default="both",
-                   help="stage1.fake.consistency_grad: both (default) or anchor (h(x'_i) as stop-gradient targets: "
-                   "the transitions' pass runs without a graph)")
+    p.add_argument("--consistency-grad", choices=["anchor", "both"], default="anchor",
+                   help="stage1.fake.consistency_grad: anchor (default: h(x'_i) as stop-gradient targets, their pass "
+                   "without a graph) or both (gradient through h(x'_i) too, as before 2026-12-03)")
     p.add_argument("--rollout-batches", type=int, default=1, help="stage 2: rollout batches per iteration "
                    "(reference 16)")
     p.add_argument("--dm-target", choices=["teacher", "tilted"], default="teacher",

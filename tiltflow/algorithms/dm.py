@@ -110,7 +110,7 @@ class FakeSettings:
     gamma: float
     delta_max: float
     two_sample: bool
-    grad: str = "both"  # "both" | "anchor": which denoiser outputs of the consistency term carry gradient
+    grad: str = "anchor"  # "anchor" | "both": which denoiser outputs of the consistency term carry gradient
 
     @staticmethod
     def of(cfg: FakeConfig, taus: TauRange, eta: float) -> FakeSettings:

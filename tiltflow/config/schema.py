@@ -60,11 +60,10 @@ class FakeConfig:
     consistency_gamma: float = 0.01
     consistency_delta_max: float = 0.2
     consistency_two_sample: bool = True
-    # Which denoiser outputs of the consistency term carry gradient (docs/method.md 4.3): "both" (the anchor
-    # h0 and the two transitions' h(x'_i): the gradient of the whole estimate) or "anchor" (h0 only; h(x'_i) are
-    # stop-gradient targets, as consistency models treat their lower-noise end; the transitions' pass then runs
-    # without a graph).
-    consistency_grad: Literal["both", "anchor"] = "both"
+    # Which denoiser outputs of the consistency term carry gradient (docs/method.md 4.3): "anchor" (h0 only, as
+    # METHOD 4.3 marks it; h(x'_i) are stop-gradient targets and their pass runs without a graph) or "both" (h0
+    # and h(x'_i): the gradient of the whole estimate; tiltflow's default before 2026-12-03).
+    consistency_grad: Literal["anchor", "both"] = "anchor"
 
     def validate(self, path: str) -> None:
         require_lr(self.lr, join_path(path, "lr"))
