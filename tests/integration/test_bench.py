@@ -50,9 +50,10 @@ def _check_common(run, key):
 def _check_stage1(run):
     c = _counts(run)
     B, reps = BATCH, [1, 1]
-    # Each fake update: one DSM pass at B and one two-sample consistency pass at 2B, both back-propagated.
+    # Each fake update: one DSM pass at B, back-propagated, and one two-sample consistency pass at 2B without a
+    # graph (consistency_grad: anchor, the default: h(x'_i) are stop-gradient targets).
     assert c[("transformer", "fake", B, True)] == ([N_FAKE] * 2, [N_FAKE] * 2)
-    assert c[("transformer", "fake", 2 * B, True)] == ([N_FAKE] * 2, [N_FAKE] * 2)
+    assert c[("transformer", "fake", 2 * B, False)] == ([N_FAKE] * 2, [0, 0])
     # One generator update: one step with gradient; the DM loss reads the CFG teacher and the fake, no grad.
     assert c[("transformer", "generator", B, True)] == (reps, reps)
     assert c[("transformer", "teacher", B, False)] == ([2, 2], [0, 0])
@@ -70,7 +71,7 @@ def _check_stage2(run):
     assert c[("transformer", "generator", G, False)] == ([K, K], [0, 0])  # the rollout
     # Policy gradient on NUM_TRAINED steps + the last step (reward BP and DM), each back-propagated.
     assert c[("transformer", "generator", G, True)] == ([NUM_TRAINED + 1] * 2, [NUM_TRAINED + 1] * 2)
-    assert c[("transformer", "fake", G, True)] == one and c[("transformer", "fake", 2 * G, True)] == one
+    assert c[("transformer", "fake", G, True)] == one and c[("transformer", "fake", 2 * G, False)] == ([1, 1], [0, 0])
     assert c[("transformer", "teacher", G, False)] == ([2, 2], [0, 0])
     assert c[("transformer", "fake", G, False)] == ([1, 1], [0, 0])
     assert c[("vae_decode", "vae", G, False)] == ([1, 1], [0, 0]) and c[("vae_decode", "vae", G, True)] == one
