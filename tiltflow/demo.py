@@ -277,12 +277,24 @@ def init_lora_overrides(overrides: list[str]) -> list[str]:
     return [f"lora.{k}={lora[k]}" for k in ("layout", "finetune", "rank", "alpha") if k in lora]
 
 
+# The stage-1 student the demo starts from when models_dir holds one (the committed AC-DMD export,
+# checkpoints/shapes/ac_dmd_s0): stage 2 starts from stage 1, as the method does. init_from=null starts from the
+# teacher instead (a fresh LoRA), init_from=DIR from another stage-1 run.
+SHAPES_DEMO_INIT = "ac_dmd_s0"
+
+
 def shapes_demo_config(out: Path, overrides: list[str]) -> Any:
     """The shapes demo's config: SHAPES_DEMO_SETTINGS, the run directory OUT/rtdmd, models_dir checkpoints/shapes (the
-    committed models, relative to the working directory), then the user's overrides."""
+    committed models, relative to the working directory), init_from models_dir/SHAPES_DEMO_INIT where it exists,
+    then the user's overrides."""
     from tiltflow.config.loader import ConfigError
     from tiltflow.worlds.registry import load_run_config
 
+    models_dir = Path(([o.split("=", 1)[1] for o in overrides if o.startswith("models_dir=")] or
+                       ["checkpoints/shapes"])[-1])
+    if not any(o.startswith("init_from=") for o in overrides) and (models_dir / SHAPES_DEMO_INIT /
+                                                                    "final.safetensors").is_file():
+        overrides = [f"init_from={models_dir / SHAPES_DEMO_INIT}", *overrides]
     cfg = load_run_config(None, [*SHAPES_DEMO_SETTINGS, "models_dir=checkpoints/shapes", f"run_dir={out / 'rtdmd'}",
                                  *init_lora_overrides(overrides), *overrides], default_world="shapes")
     missing = [p for p in ("teacher", "text_encoder", "reward_model") if not (Path(cfg.models_dir) / p).is_dir()]
