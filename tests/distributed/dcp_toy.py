@@ -5,7 +5,7 @@ process. Every rank trains on the same batches, so a sharded step does the arith
 (AdamW and the EMA are elementwise; the reduced gradient is (g + g) / 2 = g): runs on 2 ranks and on one
 process agree bitwise, and a resumed run can be compared with a straight one bit for bit.
 
-Run under torchrun: `dcp_toy.py save|resume <dir> [shared]` (see main)."""
+Run under torchrun: `dcp_toy.py save|resume <dir> separate|shared [<dir> separate|shared ...]` (see main)."""
 
 from __future__ import annotations
 
@@ -75,32 +75,38 @@ def snapshot(modules: dict[str, nn.Module], state: TrainState) -> dict:
     return out
 
 
-def main(mode: str, folder: Path, shared: bool) -> None:
-    """save: train SAVED_AT steps on the ranks, save a checkpoint (with skipped_updates = SKIPPED), write the
-    whole state then and the losses of MORE further steps to reference.pt. resume: load that checkpoint on
-    fresh ranks and write the state loaded and the losses of MORE steps to resumed.pt."""
+def main(mode: str, jobs: list[tuple[Path, bool]]) -> None:
+    """For each (folder, shared) in turn, on the same ranks, from a freshly built state (build() seeds it):
+    save: train SAVED_AT steps, save a checkpoint (with skipped_updates = SKIPPED), write the whole state then
+    and the losses of MORE further steps to reference.pt. resume (a later job: fresh ranks): load that
+    checkpoint and write the state loaded and the losses of MORE steps to resumed.pt. Both layouts in one job
+    spare a torchrun start (fresh interpreters) per layout."""
     import torch.distributed as dist
 
     from tiltflow.distributed import TorchComm
     from tiltflow.training.sharded_checkpoint import ShardedCheckpointer
 
     dist.init_process_group("gloo")
-    modules, state = build(shard=True, shared=shared)
-    ckpt = ShardedCheckpointer(folder, TorchComm(), modules, state)
-    if mode == "save":
-        for it in range(SAVED_AT):
-            step(modules, state, it)
-        ckpt.save({"step": SAVED_AT, "skipped_updates": SKIPPED, "model": None, "algo": None})
-        out = {"state": snapshot(modules, state)}
-    else:
-        loaded = ckpt.load()
-        out = {"loop": {k: v for k, v in loaded.items() if k not in ("model", "algo")},
-               "state": snapshot(modules, state)}
-    out["losses"] = [step(modules, state, it) for it in range(SAVED_AT, SAVED_AT + MORE)]
-    if dist.get_rank() == 0:
-        torch.save(out, folder / f"{'reference' if mode == 'save' else 'resumed'}.pt")
+    for folder, shared in jobs:
+        modules, state = build(shard=True, shared=shared)
+        ckpt = ShardedCheckpointer(folder, TorchComm(), modules, state)
+        if mode == "save":
+            for it in range(SAVED_AT):
+                step(modules, state, it)
+            ckpt.save({"step": SAVED_AT, "skipped_updates": SKIPPED, "model": None, "algo": None})
+            out = {"state": snapshot(modules, state)}
+        else:
+            loaded = ckpt.load()
+            out = {"loop": {k: v for k, v in loaded.items() if k not in ("model", "algo")},
+                   "state": snapshot(modules, state)}
+        out["losses"] = [step(modules, state, it) for it in range(SAVED_AT, SAVED_AT + MORE)]
+        if dist.get_rank() == 0:
+            torch.save(out, folder / f"{'reference' if mode == 'save' else 'resumed'}.pt")
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), shared=len(sys.argv) > 3 and sys.argv[3] == "shared")
+    # dcp_toy.py save|resume <dir> separate|shared [<dir> separate|shared ...]
+    args = sys.argv[2:]
+    assert args and len(args) % 2 == 0 and set(args[1::2]) <= {"separate", "shared"}, sys.argv
+    main(sys.argv[1], [(Path(d), layout == "shared") for d, layout in zip(args[::2], args[1::2])])

@@ -71,14 +71,32 @@ def assert_same(got: object, want: object, where: str = "") -> None:
 
 
 # ---- the toy state: 2 ranks -> 2 ranks and 2 ranks -> 1 process -----------------------------------------
-@pytest.fixture(scope="module", params=["separate", "shared"])
-def saved(request, tmp_path_factory) -> tuple[Path, bool]:
-    """A checkpoint the toy saved on 2 ranks after SAVED_AT steps, and the reference: the whole state then and
-    the losses of the MORE steps after it. "shared": one module, the two optimisers sharing out its layers."""
-    shared = request.param == "shared"
-    folder = tmp_path_factory.mktemp(request.param)
-    torchrun(folder, str(TOY), "save", str(folder), *(["shared"] if shared else []))
-    return folder, shared
+LAYOUTS = ("separate", "shared")
+
+
+@pytest.fixture(scope="module")
+def saved_layouts(tmp_path_factory) -> dict[str, Path]:
+    """The toy saved on 2 ranks after SAVED_AT steps in each layout (one torchrun job saves both, one after the
+    other, each from a freshly built state), with the reference: the whole state then and the losses of the MORE
+    steps after it. "shared": one module, the two optimisers sharing out its layers."""
+    folders = {layout: tmp_path_factory.mktemp(layout) for layout in LAYOUTS}
+    torchrun(folders["separate"], str(TOY), "save", *(a for layout in LAYOUTS for a in (str(folders[layout]), layout)))
+    return folders
+
+
+@pytest.fixture(params=LAYOUTS)
+def saved(request, saved_layouts) -> tuple[Path, bool]:
+    """One layout's checkpoint saved on 2 ranks (saved_layouts) and whether it is the shared layout."""
+    return saved_layouts[request.param], request.param == "shared"
+
+
+@pytest.fixture(scope="module")
+def resumed_on_two(saved_layouts) -> dict[str, Path]:
+    """Each layout's checkpoint loaded on 2 fresh ranks (another torchrun job than the one that saved it; one job
+    for both layouts, each into a freshly built state) and MORE steps run: resumed.pt next to reference.pt."""
+    torchrun(saved_layouts["separate"], str(TOY), "resume",
+             *(a for layout in LAYOUTS for a in (str(saved_layouts[layout]), layout)))
+    return saved_layouts
 
 
 @pytest.mark.slow
@@ -96,9 +114,8 @@ def test_saved_on_two_ranks_loads_on_one_process_exactly(saved):
 
 
 @pytest.mark.slow
-def test_saved_on_two_ranks_resumes_on_two_exactly(saved):
+def test_saved_on_two_ranks_resumes_on_two_exactly(saved, resumed_on_two):
     folder, shared = saved
-    torchrun(folder, str(TOY), "resume", str(folder), *(["shared"] if shared else []))
     ref = torch.load(folder / "reference.pt", weights_only=True)
     resumed = torch.load(folder / "resumed.pt", weights_only=True)
     assert resumed["loop"] == {"step": SAVED_AT, "skipped_updates": SKIPPED}
@@ -132,12 +149,19 @@ def records(run_dir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_two_ranks_interrupted_and_resumed_equal_a_straight_run(tiny_yaml, teacher_run, tmp_path):
     """Stage 2 on 2 ranks with their own data (each rank's RNG streams), the EMA every step: 4 iterations
-    straight, and 2 then 2 more after a resume, agree bit for bit."""
+    straight, and 2 then 2 more after a resume, agree bit for bit.
+
+    The 2-iteration run is also the stage-2 case of test_fsdp.py::test_two_ranks_with_their_own_data_train (the
+    same settings; that test also set stage1.num_iters, which stage 2 does not read): its checks, that the run
+    trains (the generator moves off the teacher's weights) and logs steps 1 and 2, are made here."""
     common = ["train", f"--config={tiny_yaml}", "stage=rtdmd", f"teacher_run={teacher_run}", "stage2.ema_every=1",
               "stage2.num_iters=4"]
     torchrun(tmp_path, "-m", "tiltflow.cli", *common, f"run_dir={tmp_path / 'straight'}")
     torchrun(tmp_path, "-m", "tiltflow.cli", *common, f"run_dir={tmp_path / 'resumed'}", "stage2.num_iters=2")
     assert load(tmp_path / "resumed" / "checkpoint.pt")["step"] == 2
+    final, init = load(tmp_path / "resumed" / "final.pt"), load(teacher_run / "teacher.pt")["model"]
+    assert any(not torch.equal(final["generator_raw"][k], init[k]) for k in init)
+    assert [r["step"] for r in records(tmp_path / "resumed")] == [1, 2]
     torchrun(tmp_path, "-m", "tiltflow.cli", *common, f"run_dir={tmp_path / 'resumed'}")
     straight, straight_meta = read_checkpoint(tmp_path / "straight")
     resumed, resumed_meta = read_checkpoint(tmp_path / "resumed")
@@ -328,33 +352,22 @@ def test_an_unreadable_commit_record_falls_back_to_the_newest_step_directory(tmp
 
 
 # ---- a LoRA world: the shared layout, stage 2 over a frozen stage-1 adapter ----------------------------
-@pytest.fixture(scope="module")
-def lora_stage1(tmp_path_factory) -> Path:
-    from test_fsdp_worlds import DIFFUSERS, STAGES
-
-    from tiltflow.training.spine import train
-    from tiltflow.worlds.registry import load_run_config
-
-    run_dir = tmp_path_factory.mktemp("lora") / "s1"
-    train(load_run_config(None, [*DIFFUSERS, *STAGES, "stage=ac_dmd", f"run_dir={run_dir}"]), progress=False)
-    return run_dir
-
-
 @pytest.mark.slow
-def test_a_lora_run_saved_on_two_ranks_resumes_on_one_process(lora_stage1, tmp_path):
+def test_a_lora_run_saved_on_two_ranks_resumes_on_one_process(diffusers_runs, tmp_path):
     """The diffusers world (tiny random SD3, one transformer carrying the generator's and the fake's adapters
     over the frozen stage-1 one): stage 2 saved on 2 ranks after step 1 resumes on one process for step 2,
-    and ends where 2 steps on one process end, within test_fsdp_worlds.py's bound for sharded arithmetic."""
+    and ends where 2 steps on one process end, within test_fsdp_worlds.py's bound for sharded arithmetic.
+    The stage-1 run it starts from and the 2 steps on one process are test_fsdp_worlds.py's one-process runs
+    (conftest.DiffusersRuns, trained once per session)."""
     from safetensors.torch import load_file
-    from test_fsdp_worlds import DIFFUSERS, STAGES, UPDATES, assert_close, steps
+    from test_fsdp_worlds import UPDATES, assert_close, steps
     from test_fsdp_worlds import torchrun as train_on_two_ranks
 
     from tiltflow.training.spine import train
     from tiltflow.worlds.registry import load_run_config
 
-    common = [*DIFFUSERS, *STAGES, "stage=rtdmd", f"init_from={lora_stage1}"]
-    one, mix = tmp_path / "one" / "s2", tmp_path / "mix" / "s2"
-    train(load_run_config(None, [*common, f"run_dir={one}"]), progress=False)
+    common = diffusers_runs.overrides("rtdmd")  # stage 2, init_from the one-process stage-1 run
+    one, mix = diffusers_runs.one("rtdmd"), tmp_path / "mix" / "s2"
     train_on_two_ranks(tmp_path, "diffusers", *common, f"run_dir={mix}", "stage2.num_iters=1",
                        "parallel.same_data_on_every_rank=true")
     tensors, meta = read_checkpoint(mix)

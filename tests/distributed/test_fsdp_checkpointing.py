@@ -23,10 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_fsdp_worlds import DIFFUSERS, STAGES, torchrun  # the 2-rank diffusers run of the FSDP2 worlds test
-
-from tiltflow.training.spine import train
-from tiltflow.worlds.registry import load_run_config
+from test_fsdp_worlds import torchrun  # the 2-rank diffusers run of the FSDP2 worlds test
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.distributed.is_available(),
                                                    reason="torch.distributed is not available")]
@@ -52,20 +49,13 @@ def assert_same_run(plain: Path, checkpointed: Path) -> None:
         assert torch.equal(a[k], b[k]), (k, float((a[k] - b[k]).abs().max()))
 
 
-@pytest.fixture(scope="module")
-def stage1_init(tmp_path_factory) -> Path:
-    """A one-process stage-1 run: its LoRA starts stage 2 (a frozen stage-1 adapter under the fresh one)."""
-    run_dir = tmp_path_factory.mktemp("init") / "s1"
-    train(load_run_config(None, [*DIFFUSERS, *STAGES, "stage=ac_dmd", f"run_dir={run_dir}"]), progress=False)
-    return run_dir
-
-
 @pytest.mark.parametrize("stage", ["ac_dmd", "rtdmd"])
-def test_checkpointing_on_two_ranks_equals_no_checkpointing(stage, stage1_init, tmp_path):
-    common = [*DIFFUSERS, *STAGES, f"stage={stage}", "parallel.same_data_on_every_rank=true"]
-    if stage == "rtdmd":
-        common.append(f"init_from={stage1_init}")
-    plain, checkpointed = tmp_path / "plain" / "run", tmp_path / "ckpt" / "run"
-    torchrun(tmp_path, "diffusers", *common, f"run_dir={plain}")
-    torchrun(tmp_path, "diffusers", *common, CHECKPOINTING, f"run_dir={checkpointed}")
+def test_checkpointing_on_two_ranks_equals_no_checkpointing(stage, diffusers_runs, tmp_path):
+    """The run without checkpointing is the 2-rank run of test_fsdp_worlds.py (conftest.DiffusersRuns, trained
+    once per session; stage 2 starts from its one-process stage-1 run: a frozen stage-1 adapter under the
+    fresh one); the same run again with checkpointing must equal it."""
+    plain, _ = diffusers_runs.two(stage)
+    checkpointed = tmp_path / "ckpt" / "run"
+    torchrun(tmp_path, "diffusers", *diffusers_runs.overrides(stage), CHECKPOINTING, f"run_dir={checkpointed}",
+             "parallel.same_data_on_every_rank=true")
     assert_same_run(plain, checkpointed)

@@ -142,26 +142,17 @@ def check_diffusers_run(one: Path, two: Path, ranks: dict[int, dict]) -> None:
     check_lora_loads(two / "export_lora", {k.removeprefix("transformer."): v for k, v in lora_two.items()})
 
 
-@pytest.fixture(scope="module")
-def diffusers_stage1(tmp_path_factory) -> Path:
-    """Stage 1 in one process: the reference of the 2-rank stage-1 run and the init of both stage-2 runs."""
-    run_dir = tmp_path_factory.mktemp("one") / "s1"
-    train(load_run_config(None, [*DIFFUSERS, *STAGES, "stage=ac_dmd", f"run_dir={run_dir}"]), progress=False)
-    return run_dir
+# The one-process and 2-rank runs are shared with test_fsdp_checkpointing.py and test_dcp_checkpoint.py
+# (conftest.DiffusersRuns: each trained once per session, then only read).
+def test_diffusers_stage1_on_two_ranks(diffusers_runs):
+    two, ranks = diffusers_runs.two("ac_dmd")
+    check_diffusers_run(diffusers_runs.one("ac_dmd"), two, ranks)
 
 
-def test_diffusers_stage1_on_two_ranks(diffusers_stage1, tmp_path):
-    ranks = torchrun(tmp_path, "diffusers", *DIFFUSERS, *STAGES, "stage=ac_dmd", f"run_dir={tmp_path / 's1'}",
-                     "parallel.same_data_on_every_rank=true")
-    check_diffusers_run(diffusers_stage1, tmp_path / "s1", ranks)
-
-
-def test_diffusers_stage2_on_two_ranks(diffusers_stage1, tmp_path):
-    common = [*DIFFUSERS, *STAGES, "stage=rtdmd", f"init_from={diffusers_stage1}"]
-    train(load_run_config(None, [*common, f"run_dir={tmp_path / 'one' / 's2'}"]), progress=False)
-    ranks = torchrun(tmp_path, "diffusers", *common, f"run_dir={tmp_path / 'two' / 's2'}",
-                     "parallel.same_data_on_every_rank=true")
-    check_diffusers_run(tmp_path / "one" / "s2", tmp_path / "two" / "s2", ranks)
+def test_diffusers_stage2_on_two_ranks(diffusers_runs):
+    """Stage 2 from the one-process stage-1 run (init_from), in one process and on 2 ranks."""
+    two, ranks = diffusers_runs.two("rtdmd")
+    check_diffusers_run(diffusers_runs.one("rtdmd"), two, ranks)
 
 
 # ---- the shapes world ------------------------------------------------------------------------------------
