@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 from dcp_toy import MORE, SAVED_AT, SKIPPED, build, snapshot, step
+from train_jobs import torchrun_train
 
 from tiltflow.cli import main
 from tiltflow.config.loader import ConfigError
@@ -156,8 +157,10 @@ def test_two_ranks_interrupted_and_resumed_equal_a_straight_run(tiny_yaml, teach
     trains (the generator moves off the teacher's weights) and logs steps 1 and 2, are made here."""
     common = ["train", f"--config={tiny_yaml}", "stage=rtdmd", f"teacher_run={teacher_run}", "stage2.ema_every=1",
               "stage2.num_iters=4"]
-    torchrun(tmp_path, "-m", "tiltflow.cli", *common, f"run_dir={tmp_path / 'straight'}")
-    torchrun(tmp_path, "-m", "tiltflow.cli", *common, f"run_dir={tmp_path / 'resumed'}", "stage2.num_iters=2")
+    # The straight run and the first 2 iterations in one torchrun job (train_jobs.py: one run after the other on
+    # the same 2 ranks); the resume below is a job of its own (fresh ranks).
+    torchrun_train(tmp_path, [*common[1:], f"run_dir={tmp_path / 'straight'}"],
+                   [*common[1:], f"run_dir={tmp_path / 'resumed'}", "stage2.num_iters=2"])
     assert load(tmp_path / "resumed" / "checkpoint.pt")["step"] == 2
     final, init = load(tmp_path / "resumed" / "final.pt"), load(teacher_run / "teacher.pt")["model"]
     assert any(not torch.equal(final["generator_raw"][k], init[k]) for k in init)

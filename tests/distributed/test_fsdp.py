@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from train_jobs import torchrun_train
 
 from tiltflow.cli import main
 from tiltflow.storage import load
@@ -60,7 +61,11 @@ def test_two_ranks_reproduce_one_process_and_resume_on_one(stage, data_parallel,
               "stage1.num_iters=3", "stage2.num_iters=3", f"parallel.data_parallel={data_parallel}",
               *(["stage2.accumulation=2"] if data_parallel == "ddp" else [])]
     assert main(["train", *common, f"run_dir={tmp_path / 'one'}"]) == 0
-    torchrun(tmp_path, *common, f"run_dir={tmp_path / 'two'}", "parallel.same_data_on_every_rank=true")
+    # One torchrun job (train_jobs.py) trains `two` (3 steps on 2 ranks), then `mix` (the same, stopped after 2
+    # steps with its sharded checkpoint), one run after the other on the same 2 ranks.
+    torchrun_train(tmp_path, [*common, f"run_dir={tmp_path / 'two'}", "parallel.same_data_on_every_rank=true"],
+                   [*common, f"run_dir={tmp_path / 'mix'}", "parallel.same_data_on_every_rank=true",
+                    "stage1.num_iters=2", "stage2.num_iters=2"])
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3]  # rank 0 alone writes metrics.jsonl
     key = "gen_dm_loss" if stage == "ac_dmd" else "reward_total"
@@ -69,8 +74,6 @@ def test_two_ranks_reproduce_one_process_and_resume_on_one(stage, data_parallel,
     assert_close_states(load(tmp_path / "one" / "final.pt"), load(tmp_path / "two" / "final.pt"), updates)
 
     # Saved on 2 ranks after 2 steps, resumed on 1 process for the third: the same run as `one`.
-    torchrun(tmp_path, *common, f"run_dir={tmp_path / 'mix'}", "parallel.same_data_on_every_rank=true",
-             "stage1.num_iters=2", "stage2.num_iters=2")
     assert load(tmp_path / "mix" / "checkpoint.pt")["sharded"]
     assert main(["train", *common, f"run_dir={tmp_path / 'mix'}"]) == 0
     assert [r["step"] for r in records(tmp_path / "mix")] == [1, 2, 3]
@@ -91,14 +94,16 @@ def test_two_ranks_with_their_own_data_train(stage, tiny_yaml, teacher_run, tmp_
     assert [r["step"] for r in records(tmp_path / "own")] == [1, 2]
 
 
-def _advantages_on_rank(rank: int, world: int, init: str, out: str) -> None:
+def advantages_on_this_rank(out: str) -> None:
+    """In the 2 ranks' default process group (the two_gloo_ranks job): this rank's half of the global batch
+    (whole groups) through RTDMD.advantages, saved to out/advantages_rank<r>.pt."""
     import torch.distributed as dist
 
     from tiltflow.algorithms.rtdmd import RTDMD
     from tiltflow.config.schema import Stage2Config
     from tiltflow.distributed import TorchComm
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    rank, world = dist.get_rank(), dist.get_world_size()
     scores, group = _global_batch()
     n = scores.shape[0] // world
     mine = slice(rank * n, (rank + 1) * n)
@@ -106,8 +111,7 @@ def _advantages_on_rank(rank: int, world: int, init: str, out: str) -> None:
                                 task=SimpleNamespace(rewards=SimpleNamespace(names=["r"], weights=[1.0])))
     rollout = SimpleNamespace(group=group[mine])
     adv = RTDMD.advantages(fake_self, rollout, SimpleNamespace(per_reward={"r": scores[mine]}))
-    torch.save(adv, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    torch.save(adv, f"{out}/advantages_rank{rank}.pt")
 
 
 def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,25 +121,11 @@ def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(24, generator=g) * (1 + group), group
 
 
-def test_advantages_use_the_global_batch(tmp_path):
-    """2 ranks give each sample the advantage that 1 rank gives it on the whole batch (group means and the
-    batch std over every rank's samples, METHOD.md 5.3)."""
-    import torch.multiprocessing as mp
-
-    from tiltflow.losses import group_advantages
-
-    mp.spawn(_advantages_on_rank, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2)
-    scores, group = _global_batch()
-    want = group_advantages({"r": scores}, {"r": 1.0}, group, mode="normalized", clip=5.0)
-    got = torch.cat([torch.load(tmp_path / f"rank{r}.pt") for r in range(2)])
-    assert torch.equal(got, want)  # the same arithmetic on the same gathered tensor
-    # ...while each rank's local batch alone would standardise differently.
-    local = group_advantages({"r": scores[:12]}, {"r": 1.0}, group[:12], mode="normalized", clip=5.0)
-    assert not torch.allclose(local, want[:12])
-
-
-LAYOUT = """
-import json, torch, torch.distributed as dist
+# One torchrun job on 2 gloo ranks for the two tests below (one start of fresh interpreters for both): the FSDP
+# and replicated layouts of a small net (rank<r>.json), then RTDMD's advantages on each rank's half of a batch
+# (advantages_on_this_rank, imported from this file: advantages_rank<r>.pt).
+TWO_RANKS = """
+import json, sys, torch, torch.distributed as dist
 from tiltflow.distributed.fsdp import ShardUnit, fsdp_shard
 dist.init_process_group("gloo")
 seen = {}
@@ -148,22 +138,46 @@ for replicate in (False, True):
     seen[str(replicate)] = {"shapes": shapes, "grad": [float(p.grad.full_tensor().sum()) for p in net.parameters()]}
 with open(f"rank{dist.get_rank()}.json", "w") as f:  # one file per rank: no interleaved output
     json.dump(seen, f)
+sys.path.insert(0, sys.argv[1])
+from test_fsdp import advantages_on_this_rank
+advantages_on_this_rank(".")
 dist.destroy_process_group()
 """
 
 
-def test_ddp_replicates_whole_parameters_and_all_reduces_gradients(tmp_path):
-    """data_parallel=ddp: each rank holds every parameter whole (FSDP: half of each weight's rows), and both
-    layouts reduce the same mean gradient over the ranks' different inputs."""
-    script = tmp_path / "layout.py"
-    script.write_text(LAYOUT)
+@pytest.fixture(scope="module")
+def two_gloo_ranks(tmp_path_factory) -> Path:
+    """The folder the TWO_RANKS job wrote its files to."""
+    folder = tmp_path_factory.mktemp("two_gloo_ranks")
+    script = folder / "two_ranks.py"
+    script.write_text(TWO_RANKS)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(TORCHRUN) if TORCHRUN.exists() else shutil.which("torchrun") or "torchrun", "--standalone",
-           "--nproc-per-node", "2", str(script)]
-    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+           "--nproc-per-node", "2", str(script), str(Path(__file__).parent)]
+    out = subprocess.run(cmd, env=env, cwd=folder, capture_output=True, text=True, timeout=300,
                          start_new_session=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return folder
+
+
+def test_advantages_use_the_global_batch(two_gloo_ranks):
+    """2 ranks give each sample the advantage that 1 rank gives it on the whole batch (group means and the
+    batch std over every rank's samples, METHOD.md 5.3)."""
+    from tiltflow.losses import group_advantages
+
+    scores, group = _global_batch()
+    want = group_advantages({"r": scores}, {"r": 1.0}, group, mode="normalized", clip=5.0)
+    got = torch.cat([torch.load(two_gloo_ranks / f"advantages_rank{r}.pt") for r in range(2)])
+    assert torch.equal(got, want)  # the same arithmetic on the same gathered tensor
+    # ...while each rank's local batch alone would standardise differently.
+    local = group_advantages({"r": scores[:12]}, {"r": 1.0}, group[:12], mode="normalized", clip=5.0)
+    assert not torch.allclose(local, want[:12])
+
+
+def test_ddp_replicates_whole_parameters_and_all_reduces_gradients(two_gloo_ranks):
+    """data_parallel=ddp: each rank holds every parameter whole (FSDP: half of each weight's rows), and both
+    layouts reduce the same mean gradient over the ranks' different inputs."""
+    ranks = [json.loads((two_gloo_ranks / f"rank{r}.json").read_text()) for r in (0, 1)]
     for seen in ranks:
         assert seen["False"]["shapes"] == [[3, 4], [3], [1, 6], [1]]  # sharded: dim 0 split over 2 ranks
         assert seen["True"]["shapes"] == [[6, 4], [6], [2, 6], [2]]  # replicated: whole on each rank

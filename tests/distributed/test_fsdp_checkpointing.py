@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_fsdp_worlds import torchrun  # the 2-rank diffusers run of the FSDP2 worlds test
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.distributed.is_available(),
                                                    reason="torch.distributed is not available")]
@@ -50,12 +49,10 @@ def assert_same_run(plain: Path, checkpointed: Path) -> None:
 
 
 @pytest.mark.parametrize("stage", ["ac_dmd", "rtdmd"])
-def test_checkpointing_on_two_ranks_equals_no_checkpointing(stage, diffusers_runs, tmp_path):
-    """The run without checkpointing is the 2-rank run of test_fsdp_worlds.py (conftest.DiffusersRuns, trained
-    once per session; stage 2 starts from its one-process stage-1 run: a frozen stage-1 adapter under the
-    fresh one); the same run again with checkpointing must equal it."""
+def test_checkpointing_on_two_ranks_equals_no_checkpointing(stage, diffusers_runs):
+    """The run without checkpointing is the 2-rank run of test_fsdp_worlds.py; stage 2 starts from its
+    one-process stage-1 run (a frozen stage-1 adapter under the fresh one). Both runs of each kind come from
+    conftest.DiffusersRuns (trained once per session; both stages in one torchrun job)."""
     plain, _ = diffusers_runs.two(stage)
-    checkpointed = tmp_path / "ckpt" / "run"
-    torchrun(tmp_path, "diffusers", *diffusers_runs.overrides(stage), CHECKPOINTING, f"run_dir={checkpointed}",
-             "parallel.same_data_on_every_rank=true")
+    checkpointed, _ = diffusers_runs.two(stage, CHECKPOINTING)
     assert_same_run(plain, checkpointed)

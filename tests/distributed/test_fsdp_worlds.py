@@ -35,18 +35,22 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.distributed.is_avai
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 U32 = 2.0**-24  # float32 unit roundoff
 
-# train(cfg) on every rank; each rank's returned metrics and the files it opened for writing (an audit hook on
-# Python's open, plus safetensors' save_file, which writes from Rust) go to rank<r>.json next to the run dir.
+# train(cfg) on every rank, for each run's overrides in turn (one run after the other on the same ranks); each
+# rank's returned metrics and the files it opened for writing during that run (an audit hook on Python's open,
+# plus safetensors' save_file, which writes from Rust) go to rank<r>.json next to the run dir.
 SCRIPT = WRITE_AUDIT + """
 from tiltflow.training.spine import train
 from tiltflow.worlds.registry import load_run_config
-cfg = load_run_config(None, sys.argv[2:], default_world=sys.argv[1])
-try:
-    out = train(cfg, progress=False)
-finally:
-    with open(os.path.join(os.path.dirname(os.path.abspath(cfg.run_dir)), f"rank{os.environ['RANK']}.json"), "w") as f:
-        json.dump({"metrics": {k: v for k, v in locals().get("out", {}).items() if isinstance(v, (int, float))},
-                   "writes": writes}, f)
+for overrides in json.loads(sys.argv[2]):
+    cfg = load_run_config(None, overrides, default_world=sys.argv[1])
+    start, out = len(writes), {}
+    try:
+        out = train(cfg, progress=False)
+    finally:
+        with open(os.path.join(os.path.dirname(os.path.abspath(cfg.run_dir)), f"rank{os.environ['RANK']}.json"),
+                  "w") as f:
+            json.dump({"metrics": {k: v for k, v in out.items() if isinstance(v, (int, float))},
+                       "writes": writes[start:]}, f)
 """
 
 DIFFUSERS = ["world=diffusers", "model.family=sd3", "model.random_weights=true", "model.arch=tiny_sd3",
@@ -60,24 +64,35 @@ UPDATES = 2 * (1 + 1)  # num_iters * (1 generator + n_fake fake updates), the sa
 def torchrun(tmp_path: Path, world: str, *overrides: str, ok: bool = True) -> dict[int, dict]:
     """Train on 2 gloo ranks; returns each rank's final metrics and the run files it opened for writing
     (relative to the run directory, in order). With ok=False the run must fail: returns its output."""
+    return torchrun_runs(tmp_path, world, list(overrides), ok=ok)[0]
+
+
+def torchrun_runs(tmp_path: Path, world: str, *runs: list[str], ok: bool = True) -> list[dict[int, dict]]:
+    """Several runs (their overrides, each with its own run_dir in its own parent directory) in one torchrun
+    job, one after the other on the same 2 gloo ranks (one start of fresh interpreters for all); returns each
+    run's record as torchrun() does."""
     script = tmp_path / "train_on_ranks.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [str(TORCHRUN) if TORCHRUN.exists() else shutil.which("torchrun") or "torchrun", "--standalone",
-           "--nproc-per-node", "2", str(script), world, *overrides]
-    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+           "--nproc-per-node", "2", str(script), world, json.dumps([list(r) for r in runs])]
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300 * len(runs),
                          start_new_session=True)
     if not ok:
         assert out.returncode != 0
-        return {"output": out.stdout + out.stderr}  # type: ignore[dict-item]
+        return [{"output": out.stdout + out.stderr}]  # type: ignore[dict-item]
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    run_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir="))).resolve()
-    ranks = {}
-    for r in range(2):
-        rec = json.loads((run_dir.parent / f"rank{r}.json").read_text())
-        rec["writes"] = [str(Path(w).relative_to(run_dir)) for w in rec["writes"] if Path(w).is_relative_to(run_dir)]
-        ranks[r] = rec
-    return ranks
+    records = []
+    for overrides in runs:
+        run_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir="))).resolve()
+        ranks = {}
+        for r in range(2):
+            rec = json.loads((run_dir.parent / f"rank{r}.json").read_text())
+            rec["writes"] = [str(Path(w).relative_to(run_dir)) for w in rec["writes"]
+                             if Path(w).is_relative_to(run_dir)]
+            ranks[r] = rec
+        records.append(ranks)
+    return records
 
 
 def assert_written_once_by_rank0(ranks: dict[int, dict], names: list[str]) -> None:
