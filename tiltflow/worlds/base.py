@@ -87,11 +87,41 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
             old = None
         if isinstance(old, dict):
             changed = config_changes(old, to_dict(cfg))
+            refuse_structural_changes(old, to_dict(cfg), run_dir)
             if changed:
                 print(f"warning: {path} holds another config; replacing it ({'; '.join(changed[:8])}"
                       f"{'; ...' if len(changed) > 8 else ''})", file=sys.stderr, flush=True)
         path.write_text(to_yaml(cfg))
     return run_dir
+
+
+# Keys that decide what the checkpoint's tensors are (which models, which parameters and their shapes) or what
+# they mean (the stage-1 run a stage-2 export builds on): a checkpoint written under other values cannot resume.
+STRUCTURAL_KEYS = ("world", "stage", "init_from", "lora.layout", "lora.finetune", "lora.rank", "lora.alpha")
+CHECKPOINT_MARKERS = ("checkpoint.pt", "checkpoint-dcp")  # FileCheckpointer's file, ShardedCheckpointer's folder
+
+
+def refuse_structural_changes(old: dict, new: dict, run_dir: Path) -> None:
+    """A run directory holding a checkpoint resumes only under the structure it was written with: a change
+    of a STRUCTURAL_KEYS value raises ConfigError naming it, before anything is loaded or overwritten."""
+    from tiltflow.config.loader import ConfigError
+
+    if not any((run_dir / m).exists() for m in CHECKPOINT_MARKERS):
+        return
+    for key in STRUCTURAL_KEYS:
+        before, after = _dotted(old, key), _dotted(new, key)
+        if key == "init_from" and before and after and Path(before).resolve() == Path(after).resolve():
+            continue  # the same stage-1 run, named another way
+        if before != after:
+            raise ConfigError(key, f"{str(run_dir)!r} holds a checkpoint written with {key}={before!r}, which "
+                              f"cannot resume with {key}={after!r}; give another run_dir to start afresh, or "
+                              f"{key}={before!r} to resume")
+
+
+def _dotted(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
