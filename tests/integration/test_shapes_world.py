@@ -200,3 +200,53 @@ def test_shapes_demo_usage_errors(tmp_path, capsys):
     assert "lacks ['teacher', 'text_encoder', 'reward_model']" in capsys.readouterr().err
     assert main(["demo", "--world", "shapes", "--methods", "ac_dmd"]) == 2
     assert "not --config or --methods" in capsys.readouterr().err
+
+
+def test_a_lora_stage2_on_a_full_fine_tuned_stage1_starts_where_it_ended_and_exports_full_weights(models_dir,
+                                                                                                   tmp_path):
+    """The reference recipe's stage 2 (a fresh LoRA) on a full-fine-tuned stage-1 run: the generator's and the
+    fake score's LoRAs sit on frozen copies of stage 1's generator and fake score, so stage 2 starts exactly where
+    stage 1 ended; the export folds the LoRA into the stage-1 weights, and sampling reads it."""
+    from tiltflow.config.loader import ConfigError
+    from tiltflow.worlds.diffusers_world import read_final
+    from tiltflow.worlds.shapes.world import ShapesWorld, build_models
+
+    s1, s2 = tmp_path / "full", tmp_path / "lora"
+    common = [*STAGE, f"models_dir={models_dir}"]
+    train(_cfg(*common, "stage=ac_dmd", f"run_dir={s1}", "lora.finetune=full", "lora.layout=separate"), progress=False)
+    stage1 = read_final(s1)
+    cfg2 = _cfg(*common, "stage=rtdmd", f"run_dir={s2}", f"init_from={s1}", "lora.layout=separate", "lora.alpha=4")
+    with pytest.raises(ConfigError, match="lora.layout.*full-fine-tuning run"):
+        build_models(_cfg(*common, "stage=rtdmd", f"run_dir={s2}", f"init_from={s1}"), stage1)
+
+    # The start: the same velocities as stage 1's generator and fake score (its full weights, loaded plainly).
+    adapter, models = build_models(cfg2, stage1)
+    _, full = build_models(_cfg(*common, "stage=ac_dmd", f"run_dir={s1}", "lora.finetune=full",
+                                "lora.layout=separate"), None)
+    full.generator.load_state_dict({k.removeprefix("export/"): v for k, v in stage1.items()
+                                    if k.startswith("export/")})
+    full.load_trainable_state(stage1, roles=("fake",))
+    torch.manual_seed(0)
+    x, sigma = torch.randn(2, *adapter.latent_shape(adapter.resolution, adapter.resolution)), torch.tensor([0.7, 0.3])
+    cond = adapter.encode(["a photo of a red circle", "a photo of two blue squares"])
+    with torch.no_grad():
+        for role in ("generator_role", "fake_role"):
+            torch.testing.assert_close(getattr(models, role).velocity(x, sigma, cond),
+                                       getattr(full, role).velocity(x, sigma, cond), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(models.teacher_role.velocity(x, sigma, cond),
+                                  models.generator_role.velocity(x, sigma, cond))
+        # The fold: a LoRA made non-zero, folded into plain weights, gives the LoRA model's velocity.
+        for _, p in models.generator_named:
+            p.add_(0.05 * torch.randn_like(p))
+        full.generator.load_state_dict(models.merged_generator_weights())
+        torch.testing.assert_close(full.generator_role.velocity(x, sigma, cond),
+                                   models.generator_role.velocity(x, sigma, cond), rtol=1e-4, atol=1e-5)
+
+    # Training it: only LoRA weights are trained; the export is full weights; sampling reads them.
+    train(cfg2, progress=False)
+    final = read_final(s2)
+    assert all(".lora_" in k for k in final if k.startswith(("generator/", "fake/")))
+    assert not any(".lora_" in k for k in final if k.startswith("export/"))
+    run_cfg = load_run_config(s2 / "config.yaml", [f"run_dir={s2}"])
+    ShapesWorld().sample(run_cfg, texts=["a photo of two red circles"], out=tmp_path / "samples")
+    assert (tmp_path / "samples" / "grid.png").is_file()

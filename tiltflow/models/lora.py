@@ -303,6 +303,37 @@ class RoleModels:
             return {k: _gathered(v.detach()).float().cpu().clone() for k, v in self.generator.state_dict().items()}
         return lora_state(self.generator, GENERATOR)
 
+    def merged_generator_weights(self) -> dict[str, Tensor]:
+        """The generator as one plain state dict: its base's weights with its LoRA adapters added in (what a
+        LoRA stage 2 on a full-fine-tuned stage-1 generator exports). Gathered when sharded (a collective)."""
+        return merged_state(self.generator, self.generator_adapters)
+
+
+def merged_state(module: nn.Module, adapters: Sequence[str]) -> dict[str, Tensor]:
+    """`module`'s state dict with the peft LoRA layers folded in, fp32 on the CPU, under the plain module's key
+    names: W + scaling * B @ A for each adapter in `adapters` (others are left out). The module itself is not
+    changed (peft's fuse_lora would change it in place)."""
+    prefixes = {}
+    for name, layer in module.named_modules():
+        if hasattr(layer, "lora_A") and hasattr(layer, "base_layer"):
+            prefixes[name] = layer
+    out: dict[str, Tensor] = {}
+    for key, value in module.state_dict().items():
+        if ".lora_" in key:  # adapter weights: folded in below
+            continue
+        out[key.replace(".base_layer.", ".")] = _gathered(value.detach()).float().cpu().clone()
+    for name, layer in prefixes.items():
+        weight = out[f"{name}.weight"]
+        for a in adapters:
+            if a not in layer.lora_A:
+                continue
+            lora_a = _gathered(layer.lora_A[a].weight.detach()).float().cpu()
+            lora_b = _gathered(layer.lora_B[a].weight.detach()).float().cpu()
+            if weight.dim() != 2:
+                raise ValueError(f"{name}: only Linear LoRA layers can be folded in, got a {weight.dim()}-d weight")
+            weight += layer.scaling[a] * (lora_b @ lora_a)
+    return out
+
 
 def _checkpoint(module: nn.Module, *args: Any) -> Any:
     """diffusers' default gradient_checkpointing_func: recompute the block in the backward."""
@@ -343,12 +374,13 @@ def _full_copy(module: nn.Module, state: dict[str, Tensor] | None = None) -> tup
 
 def build_roles(adapter: Any, *, layout: str = "shared", finetune: str = "lora",
                 lora: LoraSettings | None = None, generator_base: nn.Module | None = None,
-                stage1_generator: dict[str, Tensor] | None = None, student_guidance: float | None = None
-                ) -> RoleModels:
+                stage1_generator: dict[str, Tensor] | None = None, student_guidance: float | None = None,
+                fake_base: nn.Module | None = None) -> RoleModels:
     """Roles over `adapter.transformer` (the teacher, never modified). `generator_base` (FLUX.2: the
-    distilled model) initialises the generator instead of the teacher; `stage1_generator` starts a
-    stage-2 generator: a scale-1 LoRA state (alpha = rank, as export writes it), or the full weights
-    when finetune='full'."""
+    distilled model; or a full-fine-tuned stage-1 generator) initialises the generator instead of the
+    teacher; `stage1_generator` starts a stage-2 generator: a scale-1 LoRA state (alpha = rank, as export
+    writes it), or the full weights when finetune='full'. `fake_base` (LoRA, layout 'separate': a full-fine-
+    tuned stage-1 fake score) carries the fake score's LoRA instead of a copy of the teacher."""
     if layout not in LAYOUTS or finetune not in FINETUNES:
         raise ValueError(f"layout must be one of {LAYOUTS} and finetune one of {FINETUNES}, "
                          f"got layout={layout!r}, finetune={finetune!r}")
@@ -370,7 +402,10 @@ def build_roles(adapter: Any, *, layout: str = "shared", finetune: str = "lora",
         shared_gen = layout == "shared" and generator_base is None
         own = layout == "shared" or generator_base is not None  # a dedicated generator_base needs no copy
         gen = gen_src if own else copy.deepcopy(gen_src)
-        fake = base if layout == "shared" else copy.deepcopy(base)
+        if fake_base is not None and layout == "shared":
+            raise ValueError("a fake_base needs layout='separate' (in the shared layout the fake score's LoRA sits "
+                             "on the teacher)")
+        fake = fake_base if fake_base is not None else base if layout == "shared" else copy.deepcopy(base)
         gen_names, gen_named = _prepare(gen, settings, targets, stage1_generator, merge=not shared_gen)
         fake_named = add_lora(fake, FAKE, settings, targets)
         fake_adapters = (FAKE,)

@@ -168,16 +168,51 @@ def exported_generator(state: dict[str, Tensor] | None) -> dict[str, Tensor] | N
     return sub or None
 
 
+def export_is_full(state: dict[str, Tensor] | None) -> bool:
+    """Whether a final.safetensors' generator export holds full weights (a full-fine-tuned run, or a LoRA
+    stage 2 on one) rather than a LoRA."""
+    export = exported_generator(state)
+    return export is not None and not any(".lora_A." in k for k in export)
+
+
+def _full_weights_copy(template: Any, state: dict[str, Tensor], what: str) -> Any:
+    """A frozen copy of `template` (the teacher transformer, its dtype and device) holding `state`."""
+    import copy
+
+    module = copy.deepcopy(template)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k in dict(module.named_parameters())]
+    if missing or unexpected:
+        raise ValueError(f"init_from's {what} does not fit this model ({len(missing)} weights missing, e.g. "
+                         f"{missing[:2]}; {len(unexpected)} unknown, e.g. {unexpected[:2]}): is init_from a "
+                         "full-fine-tuning stage-1 run of this model?")
+    return module.requires_grad_(False)
+
+
 def build_lora_roles(adapter: Any, lora: LoraSpec, init_state: dict[str, Tensor] | None, **kw: Any) -> Any:
     """RoleModels over `adapter` (tiltflow.models.lora.build_roles). `init_state` (a final.safetensors)
     starts the generator from its stage-1 export (its own init plus its trained weights) and the fake
-    score from its fake weights."""
+    score from its fake weights. A LoRA stage 2 from a full-fine-tuning stage-1 run (the reference recipe's
+    fresh LoRA on the stage-1 model) puts the generator's and the fake score's fresh LoRAs on frozen copies
+    of that run's generator and fake score (layout 'separate'); both start exactly where stage 1 ended."""
     from tiltflow.models.lora import LoraSettings, build_roles
 
-    models = build_roles(adapter, layout=lora.layout, finetune=lora.finetune, lora=LoraSettings(lora.rank, lora.alpha),
+    settings = LoraSettings(lora.rank, lora.alpha)
+    fake_state = {k.removeprefix("fake/"): v for k, v in (init_state or {}).items() if k.startswith("fake/")}
+    if lora.finetune == "lora" and export_is_full(init_state):
+        if lora.layout != "separate":
+            raise ConfigError("lora.layout", "init_from is a full-fine-tuning run: a LoRA stage 2 on it puts the "
+                              "generator's and the fake score's LoRAs on their own stage-1 weights, which needs "
+                              "lora.layout=separate (got shared)")
+        template = adapter.transformer
+        gen_base = _full_weights_copy(template, exported_generator(init_state) or {}, "generator export")
+        fake_base = _full_weights_copy(template, fake_state, "fake score") if fake_state else None
+        kw = {**kw, "generator_base": gen_base}
+        return build_roles(adapter, layout="separate", finetune="lora", lora=settings, fake_base=fake_base, **kw)
+    models = build_roles(adapter, layout=lora.layout, finetune=lora.finetune, lora=settings,
                          stage1_generator=exported_generator(init_state), **kw)
-    if init_state is not None:
-        models.load_trainable_state(init_state, roles=("fake",))
+    if fake_state:  # (a sampling run passes the export alone: it needs no fake score)
+        models.load_trainable_state(init_state or {}, roles=("fake",))
     return models
 
 
@@ -196,6 +231,8 @@ def generator_export(cfg: Any, models: Any, init_state: dict[str, Tensor] | None
 
     if cfg.lora.finetune == "full":
         return models.generator_weights(), 0
+    if export_is_full(init_state):  # a LoRA on a full-fine-tuned stage-1 generator: folded into its weights
+        return models.merged_generator_weights(), 0
     parts = [(lora_state(models.generator, GENERATOR), cfg.lora.alpha / cfg.lora.rank)]
     stage1 = exported_generator(init_state)
     if stage1 is not None:
@@ -231,7 +268,10 @@ def sampling_models(cfg: Any, build: Callable[[Any, Any], tuple[Any, Any]]) -> t
     """(adapter, RoleModels) to sample a run: its final generator, or the untrained init with
     sample.weights: base. One transformer suffices to sample: the LoRA sits on the shared base."""
     init_state = None if cfg.sample.weights == "base" else read_final(cfg.run_dir)
-    if cfg.lora.finetune == "lora":
+    if export_is_full(init_state):  # full weights (full fine-tuning, or a LoRA stage 2 folded into them)
+        init_state = {k: v for k, v in (init_state or {}).items() if k.startswith("export/")}
+        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, finetune="full", layout="separate"))
+    elif cfg.lora.finetune == "lora":
         cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, layout="shared"))
     return build(cfg, init_state)
 
