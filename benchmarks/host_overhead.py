@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from tiltflow import bench
+from tiltflow.distributed import fsdp
 
 
 def _time(fn, calls: int) -> float:
@@ -32,14 +33,23 @@ def _time(fn, calls: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--compile", choices=["none", "blocks"], default="none",
-                   help="blocks: inductor on the CPU (compiling takes minutes on a small machine)")
+    p.add_argument("--compile", choices=["none", "blocks", "model"], default="none",
+                   help="blocks / model: torch.compile each block / the whole transformer with --backend "
+                        "(inductor on the CPU compiles for minutes on a small machine)")
+    p.add_argument("--backend", default="inductor", help="torch.compile's backend with --compile blocks "
+                   "(aot_eager: dynamo and AOTAutograd with eager kernels, compiles in seconds on a CPU)")
+    p.add_argument("--skip-guard-eval", action="store_true", help="with --compile model: also time the no-grad "
+                   "forwards under torch.compiler.set_stance(skip_guard_eval_unsafe=True) (cases *_noguards), "
+                   "interleaved with the others")
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the host's own work, not BLAS)")
     p.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.skip_guard_eval and args.compile != "model":
+        p.error("--skip-guard-eval needs --compile model (as tiltflow bench)")
+    fsdp.COMPILE_BACKEND = args.backend
     bp = argparse.ArgumentParser()
     bench.add_arguments(bp)
     b = bench.build(bp.parse_args(["--arch", "narrow_sd35", "--device", "cpu", "--resolution", "32", "--batch", "2",
@@ -57,6 +67,9 @@ def main() -> None:
     cases = {"forward_no_grad": lambda: forward(fake), "forward_grad": lambda: forward(fake, True),
              "forward_backward": lambda: forward(fake, True).sum().backward(),
              "generator_forward": lambda: forward(gen), "switch_pair": lambda: (forward(gen), forward(fake))}
+    if args.skip_guard_eval:
+        cases.update(forward_no_grad_noguards=bench.without_guards(lambda: forward(fake)),
+                     generator_forward_noguards=bench.without_guards(lambda: forward(gen)))
     for fn in cases.values():  # warm (and compile)
         fn(), fn()
     rounds: dict[str, list[float]] = {k: [] for k in cases}
@@ -68,7 +81,8 @@ def main() -> None:
     for name, value in ms.items():
         print(f"{name:18s} {value:8.2f} ms")
     if args.out:
-        args.out.write_text(json.dumps({"compile": args.compile, "threads": args.threads, "calls": args.calls,
+        args.out.write_text(json.dumps({"compile": args.compile, "backend": args.backend if args.compile != "none"
+                                        else None, "threads": args.threads, "calls": args.calls,
                                         "repeats": args.repeats, "ms": ms, "rounds_ms": rounds}, indent=1))
 
 
