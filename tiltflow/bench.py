@@ -470,8 +470,8 @@ def bench_inference(batch: int, b: Built, args: Any) -> dict[str, Any]:
 
     for _ in range(max(args.warmup, 1)):
         once()
-    timed = without_guards(once) if getattr(args, "skip_guard_eval", False) else once
-    out = summarise(TIME_KEY["infer"], timed, b, args, batch)
+    run_once = without_guards(once) if getattr(args, "skip_guard_eval", False) else once
+    out = summarise(TIME_KEY["infer"], run_once, b, args, batch)
     # The bound: the passes it ran at their GPU kernel time (bound_wall_s: at their CUDA-event time alone);
     # --skip-pass-timing times no pass alone, so there is no bound (None).
     timed = not args.skip_pass_timing
@@ -481,7 +481,7 @@ def bench_inference(batch: int, b: Built, args: Any) -> dict[str, Any]:
            "latency_ratio": out["latency_s"] / bound if timed else None,
            "latency_ratio_wall": out["latency_s"] / bound_wall if timed else None}
     if args.profile:
-        row["profile"] = profile(timed, b.task.device, args, f"infer_b{batch}")
+        row["profile"] = profile(run_once, b.task.device, args, f"infer_b{batch}")
     return row
 
 
