@@ -8,6 +8,9 @@ a finished run is skipped (its final_metrics.json exists).
 
     python benchmarks/shapes_distill.py --phase stage1 --seeds 0 1 --time-limit 450 stage1.num_iters=400
     python benchmarks/shapes_distill.py --phase stage2 --seeds 0 1 --time-limit 420 stage2.num_iters=200
+    python benchmarks/shapes_distill.py --phase stage2 --root runs/s2_lora --init-root runs/shapes lora.layout=separate
+
+(the last: a LoRA stage 2 in runs/s2_lora from full-fine-tuning stage-1 runs in runs/shapes)
 
 `--finish` exports the paused runs where they stand instead of training further: each paused run (a checkpoint,
 no final_metrics.json) is resumed once with `<stage>.num_iters` set to its checkpoint's step, so it finishes at
@@ -45,7 +48,8 @@ def finish_overrides(phase: str, run_dir: Path) -> list[str] | None:
 
 
 def commands(phase: str, methods: list[str], seeds: list[int], root: Path, configs: Path, time_limit: float,
-             overrides: list[str]) -> list[tuple[str, list[str]]]:
+             overrides: list[str], init_root: Path | None = None) -> list[tuple[str, list[str]]]:
+    """(run name, argv) of every run; stage-2 runs start from `<init_root or root>/ac_dmd_s<seed>`."""
     out = []
     for method in methods:
         for seed in seeds:
@@ -53,7 +57,7 @@ def commands(phase: str, methods: list[str], seeds: list[int], root: Path, confi
             argv = [sys.executable, "-m", "tiltflow.cli", "train", "--config", str(configs / f"{method}.yaml"),
                     f"seed={seed}", f"run_dir={root / name}", f"time_limit_s={time_limit}"]
             if phase == "stage2":
-                argv.append(f"init_from={root / f'ac_dmd_s{seed}'}")
+                argv.append(f"init_from={(init_root or root) / f'ac_dmd_s{seed}'}")
             out.append((name, argv + overrides))
     return out
 
@@ -66,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--root", type=Path, default=Path("runs/shapes"))
     p.add_argument("--configs", type=Path, default=Path("configs/shapes"))
+    p.add_argument("--init-root", type=Path, default=None, help="stage 2: the folder of the AC-DMD runs to start "
+                   "from (<init-root>/ac_dmd_s<seed>; default --root), e.g. to try stage-2 settings side by side "
+                   "from one stage 1, each setting in its own --root")
     p.add_argument("--time-limit", type=float, default=0.0, help="time_limit_s of every run (0: none)")
     p.add_argument("--finish", action="store_true", help="export each paused run at its checkpoint's step "
                    "instead of training further (runs without a checkpoint are left alone)")
@@ -77,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--methods {unknown} are not {args.phase} methods; expected some of {list(PHASES[args.phase])}")
     args.root.mkdir(parents=True, exist_ok=True)
     todo = [(n, c) for n, c in commands(args.phase, methods, args.seeds, args.root, args.configs, args.time_limit,
-                                        args.overrides) if not (args.root / n / "final_metrics.json").is_file()]
+                                        args.overrides, args.init_root)
+            if not (args.root / n / "final_metrics.json").is_file()]
     if args.finish:  # the overrides come last, so the checkpoint's step wins over any num_iters given
         todo = [(n, c + extra) for n, c in todo if (extra := finish_overrides(args.phase, args.root / n)) is not None]
     t0 = time.time()

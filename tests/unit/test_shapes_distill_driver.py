@@ -25,6 +25,9 @@ def test_stage2_runs_start_from_the_ac_dmd_run_of_their_seed(tmp_path):
     assert {"seed=3", f"run_dir={tmp_path / 'bp_only_s3'}", "time_limit_s=60.0",
             f"init_from={tmp_path / 'ac_dmd_s3'}"} <= set(argv)
     assert argv[-1] == "stage2.num_iters=5"  # overrides last: they win
+    elsewhere = dict(_driver().commands("stage2", ["rtdmd"], [2], tmp_path, Path("c"), 0.0, [], tmp_path / "s1"))
+    assert f"init_from={tmp_path / 's1' / 'ac_dmd_s2'}" in elsewhere["rtdmd_s2"]
+    assert f"run_dir={tmp_path / 'rtdmd_s2'}" in elsewhere["rtdmd_s2"]
     stage1 = dict(_driver().commands("stage1", ["ac_dmd"], [1], tmp_path, Path("c"), 0.0, []))
     assert not any(a.startswith("init_from=") for a in stage1["ac_dmd_s1"])
 
