@@ -266,7 +266,9 @@ SHAPES_SHOWN = ["verifier/overall", "verifier/single_object", "verifier/two_obje
 
 def init_lora_overrides(overrides: list[str]) -> list[str]:
     """With init_from=DIR: the stage-1 run's lora settings (its fake-score LoRA is loaded into this run's, so
-    the shapes must agree), placed before the user's overrides; nothing without init_from or its config.yaml."""
+    the shapes must agree), placed before the user's overrides; nothing without init_from or its config.yaml.
+    A full-fine-tuning stage-1 run gets a LoRA stage 2 on it (layout separate): full fine-tuning in stage 2
+    collapsed under the policy gradient on the GPU (docs/shapes.md)."""
     import yaml
 
     init = [o.split("=", 1)[1] for o in overrides if o.startswith("init_from=")]
@@ -274,6 +276,8 @@ def init_lora_overrides(overrides: list[str]) -> list[str]:
     if path is None or not path.is_file():
         return []
     lora = (yaml.safe_load(path.read_text()) or {}).get("lora") or {}
+    if lora.get("finetune") == "full":
+        return ["lora.layout=separate", "lora.finetune=lora"]
     return [f"lora.{k}={lora[k]}" for k in ("layout", "finetune", "rank", "alpha") if k in lora]
 
 

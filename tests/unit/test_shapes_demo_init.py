@@ -12,6 +12,9 @@ def test_shapes_demo_takes_the_lora_settings_of_its_init_run(tmp_path):
         "lora.layout=shared", "lora.finetune=lora", "lora.rank=16", "lora.alpha=16.0"]
     assert init_lora_overrides(["stage2.num_iters=3"]) == []
     assert init_lora_overrides([f"init_from={tmp_path / 'missing'}"]) == []  # read_final names the missing run
+    # A full-fine-tuning stage-1 run: a LoRA stage 2 on its weights (full fine-tuning collapsed in stage 2).
+    (tmp_path / "config.yaml").write_text("world: shapes\nlora: {layout: separate, finetune: full, rank: 16}\n")
+    assert init_lora_overrides([f"init_from={tmp_path}"]) == ["lora.layout=separate", "lora.finetune=lora"]
 
 
 def test_shapes_demo_starts_from_the_committed_stage1_student_when_there_is_one(tmp_path):
