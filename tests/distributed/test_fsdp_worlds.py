@@ -189,11 +189,27 @@ def shapes_models(tmp_path_factory) -> Path:
 
 
 def test_shapes_stage1_on_two_ranks_with_evaluation(shapes_models, tmp_path):
-    common = [*SHAPES, *STAGES, "stage=ac_dmd", f"models_dir={shapes_models}", "eval.every=1",
-              "rewards=[{name: clip, weight: 1.0}, {name: verifier, weight: 1.0}]"]
+    """Stage 1 on 2 ranks with evaluation equals 1 process; in the same torchrun job, a LoRA stage 2 on a
+    full-fine-tuning stage-1 run (fresh LoRAs on frozen copies of its generator and fake score, the export folded
+    into full weights, gathered from the shards) equals its 1-process run too."""
+    rewards = "rewards=[{name: clip, weight: 1.0}, {name: verifier, weight: 1.0}]"
+    common = [*SHAPES, *STAGES, "stage=ac_dmd", f"models_dir={shapes_models}", "eval.every=1", rewards]
     one, two = tmp_path / "one" / "s1", tmp_path / "two" / "s1"
     train(load_run_config(None, [*common, f"run_dir={one}"], default_world="shapes"), progress=False)
-    ranks = torchrun(tmp_path, "shapes", *common, f"run_dir={two}", "parallel.same_data_on_every_rank=true")
+    full = tmp_path / "full" / "s1"
+    train(load_run_config(None, [*common, f"run_dir={full}", "lora.finetune=full", "lora.layout=separate",
+                                 "eval.every=0"], default_world="shapes"), progress=False)
+    on_full = [*SHAPES, *STAGES, "stage=rtdmd", f"models_dir={shapes_models}", rewards, f"init_from={full}",
+               "lora.layout=separate"]
+    one2, two2 = tmp_path / "one2" / "s2", tmp_path / "two2" / "s2"
+    train(load_run_config(None, [*on_full, f"run_dir={one2}"], default_world="shapes"), progress=False)
+    ranks, _ = torchrun_runs(tmp_path, "shapes", [*common, f"run_dir={two}", "parallel.same_data_on_every_rank=true"],
+                             [*on_full, f"run_dir={two2}", "parallel.same_data_on_every_rank=true"])
+    final_one2, final_two2 = load_file(str(one2 / "final.safetensors")), load_file(str(two2 / "final.safetensors"))
+    exported = [k for k in final_two2 if k.startswith("export/")]
+    assert exported and not any(".lora_" in k for k in exported)  # full weights, the LoRA folded in
+    assert all(".lora_" in k for k in final_two2 if k.startswith(("generator/", "fake/")))
+    assert_close(final_one2, final_two2, UPDATES)
     assert_written_once_by_rank0(ranks, ["config.yaml", "final.safetensors", "final_metrics.json", "final_grid.png"])
     metrics = ranks[0]["metrics"]
     assert metrics == ranks[1]["metrics"] and "verifier/overall" in metrics  # the same evaluation on both ranks
