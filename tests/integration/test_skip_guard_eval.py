@@ -61,17 +61,16 @@ def test_roles_keep_their_own_graphs_without_guard_evaluation():
         assert torch.equal(skipped(name), ref[name]), name
 
 
-@pytest.mark.slow  # ~10-20 s on 2 busy cores
+@pytest.mark.slow  # ~5 s on 2 cores
 def test_bench_inference_with_skip_guard_eval(tmp_path):
     out = tmp_path / "b.json"
-    assert main(["bench", "--arch", "tiny_sd3", "--resolution", "32", "--stage", "infer", "--batch", "2",
+    assert main(["bench", "--arch", "tiny_sd3", "--resolution", "32", "--stage", "infer", "--batch", "1",
                  "--num-steps", "4", "--repeats", "2", "--warmup", "1", "--device", "cpu", "--compile", "model",
                  "--skip-guard-eval", "--skip-pass-timing", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["settings"]["skip_guard_eval"] == "True"
     runs = {(r["stage"], r["batch"]): r for r in report["runs"]}
-    assert sorted(runs) == [("infer", 1), ("infer", 2)]
-    assert all(r["latency_s"] > 0 for r in runs.values())
+    assert sorted(runs) == [("infer", 1)] and runs[("infer", 1)]["latency_s"] > 0
 
 
 @pytest.mark.parametrize("compile_", ["none", "blocks"])
