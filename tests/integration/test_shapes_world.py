@@ -219,7 +219,9 @@ def test_a_lora_stage2_on_a_full_fine_tuned_stage1_starts_where_it_ended_and_exp
     with pytest.raises(ConfigError, match="lora.layout.*full-fine-tuning run"):
         build_models(_cfg(*common, "stage=rtdmd", f"run_dir={s2}", f"init_from={s1}"), stage1)
 
-    # The start: the same velocities as stage 1's generator and fake score (its full weights, loaded plainly).
+    # The start: the same velocities as stage 1's generator and fake score (its full weights, loaded plainly). A
+    # fresh LoRA adds exactly zero (B = 0), so both sides run the same float32 operations on the same weights:
+    # equal up to nothing; 1e-5 only allows another kernel choice between the peft-wrapped and the plain Linear.
     adapter, models = build_models(cfg2, stage1)
     _, full = build_models(_cfg(*common, "stage=ac_dmd", f"run_dir={s1}", "lora.finetune=full",
                                 "lora.layout=separate"), None)
@@ -235,7 +237,10 @@ def test_a_lora_stage2_on_a_full_fine_tuned_stage1_starts_where_it_ended_and_exp
                                        getattr(full, role).velocity(x, sigma, cond), rtol=1e-5, atol=1e-6)
         assert not torch.allclose(models.teacher_role.velocity(x, sigma, cond),
                                   models.generator_role.velocity(x, sigma, cond))
-        # The fold: a LoRA made non-zero, folded into plain weights, gives the LoRA model's velocity.
+        # The fold: a LoRA made non-zero, folded into plain weights, gives the LoRA model's velocity. They differ by
+        # association only, (W + s B A) x against W x + s B (A x): a few float32 roundings (u = 6e-8) per product of
+        # a one-block model with inner sizes <= 64 on O(1) values, far inside rtol 1e-4; a dropped or doubled
+        # scaling s = alpha / rank = 2 moves the output by the whole LoRA term (0.05-size weights), far outside.
         for _, p in models.generator_named:
             p.add_(0.05 * torch.randn_like(p))
         full.generator.load_state_dict(models.merged_generator_weights())

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tiltflow.models.lora import full_value
+
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -51,8 +53,10 @@ def combined_lora(transformer: nn.Module, adapter_names: Sequence[str]) -> tuple
     missing = [n for n in adapter_names if n not in cfgs]
     if missing:
         raise KeyError(f"transformer has no adapter(s) {missing}; it has {sorted(cfgs)}")
-    return combine_lora_states([(get_peft_model_state_dict(transformer, adapter_name=n),
-                                 float(cfgs[n].lora_alpha) / float(cfgs[n].r)) for n in adapter_names])
+    states = [{k: full_value(v) for k, v in get_peft_model_state_dict(transformer, adapter_name=n).items()}
+              for n in adapter_names]  # gathered when sharded
+    return combine_lora_states([(st, float(cfgs[n].lora_alpha) / float(cfgs[n].r))
+                                for st, n in zip(states, adapter_names)])
 
 
 def export_lora(transformer: nn.Module, adapter_names: Sequence[str], out_dir: str | Path, pipeline_cls: Any,
@@ -77,9 +81,10 @@ def save_lora(state: dict[str, Tensor], rank: int, out_dir: str | Path, pipeline
 @torch.no_grad()
 def merged_state_dict(transformer: nn.Module, adapter_names: Sequence[str], dtype: torch.dtype) -> dict[str, Tensor]:
     """The transformer's weights with the named adapters folded in, under the plain diffusers names;
-    the module itself is left untouched (so a shared teacher stays exact)."""
+    the module itself is left untouched (so a shared teacher stays exact). Sharded (FSDP2) weights are
+    gathered: every rank calls this, and every rank gets the whole state."""
     state, _ = combined_lora(transformer, adapter_names) if adapter_names else ({}, 0)
-    out = {key.replace(".base_layer.", "."): value.detach().float().cpu()
+    out = {key.replace(".base_layer.", "."): full_value(value.detach()).float().cpu()
            for key, value in transformer.state_dict().items() if ".lora_" not in key}
     for key in [k for k in state if k.endswith(".lora_A.weight")]:
         module = key[: -len(".lora_A.weight")]

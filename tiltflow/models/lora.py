@@ -95,10 +95,10 @@ def lora_state(transformer: nn.Module, name: str) -> dict[str, Tensor]:
 
     sd = get_peft_model_state_dict(transformer, adapter_name=name)
     # Sharded (FSDP2) adapters are gathered: every rank must call this, and every rank gets the whole adapter.
-    return {k: _gathered(v.detach()).float().cpu().clone() for k, v in sd.items()}
+    return {k: full_value(v.detach()).float().cpu().clone() for k, v in sd.items()}
 
 
-def _gathered(t: Tensor) -> Tensor:
+def full_value(t: Tensor) -> Tensor:
     """A sharded tensor (DTensor) gathered to its full value, a collective (models/ imports only flow/ of
     tiltflow, so this does not use tiltflow.distributed.state.full_tensor); any other tensor as it is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -223,7 +223,7 @@ class RoleModels:
 
     def trainable_state(self) -> dict[str, Tensor]:
         """Detached copies of the trainable parameters: this rank's shards when sharded (a checkpoint of a
-        sharded run gathers them itself; an export gathers them, see _gathered)."""
+        sharded run gathers them itself; an export gathers them, see full_value)."""
         self.rebind()
         return {f"{role}/{n}": p.detach().clone()
                 for role, named in (("generator", self.generator_named), ("fake", self.fake_named)) for n, p in named}
@@ -300,39 +300,15 @@ class RoleModels:
     def generator_weights(self) -> dict[str, Tensor]:
         """What initialises a stage-2 generator: the LoRA state (lora) or the full state dict (full)."""
         if self.finetune == "full":  # gathered when sharded (every rank calls this)
-            return {k: _gathered(v.detach()).float().cpu().clone() for k, v in self.generator.state_dict().items()}
+            return {k: full_value(v.detach()).float().cpu().clone() for k, v in self.generator.state_dict().items()}
         return lora_state(self.generator, GENERATOR)
 
     def merged_generator_weights(self) -> dict[str, Tensor]:
         """The generator as one plain state dict: its base's weights with its LoRA adapters added in (what a
         LoRA stage 2 on a full-fine-tuned stage-1 generator exports). Gathered when sharded (a collective)."""
-        return merged_state(self.generator, self.generator_adapters)
+        from tiltflow.models.export import merged_state_dict
 
-
-def merged_state(module: nn.Module, adapters: Sequence[str]) -> dict[str, Tensor]:
-    """`module`'s state dict with the peft LoRA layers folded in, fp32 on the CPU, under the plain module's key
-    names: W + scaling * B @ A for each adapter in `adapters` (others are left out). The module itself is not
-    changed (peft's fuse_lora would change it in place)."""
-    prefixes = {}
-    for name, layer in module.named_modules():
-        if hasattr(layer, "lora_A") and hasattr(layer, "base_layer"):
-            prefixes[name] = layer
-    out: dict[str, Tensor] = {}
-    for key, value in module.state_dict().items():
-        if ".lora_" in key:  # adapter weights: folded in below
-            continue
-        out[key.replace(".base_layer.", ".")] = _gathered(value.detach()).float().cpu().clone()
-    for name, layer in prefixes.items():
-        weight = out[f"{name}.weight"]
-        for a in adapters:
-            if a not in layer.lora_A:
-                continue
-            lora_a = _gathered(layer.lora_A[a].weight.detach()).float().cpu()
-            lora_b = _gathered(layer.lora_B[a].weight.detach()).float().cpu()
-            if weight.dim() != 2:
-                raise ValueError(f"{name}: only Linear LoRA layers can be folded in, got a {weight.dim()}-d weight")
-            weight += layer.scaling[a] * (lora_b @ lora_a)
-    return out
+        return merged_state_dict(self.generator, self.generator_adapters, torch.float32)
 
 
 def _checkpoint(module: nn.Module, *args: Any) -> Any:

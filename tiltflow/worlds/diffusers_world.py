@@ -181,7 +181,8 @@ def _full_weights_copy(template: Any, state: dict[str, Tensor], what: str) -> An
 
     module = copy.deepcopy(template)
     missing, unexpected = module.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k in dict(module.named_parameters())]
+    params = {name for name, _ in module.named_parameters()}
+    missing = [k for k in missing if k in params]  # buffers keep the template's
     if missing or unexpected:
         raise ValueError(f"init_from's {what} does not fit this model ({len(missing)} weights missing, e.g. "
                          f"{missing[:2]}; {len(unexpected)} unknown, e.g. {unexpected[:2]}): is init_from a "
