@@ -99,6 +99,10 @@ class RTDMD(TwoNetworkAlgorithm):
                              "differentiable; set stage2.w_bp=0 or add a differentiable reward")
         self.dm_depth = cfg.dm_depth or K
         self.num_trained = cfg.num_trained_steps or K - 1
+        if cfg.grad_norms_by_term and comm.world_size > 1:
+            raise ValueError(f"stage2.grad_norms_by_term needs one process, got {comm.world_size}: it runs a "
+                             "backward per term through one forward, which sharded parameters (FSDP2 reshards "
+                             "after each backward) do not allow; measure it with one process")
 
     def step(self, it: int) -> dict[str, float]:
         cfg, A = self.cfg, self.cfg.accumulation
@@ -106,6 +110,7 @@ class RTDMD(TwoNetworkAlgorithm):
         metrics = MeanMetrics()
         self.state.gen_opt.zero_grad(set_to_none=True)
         watched: dict[str, list[Tensor]] = {}  # loss terms and rewards of every micro-batch, checked once
+        by_term: dict[str, list[Tensor]] = {}  # grad_norms_by_term: each term's gradient, summed over micro-batches
         for m in range(A):
             with self.phase("rollout"):
                 ro = self.rollout(it, rng)
@@ -119,9 +124,12 @@ class RTDMD(TwoNetworkAlgorithm):
                 terms = self.generator_terms(ro, scores, rng.local)
                 _watch(watched, {TERM_NAMES[name]: t.loss for name, (_, t) in terms.items()})
                 _watch(watched, {f"reward {k} scores": v for k, v in scores.per_reward.items()})
-                loss = sum(w * t.loss for w, t in terms.values())
-                if isinstance(loss, Tensor) and loss.requires_grad:
-                    (loss / A).backward()
+                if cfg.grad_norms_by_term:
+                    self.backward_by_term(terms, A, by_term)
+                else:
+                    loss = sum(w * t.loss for w, t in terms.values())
+                    if isinstance(loss, Tensor) and loss.requires_grad:
+                        (loss / A).backward()
             for name, (_, t) in terms.items():
                 metrics.add({**t.metrics, f"{name}_loss": t.loss.detach()})
         with self.phase("generator update"):
@@ -133,7 +141,21 @@ class RTDMD(TwoNetworkAlgorithm):
                 if (it + 1) % cfg.ema_every == 0:
                     self.state.ema.update()
         metrics.add({"gen_grad_norm": grad_norm, **self.guard.metrics()})
+        metrics.add({f"grad_norm_{name}": torch.stack([g.double().square().sum() for g in grads]).sum().sqrt()
+                     for name, grads in by_term.items()})
         return metrics.result()
+
+    def backward_by_term(self, terms: dict[str, tuple[float, LossOutput]], A: int,
+                         by_term: dict[str, list[Tensor]]) -> None:
+        """The weighted terms back-propagated one at a time (the gradients accumulate in .grad as one
+        backward of their sum would), each term's own gradient added to by_term[name]."""
+        params = [p for p in self.roles.generator_params if p.requires_grad]
+        live = [(name, w * t.loss) for name, (w, t) in terms.items() if t.loss.requires_grad]
+        for i, (name, loss) in enumerate(live):
+            before = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+            (loss / A).backward(retain_graph=i < len(live) - 1)  # the terms share the last step's forward
+            own = [torch.zeros_like(p) if p.grad is None else p.grad.detach() - b for p, b in zip(params, before)]
+            by_term[name] = own if name not in by_term else [a + b for a, b in zip(by_term[name], own)]
 
     def rollout(self, it: int, rng: Streams) -> Rollout:
         """P prompts x G samples (METHOD.md 5.2): trained steps S and the group-noise seed from the shared

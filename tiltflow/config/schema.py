@@ -141,6 +141,10 @@ class Stage2Config:
     grad_clip: float = 1.0
     ema_decay: float = 0.9
     ema_every: int = 8
+    # Diagnostic: back-propagate each weighted term alone and log its generator-gradient norm (grad_norm_pg,
+    # grad_norm_bp, grad_norm_dm, before clipping), to see which term drives the update. Costs one backward
+    # per term; the update is the same up to the order of summation. One process only.
+    grad_norms_by_term: bool = False
     fake: FakeConfig = field(default_factory=FakeConfig)
 
     def validate(self, path: str) -> None:
