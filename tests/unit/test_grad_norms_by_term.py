@@ -69,6 +69,9 @@ def test_each_term_norm_is_the_gradient_norm_of_that_term_alone():
     assert {"grad_norm_pg", "grad_norm_bp", "grad_norm_dm"} <= set(metrics)
     for term, weight in (("pg", "w_pg"), ("bp", "w_bp"), ("dm", "w_dm")):
         alone = one_step(False, **{k: (v if k == weight else 0.0) for k, v in REFERENCE.items()})[0]
+        # Same rollout and fake update; the two gradients differ only by float64 rounding in a few hundred
+        # operations (~1e-13 relative), so 1e-9 leaves room on any CPU and still catches a wrong term (the weights
+        # differ by 10^3 to 10^4, a leaked term by far more than 1e-9).
         assert metrics[f"grad_norm_{term}"] == pytest.approx(alone["gen_grad_norm"], rel=1e-9), term
         assert metrics[f"grad_norm_{term}"] > 0
     # The terms are not parallel, so their norms do not add up to the total, but they bound it.
@@ -80,7 +83,9 @@ def test_the_diagnostic_leaves_the_update_unchanged():
     plain_metrics, plain = one_step(False, **REFERENCE)
     diag_metrics, diag = one_step(True, **REFERENCE)
     assert not any(k.startswith("grad_norm_") for k in plain_metrics)
-    # Only the order of summation differs (per-term backwards accumulate in .grad): float64 rounding.
+    # Only the order of summation differs (per-term backwards accumulate in .grad): float64 rounding, ~1e-15
+    # relative in the gradients; Adam's first step (lr 1e-2, every parameter with a gradient far above its eps)
+    # passes it on unamplified, so 1e-12 is a margin of 10^3 on any CPU.
     torch.testing.assert_close(diag, plain, rtol=1e-12, atol=1e-14)
     assert diag_metrics["gen_grad_norm"] == pytest.approx(plain_metrics["gen_grad_norm"], rel=1e-12)
     assert not torch.equal(plain, torch.tensor([0.3, -0.2, 0.5, 0.1, 0.4, -0.3], dtype=torch.float64))
