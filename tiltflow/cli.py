@@ -34,7 +34,21 @@ def _run_config(run: Path, overrides: list[str]) -> Any:
     """The resolved config of a run directory, pointed at that directory."""
     if not (run / "config.yaml").is_file():
         raise UsageError(f"--run {str(run)!r}: no config.yaml there; is it a run directory?")
-    return load_run_config(run / "config.yaml", [*overrides, f"run_dir={run}"])
+    cfg = load_run_config(run / "config.yaml", [*overrides, f"run_dir={run}"])
+    _require_device(cfg)
+    return cfg
+
+
+def _require_device(cfg: Any) -> None:
+    """A config's CUDA device on a machine without one: a usage error naming the key, not torch's traceback
+    from deep inside the first model move."""
+    device = str(getattr(cfg, "device", "cpu"))
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"device: the config says {device!r}, but this torch ({torch.__version__}) sees no "
+                             "CUDA device; add the override device=cpu")
 
 
 def _world(cfg: Any, verb: str) -> Any:
@@ -51,6 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
+    _require_device(cfg)
     from tiltflow.distributed.state import is_main_process
 
     metrics = train(cfg)
@@ -75,6 +90,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError("--out is required (gmm: a .npy file; diffusers: a folder)")
     cfg = (_run_config(args.run, args.overrides) if args.run is not None
            else load_run_config(args.config, args.overrides))
+    _require_device(cfg)
     print(_world(cfg, "sample").sample(cfg, out=args.out, texts=args.text, num=args.num, prompt=args.prompt,
                                         seed=args.seed))
     return 0
@@ -96,7 +112,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     cfg = _run_config(args.run, args.overrides)
-    result = _world(cfg, "evaluate_run").evaluate_run(cfg, num=args.num, seed=args.seed)
+    result = _world(cfg, "evaluate_run").evaluate_run(cfg, num=args.num, seed=args.seed, out_dir=args.out)
+    if args.out is not None:  # the result beside whatever the world wrote there (the teacher's metrics, grid)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "eval_run.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"samples: {result['samples']}\nreference: {result['reference']}", file=sys.stderr)
     print(json.dumps(result["metrics"], indent=2))
     return 0

@@ -201,3 +201,16 @@ def tiny_diffusers_yaml(tmp_path):
     path.write_text("world: diffusers\nstage: ac_dmd\ndevice: cpu\nprompts: [a red cat]\n"
                     "model: {family: sd3, random_weights: true, arch: tiny_sd3, resolution: 32}\n")
     return path
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without a CUDA device")
+def test_a_cuda_config_on_a_machine_without_cuda_is_a_usage_error(trained_run, tiny_yaml, tmp_path, capsys):
+    # A run directory written on a GPU machine, evaluated on a CPU one: the key and the override are named,
+    # and nothing runs (no torch traceback from the first model move).
+    for argv in (["eval", "--run", str(trained_run), "device=cuda"],
+                 ["train", "--config", str(tiny_yaml), f"run_dir={tmp_path / 'r'}", "device=cuda"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "device" in err and "'cuda'" in err and "device=cpu" in err, err
+    assert not (tmp_path / "r").exists()
+    assert main(["train", "--config", str(tiny_yaml), "--dry-run", "device=cuda"]) == 0  # dry runs need no GPU

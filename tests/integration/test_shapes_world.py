@@ -101,15 +101,18 @@ def test_distillation_stages_through_the_spine(models_dir, tmp_path):
         ShapesWorld().sample(run_cfg, texts=["a photo of a hexagon"], out=tmp_path / "bad")
 
 
-def test_eval_run_of_the_teacher(models_dir):
+def test_eval_run_of_the_teacher(models_dir, tmp_path):
     from tiltflow.cli import main
 
+    before = sorted(p.name for p in models_dir.rglob("*"))
     t = time.monotonic()
-    assert main(["eval", "--run", str(models_dir)]) == 0
-    metrics = json.loads(next((models_dir / "eval").glob("teacher_*_metrics.json")).read_text())
+    assert main(["eval", "--run", str(models_dir), "--out", str(tmp_path / "ev")]) == 0
+    metrics = json.loads(next((tmp_path / "ev").glob("teacher_*_metrics.json")).read_text())
     assert set(metrics) >= {"verifier/overall", "reward/clip", "num_steps"}
-    accuracy = json.loads((models_dir / "eval" / "reward_model_metrics.json").read_text())
+    accuracy = json.loads((tmp_path / "ev" / "reward_model_metrics.json").read_text())
     assert 0.0 <= accuracy["reward_model/pairwise_colour"] <= 1.0 and "reward_model/pairwise_position" in accuracy
+    assert json.loads((tmp_path / "ev" / "eval_run.json").read_text())["metrics"] == accuracy
+    assert sorted(p.name for p in models_dir.rglob("*")) == before  # --out: nothing written into the run
     assert time.monotonic() - t < 60
 
 

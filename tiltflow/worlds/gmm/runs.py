@@ -145,9 +145,11 @@ class GMMWorld:
         np.save(out, x.numpy())
         return f"wrote {tuple(x.shape)} samples of prompt {prompt} ({how}) to {out}"
 
-    def evaluate_run(self, cfg: GMMRunConfig, *, num: int, seed: int) -> dict[str, Any]:
+    def evaluate_run(self, cfg: GMMRunConfig, *, num: int, seed: int,
+                     out_dir: str | Path | None = None) -> dict[str, Any]:
         """`tiltflow eval --run DIR`: metrics of `num` fresh samples per prompt against the reference, and
-        what was compared (so that the numbers can be told apart from results.json's)."""
+        what was compared (so that the numbers can be told apart from results.json's). Writes no files
+        (out_dir: the command writes the result there)."""
         gmm = build_gmm(cfg.problem)
         net, how = load_run_model(cfg, gmm)
         teacher = load_teacher_net(cfg, gmm) if cfg.teacher.kind == "neural" else None

@@ -150,22 +150,25 @@ class ShapesWorld:
         write_marked_grid(np.stack(images), todo, out / "grid.png")
         return f"wrote {len(todo)} images, index.jsonl and grid.png (verifier pass/fail marks) to {out}"
 
-    def evaluate_run(self, cfg: ShapesRunConfig, *, num: int, seed: int) -> dict[str, Any]:
+    def evaluate_run(self, cfg: ShapesRunConfig, *, num: int, seed: int,
+                     out_dir: str | Path | None = None) -> dict[str, Any]:
         """`tiltflow eval --run DIR`. A teacher run: the teacher with eval.teacher_steps Euler steps and CFG
-        (guidance_scale). A stage run: its final metrics (4-step generator, written by the run). The
-        prompt set, samples per prompt and seeds are cfg.eval's (--num and --seed apply to gmm runs only)."""
+        (guidance_scale), its metrics and grid written to out_dir (default DIR/eval). A stage run: its final
+        metrics (4-step generator, written by the run). The prompt set, samples per prompt and seeds are
+        cfg.eval's (--num and --seed apply to gmm runs only)."""
         run_dir = Path(cfg.run_dir)
         if cfg.stage == "teacher":
+            eval_dir = Path(out_dir) if out_dir is not None else run_dir / "eval"
             metrics = evaluate_teacher(cfg, run_dir, num_steps=cfg.eval.teacher_steps,
-                                       guidance_scale=cfg.guidance_scale, out_dir=run_dir / "eval",
+                                       guidance_scale=cfg.guidance_scale, out_dir=eval_dir,
                                        name=f"teacher_{cfg.eval.teacher_steps}steps_cfg{cfg.guidance_scale:g}")
             # the reward model's pairwise accuracy against hard negatives on renders of the eval captions
             from tiltflow.worlds.shapes.reward_model import hard_negative_accuracy, load_clip_reward
 
             reward = load_clip_reward(run_dir / "reward_model", device=cfg.device)
             metrics.update(hard_negative_accuracy(reward, prompt_sets()[cfg.eval.prompt_set], cfg.model.resolution))
-            (run_dir / "eval" / "reward_model_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-            return {"samples": str(run_dir / "eval"), "reference": "verifier", "metrics": metrics}
+            (eval_dir / "reward_model_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            return {"samples": str(eval_dir), "reference": "verifier", "metrics": metrics}
         path = run_dir / "final_metrics.json"
         if not path.is_file():
             raise FileNotFoundError(f"{str(path)!r} does not exist: is {str(run_dir)!r} a finished stage run?")
