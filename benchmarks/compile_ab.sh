@@ -8,12 +8,14 @@
 #   bash benchmarks/compile_ab.sh graphs OUT_DIR  # inference: eager, --compile model, then + --cuda-graphs
 #   bash benchmarks/compile_ab.sh fit OUT_DIR  # with checkpointing: klein-4B stage 1 at 9, SD3.5-M stage 2 at 24
 #   bash benchmarks/compile_ab.sh s1_model OUT_DIR  # stage-1 cycle: --compile model, then + --cuda-graphs
+#   bash benchmarks/compile_ab.sh vae OUT_DIR  # inference on CUDA graphs with the VAE decoder compiled too:
+#                                              # SD3.5-M, then FLUX.2-klein-4B (guards skipped after warm-up)
 # Inductor's cache lives in ./.inductor (git-ignored), so a second call on the same warm machine reuses it.
 # Measured on an H200 (2026-12-03): the compiled stage-1 run, compiling included, about 300 s; the eager one
 # 110 s on a fresh machine but over 125 s twice after a compiled run, so the two do not fit one 10-minute call
 # with room to spare: run `s1` with S1_COMPILE_LIMIT=360 S1_EAGER_LIMIT=180 and nothing else in the call.
 set -u
-part=${1:?part: s1, infer, infer_klein, graphs, fit or s1_model}
+part=${1:?part: s1, infer, infer_klein, graphs, fit, s1_model or vae}
 out=${2:?output folder}
 mkdir -p "$out"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.inductor}
@@ -55,6 +57,11 @@ case $part in
     run s1_model "${S1_MODEL_LIMIT:-280}" --stage 1 --compile model --warmup 1 --repeats 2
     TORCH_LOGS=perf_hints run s1_graphs "${S1_GRAPHS_LIMIT:-280}" --stage 1 --compile model --cuda-graphs \
       --warmup 2 --repeats 2 --profile ;;
-  *) echo "unknown part $part (s1, infer, infer_klein, graphs, fit or s1_model)" >&2; exit 2 ;;
+  vae)  # 4-step inference, the transformer and the VAE decoder compiled and replayed as CUDA graphs
+    G="--stage infer --compile model --cuda-graphs --skip-guard-eval --compile-vae --warmup 3 --repeats 5 --profile"
+    run infer_vae "${INFER_VAE_LIMIT:-300}" $G
+    S=${S/sd35_medium/flux2_klein_4b}
+    run klein_infer_vae "${KLEIN_LIMIT:-240}" $G ;;
+  *) echo "unknown part $part (s1, infer, infer_klein, graphs, fit, s1_model or vae)" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader

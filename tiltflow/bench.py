@@ -197,15 +197,16 @@ def build(args: Any, stage2: bool, comm: Comm = LOCAL) -> Built:
     plan = ParallelConfig(activation_checkpointing=args.activation_checkpointing,
                           activation_checkpointing_every=args.checkpoint_every, batched_cfg=args.batched_cfg,
                           compile=args.compile, cuda_graphs=args.cuda_graphs, shard_teacher=args.shard_teacher,
-                          data_parallel=args.data_parallel, mixed_precision=args.mixed_precision is not False)
+                          data_parallel=args.data_parallel, mixed_precision=args.mixed_precision is not False,
+                          compile_vae=getattr(args, "compile_vae", False))
     plan.validate("parallel")  # e.g. --cuda-graphs without --compile model
-    grad_sync = apply_parallel_plan(models, plan, comm, device_type=torch.device(args.device).type)
-    for m in {id(m): m for m in (models.teacher, models.generator, models.fake)}.values():
-        m.train()
     log = PassLog()
     rewards = RewardSet([CountedReward(MeanBrightness(), log)])
     task = CountedTask(adapter, PROMPTS, rewards, 1.0 if family == "flux1" else scale, args.resolution, log=log,
                        encode_every_batch=args.text_encoders)
+    grad_sync = apply_parallel_plan(models, plan, comm, device_type=torch.device(args.device).type, task=task)
+    for m in {id(m): m for m in (models.teacher, models.generator, models.fake)}.values():
+        m.train()
     sampler = SamplerConfig(num_steps=args.num_steps, eta=args.eta,
                             shift=float(adapter.sigma_shift(args.resolution, args.resolution, args.num_steps)))
     plain = models.roles()
@@ -315,7 +316,7 @@ def flops_per_sample(b: Built, kind: tuple, args: Any) -> tuple[int, int]:
     from torch.utils.flop_counter import FlopCounterMode
 
     grad = kind[3]
-    stance = torch.compiler.set_stance("force_eager") if args.compile != "none" else contextlib.nullcontext()
+    stance = torch.compiler.set_stance("force_eager") if compiles_anything(args) else contextlib.nullcontext()
     ac = args.activation_checkpointing and kind[0] == "transformer"
     modules = {id(m): m for m in (b.models.generator, b.models.fake)}.values()
     try:
@@ -733,6 +734,11 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def compiles_anything(args: Any) -> bool:
+    """Whether the run compiles anything (a transformer, or only the VAE decoder)."""
+    return args.compile != "none" or bool(getattr(args, "compile_vae", False))
+
+
 def free(device: torch.device, compiled: bool) -> None:
     if compiled:  # compiled code holds the old models through its guards
         torch._dynamo.reset()
@@ -799,7 +805,7 @@ def run_bench(args: Any) -> int:
         for stage in stages:
             if built is None or stage == "2":
                 built = None
-                free(args.device, args.compile != "none")
+                free(args.device, compiles_anything(args))
                 built = build(args, stage2=stage == "2", comm=comm)
             if stage == "infer":
                 for batch in sorted({1, args.batch}):
@@ -833,6 +839,8 @@ def add_arguments(p: Any) -> None:
                         "(as parallel.compile)")
     p.add_argument("--cuda-graphs", action="store_true", help="with --compile model on CUDA: replay each "
                    "compiled pass as a CUDA graph (as parallel.cuda_graphs)")
+    p.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder too, as a CUDA graph "
+                   "with --cuda-graphs (as parallel.compile_vae); the bound's decode is the compiled one")
     p.add_argument("--batched-cfg", action=argparse.BooleanOptionalAction, default=False,
                    help="the teacher's CFG as one pass at batch 2B, counted as such (as parallel.batched_cfg, "
                         "which is on by default in training; off here so that pass counts and results stay "

@@ -242,3 +242,39 @@ def test_blocks_with_a_forced_kernel_share_one_graph_per_kind(monkeypatch):
         v = teacher.velocity(x, torch.tensor([0.3, 0.6]), adapter.encode(["a red cat", "a blue dog"]))
     assert torch.isfinite(v).all()
     assert counters["stats"]["unique_graphs"] == 2  # the last block (context_pre_only) is the other kind
+
+
+def test_compile_vae_decodes_as_the_eager_decoder_and_needs_a_vae():
+    """parallel.compile_vae: the plan compiles the task's VAE decoder in place (adapter.decode then runs the
+    compiled graph), whose images and input gradients are the eager decoder's within the tolerance of the module
+    docstring: 3x the eager float32 decoder's own error against a float64 copy (per output, per gradient)."""
+    from tiltflow.config.loader import ConfigError
+    from tiltflow.worlds.diffusers_world import DiffusersTask
+
+    adapter, models = _roles()
+    task = SimpleNamespace(vae_decoder=lambda: DiffusersTask.vae_decoder(SimpleNamespace(adapter=adapter)))
+    decoder = adapter.vae.decoder
+    ref64 = copy.deepcopy(decoder).double()
+    x = torch.randn(B, *adapter.latent_shape(32, 32), generator=torch.Generator().manual_seed(3))
+
+    def decode_with_grad(fn, z):
+        z = z.clone().requires_grad_(True)
+        out = fn(z)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(out.dtype)).sum().backward()
+        return out.detach(), z.grad
+
+    z = adapter.latents_to_vae(x)
+    eager, eager_g = decode_with_grad(decoder, z)
+    ref, ref_g = decode_with_grad(ref64, z.double())
+    e_out, e_grad = (eager.double() - ref).abs().max().item(), (eager_g.double() - ref_g).abs().max().item()
+    images_eager = adapter.decode(x).detach()
+
+    spine.apply_parallel_plan(models, ParallelConfig(compile_vae=True), LOCAL, compile_backend="aot_eager", task=task)
+    assert decoder._compiled_call_impl is not None  # compiled in place: the VAE holds the same module
+    out, g = decode_with_grad(decoder, z)
+    assert (out - eager).abs().max().item() <= 3 * e_out and (g - eager_g).abs().max().item() <= 3 * e_grad
+    # adapter.decode maps the decoder's output through (y + 1) / 2, clamped: the difference halves at most
+    assert (adapter.decode(x).detach() - images_eager).abs().max().item() <= 3 * e_out
+
+    with pytest.raises(ConfigError, match="parallel.compile_vae.*without a VAE"):  # e.g. the shapes world
+        spine.apply_parallel_plan(models, ParallelConfig(compile_vae=True), LOCAL, task=SimpleNamespace())

@@ -240,6 +240,10 @@ class ParallelConfig:
     # With compile: model on CUDA, replay each compiled pass as a CUDA graph (torch.compile's "reduce-overhead"
     # mode): one launch per pass instead of thousands, for host-bound passes; memory for the recorded graphs.
     cuda_graphs: bool = False
+    # torch.compile the VAE's decoder too (worlds with a VAE; with cuda_graphs, replayed as a CUDA graph like the
+    # transformer): its many small kernels (30 group norms at 512 px) fused, and launched once. It decodes every
+    # sample image (evaluation, inference) and, in stage 2, the reward path with gradient.
+    compile_vae: bool = False
     # Keep the frozen models (a separate teacher; the text encoders) in CPU memory and bring each of their
     # blocks to the GPU for its forward (diffusers' group offloading; the copies on a side stream on CUDA):
     # their GPU memory is saved, at the cost of a host-to-device copy of their weights on every pass.

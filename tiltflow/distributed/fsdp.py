@@ -43,20 +43,26 @@ def compile_blocks(units: Sequence[ShardUnit], *, backend: str | None = None, wh
     CUDA graph and replays it. A replay reuses its output buffers, and each call outside a pending backward
     starts a new replay generation, so the root's outputs are cloned before they are returned: a caller may
     keep a pass's result across later passes (the teacher's output while the fake score runs)."""
-    import torch._dynamo.config as dynamo_config
-
-    backend = backend or COMPILE_BACKEND
-    for key, value in DYNAMO_LIMITS.items():
-        if hasattr(dynamo_config, key):
-            setattr(dynamo_config, key, max(getattr(dynamo_config, key), value))
     found = [unit.root for unit in units] if whole else [block for unit in units for block in unit.blocks]
     modules = {id(m): m for m in found}  # distinct modules, first seen first
     for module in modules.values():
-        if cuda_graphs:
-            module.forward = _cloning(torch.compile(module.forward, mode="reduce-overhead", dynamic=False))
-        else:
-            module.compile(backend=backend, dynamic=False)
+        compile_module(module, backend=backend, cuda_graphs=cuda_graphs)
     return len(modules)
+
+
+def compile_module(module: nn.Module, *, backend: str | None = None, cuda_graphs: bool = False) -> None:
+    """torch.compile one module in place, static shapes (one graph per input shape and grad mode), raising
+    dynamo's recompile limits as compile_blocks does. cuda_graphs: inductor's "reduce-overhead" mode, its
+    outputs cloned (compile_blocks says why). Also used for a VAE decoder (parallel.compile_vae)."""
+    import torch._dynamo.config as dynamo_config
+
+    for key, value in DYNAMO_LIMITS.items():
+        if hasattr(dynamo_config, key):
+            setattr(dynamo_config, key, max(getattr(dynamo_config, key), value))
+    if cuda_graphs:
+        module.forward = _cloning(torch.compile(module.forward, mode="reduce-overhead", dynamic=False))
+    else:
+        module.compile(backend=backend or COMPILE_BACKEND, dynamic=False)
 
 
 def _cloning(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -19,7 +19,7 @@ from tiltflow.algorithms.rtdmd import RTDMD
 from tiltflow.config.loader import ConfigError, to_dict
 from tiltflow.config.schema import STAGE1_STAGES, ParallelConfig, RunConfig, Stage1Config, Stage2Config
 from tiltflow.distributed import Comm, ReplicatedDataComm
-from tiltflow.distributed.fsdp import FSDPGradSync, compile_blocks, fsdp_shard
+from tiltflow.distributed.fsdp import FSDPGradSync, compile_blocks, compile_module, fsdp_shard
 from tiltflow.distributed.launch import init_distributed
 from tiltflow.distributed.state import is_main_process
 from tiltflow.models.adapters.attention import unbind_attention_backend
@@ -46,7 +46,8 @@ def train(cfg: RunConfig, *, world: Any = None, progress: bool = True) -> dict[s
             raise ConfigError("stage", f"the {cfg.world} world has no teacher stage (its teacher is pretrained)")
         return world.train_teacher(cfg, progress=progress)
     setup = world.build(cfg, progress=progress)
-    grad_sync = apply_parallel_plan(setup.models, cfg.parallel, comm, device_type=torch.device(cfg.device).type)
+    grad_sync = apply_parallel_plan(setup.models, cfg.parallel, comm, device_type=torch.device(cfg.device).type,
+                                    task=setup.task)
     ranks = comm  # all ranks, for checkpoints; `comm` below is what the algorithms see of the data
     if cfg.parallel.same_data_on_every_rank:
         comm = ReplicatedDataComm(comm)
@@ -106,7 +107,7 @@ def _written_sharded(path: Path) -> bool:
 
 
 def apply_parallel_plan(models: TrainModels, cfg: ParallelConfig, comm: Comm, device_type: str = "cpu",
-                        *, compile_backend: str | None = None) -> GradSync:
+                        *, compile_backend: str | None = None, task: Any = None) -> GradSync:
     """Prepare the models in torchtitan's order: activation checkpointing (and the frozen models' CPU
     offloading, parallel.offload_frozen), then torch.compile of each transformer block (parallel.compile:
     blocks; every distinct transformer, the teacher's too; or each transformer whole: model, optionally
@@ -114,7 +115,8 @@ def apply_parallel_plan(models: TrainModels, cfg: ParallelConfig, comm: Comm, de
     parallel.data_parallel=ddp replicates instead of sharding). The teacher's CFG is set to one
     batched pass or two (parallel.batched_cfg). Returns the gradient-sync hook the algorithm calls in its
     accumulation loop: one process has nothing to synchronise; FSDP2 reduces on the last micro-batch only.
-    `compile_backend` is torch.compile's backend (None: tiltflow.distributed.fsdp.COMPILE_BACKEND, inductor)."""
+    `compile_backend` is torch.compile's backend (None: tiltflow.distributed.fsdp.COMPILE_BACKEND, inductor).
+    parallel.compile_vae compiles the VAE decoder of `task` (its `vae_decoder()`), CUDA graphs as above."""
     owner = cfg_owner(models.roles().teacher)
     if hasattr(owner, "batched_cfg"):
         owner.batched_cfg = cfg.batched_cfg
@@ -140,6 +142,12 @@ def apply_parallel_plan(models: TrainModels, cfg: ParallelConfig, comm: Comm, de
                           cuda_graphs=cfg.cuda_graphs and device_type == "cuda") == 0:
             raise ConfigError("parallel.compile", f"got '{cfg.compile}', but this world's models have no "
                                                   "transformer blocks to compile; use parallel.compile=none")
+    if cfg.compile_vae:
+        decoder = task.vae_decoder() if hasattr(task, "vae_decoder") else None
+        if decoder is None:
+            raise ConfigError("parallel.compile_vae", "got true, but this world decodes without a VAE; use "
+                                                      "parallel.compile_vae=false")
+        compile_module(decoder, backend=compile_backend, cuda_graphs=cfg.cuda_graphs and device_type == "cuda")
     if comm.world_size == 1:
         return always_sync
     units = models.shard_units(include_teacher=cfg.shard_teacher)

@@ -109,6 +109,11 @@ class DiffusersTask:
     def decode(self, x: Tensor) -> Tensor:
         return self.adapter.decode(x)
 
+    def vae_decoder(self) -> torch.nn.Module | None:
+        """The module parallel.compile_vae compiles (None: no VAE, e.g. the shapes world's pixel space)."""
+        vae = getattr(self.adapter, "vae", None)
+        return getattr(vae, "decoder", None)
+
 
 # ---- building the pieces ------------------------------------------------------------------------------
 def adapter_class(family: str) -> Any:
