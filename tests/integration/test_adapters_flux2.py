@@ -92,3 +92,22 @@ def test_stub_text_for_full_size_shapes():
     cfg = load_arch("flux2_klein_4b")["components"]["transformer"]
     assert cfg["joint_attention_dim"] == 3 * 2560
     assert (cfg["num_layers"], cfg["num_single_layers"]) == (5, 20)
+
+
+def test_position_ids_are_made_once_per_shape_and_read_only_afterwards():
+    """The coordinates (t, row, col, l) the pipeline's forward takes, built once per (h, w, L, device): a second
+    call at another batch returns views of the same tensors (no host-to-device copy per pass), equal to a fresh
+    construction; the sampler test above checks the transformer's output with them against the pipeline's."""
+    from tiltflow.models.adapters.flux2 import device_position_ids, position_ids
+
+    device_position_ids.cache_clear()
+    img, txt = position_ids(2, 3, 4, 5, torch.device("cpu"))
+    img3, txt3 = position_ids(3, 3, 4, 5, torch.device("cpu"))
+    assert img.data_ptr() == img3.data_ptr() and txt.data_ptr() == txt3.data_ptr()
+    assert img.shape == (2, 12, 4) and txt.shape == (2, 5, 4) and img3.shape == (3, 12, 4)
+    rows, cols = torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij")
+    expected = torch.stack([torch.zeros(12, dtype=torch.long), rows.flatten(), cols.flatten(),
+                            torch.zeros(12, dtype=torch.long)], dim=1)
+    assert torch.equal(img3[1], expected)
+    assert torch.equal(txt3[2], torch.stack([torch.zeros(5, dtype=torch.long)] * 3 + [torch.arange(5)], dim=1))
+    assert device_position_ids.cache_info().misses == 1

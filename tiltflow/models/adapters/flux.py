@@ -9,6 +9,7 @@ shifted by exp(mu), mu from the resolution with diffusers' calculate_shift.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -34,8 +35,11 @@ def unpack_2x2(tokens: Tensor, h: int, w: int) -> Tensor:
     return x.reshape(b, c4 // 4, h, w)
 
 
+@functools.lru_cache(maxsize=32)
 def image_ids(h2: int, w2: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """(h2 * w2, 3) positions (0, row, col) of the packed tokens, as FluxPipeline builds them."""
+    """(h2 * w2, 3) positions (0, row, col) of the packed tokens, as FluxPipeline builds them; made once per
+    shape, device and dtype (a copy from pageable host memory per pass makes the host wait for the GPU).
+    Callers only read it."""
     ids = torch.zeros(h2, w2, 3)
     ids[..., 1] = torch.arange(h2)[:, None]
     ids[..., 2] = torch.arange(w2)[None, :]

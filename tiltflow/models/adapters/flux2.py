@@ -11,6 +11,7 @@ compute_empirical_mu at this resolution and step count.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,11 +40,21 @@ def unpatchify(x: Tensor) -> Tensor:
 
 
 def position_ids(b: int, h: int, w: int, text_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(img_ids (B, h*w, 4), txt_ids (B, L, 4)): coordinates (t, row, col, l) of image and text tokens."""
+    """(img_ids (B, h*w, 4), txt_ids (B, L, 4)): coordinates (t, row, col, l) of image and text tokens, views of
+    tensors built once per shape and device (see device_position_ids)."""
+    img, txt = device_position_ids(h, w, text_len, torch.device(device))
+    return img.expand(b, -1, -1), txt.expand(b, -1, -1)
+
+
+@functools.lru_cache(maxsize=32)
+def device_position_ids(h: int, w: int, text_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The (1, N, 4) coordinates on `device`, made once: built on the host, their copy to a GPU from pageable
+    memory made the host wait for the GPU twice a pass (9 of the 9 stream synchronisations of batch-1 inference
+    on the H200, 2026-12-04). Callers only read them (the transformer takes positions, it does not write them)."""
     zero = torch.arange(1)
     img = torch.cartesian_prod(zero, torch.arange(h), torch.arange(w), zero)
     txt = torch.cartesian_prod(zero, zero, zero, torch.arange(text_len))
-    return img.unsqueeze(0).expand(b, -1, -1).to(device), txt.unsqueeze(0).expand(b, -1, -1).to(device)
+    return img.unsqueeze(0).to(device), txt.unsqueeze(0).to(device)
 
 
 class Flux2Adapter(DiffusersAdapter):
