@@ -68,7 +68,7 @@ def test_stage1_cycle_waits_only_for_the_guard_and_the_metrics():
     assert sum(syncs.values()) == args.n_fake + 2, dict(syncs)
 
 
-# FLUX.2: its position ids were copied from pageable host memory on every pass (two waits a pass, 9 of the 9
+# FLUX.2: its position ids were copied from pageable host memory on every pass (two waits a pass, 8 of the 9
 # stream synchronisations of batch-1 inference on the H200, 2026-12-04) until they were made once per shape.
 @pytest.mark.parametrize("arch", ["tiny_sd3", "tiny_flux2"])
 def test_sampling_waits_once_for_the_images(arch):

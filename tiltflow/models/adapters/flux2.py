@@ -49,7 +49,7 @@ def position_ids(b: int, h: int, w: int, text_len: int, device: torch.device) ->
 @functools.lru_cache(maxsize=32)
 def device_position_ids(h: int, w: int, text_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """The (1, N, 4) coordinates on `device`, made once: built on the host, their copy to a GPU from pageable
-    memory made the host wait for the GPU twice a pass (9 of the 9 stream synchronisations of batch-1 inference
+    memory made the host wait for the GPU twice a pass (8 of the 9 stream synchronisations of batch-1 inference
     on the H200, 2026-12-04). Callers only read them (the transformer takes positions, it does not write them)."""
     zero = torch.arange(1)
     img = torch.cartesian_prod(zero, torch.arange(h), torch.arange(w), zero)
