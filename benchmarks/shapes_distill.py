@@ -30,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-PHASES = {"stage1": ("ac_dmd", "dmd2"), "stage2": ("rtdmd", "grpo_only", "bp_only")}
+# rtdmd_balanced: RTDMD with w_bp and w_dm raised for this world (configs/shapes/rtdmd_balanced.yaml says why)
+PHASES = {"stage1": ("ac_dmd", "dmd2"), "stage2": ("rtdmd", "rtdmd_balanced", "grpo_only", "bp_only")}
 
 
 def checkpoint_step(run_dir: Path) -> int | None:
