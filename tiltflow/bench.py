@@ -222,7 +222,10 @@ def algorithm(stage: str, b: Built, args: Any, *, warmup: bool = False) -> Any:
                       consistency_grad=args.consistency_grad)
     if stage == "1":
         cfg: Any = Stage1Config(batch_size=args.batch, lr=lr, n_fake=args.n_fake, ema_decay=0.99, fake=fake)
-        return ACDMD(cfg, b.sampler, b.task, b.roles, build_train_state(cfg, b.roles), seed=args.seed, comm=b.comm)
+        algo: Any = ACDMD(cfg, b.sampler, b.task, b.roles, build_train_state(cfg, b.roles), seed=args.seed,
+                          comm=b.comm)
+        algo.guard.configure("stop", 0, getattr(args, "nonfinite_check", "update"))
+        return algo
     # --dm-target tilted: the exact mode (the rtdmd_exact preset: DM toward the diffused tilted target, no
     # reward terms) with the chosen estimator of the tilted denoiser, instead of the reference weights.
     exact = dict(STAGE_PRESETS["rtdmd_exact"]["stage2"], tilt_estimator=args.tilt_estimator,
@@ -230,8 +233,10 @@ def algorithm(stage: str, b: Built, args: Any, *, warmup: bool = False) -> Any:
     cfg = Stage2Config(num_prompts=1, group_size=args.batch, accumulation=1 if warmup else args.rollout_batches,
                        fake=dataclasses.replace(fake, lr=3e-6), **(exact if args.dm_target == "tilted" else {}))
     cfg.validate("stage2")
-    return RTDMD(cfg, b.sampler, b.task, b.roles, build_train_state(cfg, b.roles), seed=args.seed, comm=b.comm,
+    algo = RTDMD(cfg, b.sampler, b.task, b.roles, build_train_state(cfg, b.roles), seed=args.seed, comm=b.comm,
                  grad_sync=b.grad_sync)
+    algo.guard.configure("stop", 0, getattr(args, "nonfinite_check", "update"))
+    return algo
 
 
 # ---- timing ---------------------------------------------------------------------------------------------
@@ -839,6 +844,9 @@ def add_arguments(p: Any) -> None:
                         "(as parallel.compile)")
     p.add_argument("--cuda-graphs", action="store_true", help="with --compile model on CUDA: replay each "
                    "compiled pass as a CUDA graph (as parallel.cuda_graphs)")
+    p.add_argument("--nonfinite-check", choices=["update", "step"], default="update", help="when the NaN/inf "
+                   "check reads its values: after every update (a host wait each), or once per step (as "
+                   "nonfinite_check)")
     p.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder too, as a CUDA graph "
                    "with --cuda-graphs (as parallel.compile_vae); the bound's decode is the compiled one")
     p.add_argument("--batched-cfg", action=argparse.BooleanOptionalAction, default=False,

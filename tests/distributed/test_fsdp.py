@@ -82,12 +82,15 @@ def test_two_ranks_reproduce_one_process_and_resume_on_one(stage, data_parallel,
 
 # Stage 2 (rtdmd) with each rank's own data: the same run (2 iterations, the EMA every step) and the same checks are
 # in test_dcp_checkpoint.py::test_two_ranks_interrupted_and_resumed_equal_a_straight_run (its run before the resume).
-@pytest.mark.parametrize("stage", ["ac_dmd"])
-def test_two_ranks_with_their_own_data_train(stage, tiny_yaml, teacher_run, tmp_path):
+# nonfinite_check=step: every rank reads its updates' values once, at the end of the step, and the ranks agree
+# there (one collective a step, the same number on every rank): the run must not hang.
+@pytest.mark.parametrize(("stage", "check"), [("ac_dmd", "update"), ("ac_dmd", "step")])
+def test_two_ranks_with_their_own_data_train(stage, check, tiny_yaml, teacher_run, tmp_path):
     """Each rank draws its own prompts and noise (the random stop and SubGRPO's steps are shared, so every
     rank runs the same sharded passes): the run trains and agrees on one set of weights."""
     torchrun(tmp_path, f"--config={tiny_yaml}", f"stage={stage}", f"teacher_run={teacher_run}",
-             f"run_dir={tmp_path / 'own'}", "stage1.num_iters=2", "stage2.num_iters=2", "stage2.ema_every=1")
+             f"run_dir={tmp_path / 'own'}", "stage1.num_iters=2", "stage2.num_iters=2", "stage2.ema_every=1",
+             f"nonfinite_check={check}")
     final = load(tmp_path / "own" / "final.pt")
     init = load(teacher_run / "teacher.pt")["model"]
     assert any(not torch.equal(final["generator_raw"][k], init[k]) for k in init)

@@ -22,12 +22,12 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _built(arch="tiny_sd3"):
+def _built(arch="tiny_sd3", *extra):
     from tiltflow import bench
 
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
-    args = p.parse_args(["--arch", arch, "--device", "cuda", "--resolution", "32", "--batch", "2",
+    args = p.parse_args([*extra, "--arch", arch, "--device", "cuda", "--resolution", "32", "--batch", "2",
                          "--n-fake", "3", "--guidance-scale", "4.5", "--batched-cfg", "--no-activation-checkpointing",
                          "--out", "unused.json"])
     return bench, args, bench.build(args, stage2=False)
@@ -66,6 +66,17 @@ def test_stage1_cycle_waits_only_for_the_guard_and_the_metrics():
     assert {where for where, _, _ in syncs} <= {"algorithms/common.py"}, f"host waits elsewhere: {dict(syncs)}"
     # One guard read per update (n_fake fake updates + 1 generator update) and one metrics read.
     assert sum(syncs.values()) == args.n_fake + 2, dict(syncs)
+
+
+def test_stage1_cycle_with_the_check_once_per_step_waits_twice():
+    """nonfinite_check = step: the finite guard reads every update's values once, at the end of the step; the
+    cycle then waits only for that read and the metrics."""
+    bench, args, b = _built("tiny_sd3", "--nonfinite-check", "step")
+    algo = bench.algorithm("1", b, args)
+    algo.step(0)
+    syncs = _syncs(lambda: algo.step(1))
+    assert {where for where, _, _ in syncs} <= {"algorithms/common.py"}, f"host waits elsewhere: {dict(syncs)}"
+    assert sum(syncs.values()) == 2, dict(syncs)
 
 
 # FLUX.2: its position ids were copied from pageable host memory on every pass (two waits a pass, 8 of the 9

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_helpers import Child, assert_bitwise, metrics_without_time
+from reliability_helpers import Child, assert_bitwise, assert_same_run, metrics_without_time
 
 from tiltflow.algorithms import ac_dmd, rtdmd
 from tiltflow.rewards.base import RewardOutput, RewardSet
@@ -176,3 +176,47 @@ def test_skip_stops_past_the_limit(fault, monkeypatch, reference, train_args, tm
     stop_at = 1 + limit  # iterations 1, 2 skipped, the third skip (iteration 3) is one too many
     assert f"at step {stop_at} in the generator update" in line
     assert f"{limit + 1} updates skipped, more than max_skipped_updates = {limit}; stopping" in line
+
+
+# nonfinite_check: step (issue 8: no host wait between updates): the values are read once, at the end of the
+# step; a non-finite update is found there, the run stops before that step is logged or saved.
+STEP_CHECK = "nonfinite_check=step"
+
+
+def test_step_check_changes_nothing_in_a_clean_run(reference, train_args, tmp_path):
+    for stage, extra in (("ac_dmd", []), ("rtdmd", [f"init_from={reference['ac_dmd']}"])):
+        code, out = run(train_args(stage, tmp_path / stage, STEP_CHECK, *extra), tmp_path / f"{stage}.log")
+        assert code == 0, out
+        assert_same_run(tmp_path / stage, reference[stage])
+
+
+def test_step_check_stops_at_the_end_of_the_step_naming_the_update(monkeypatch, train_args, tmp_path):
+    nan_generator_loss(monkeypatch, at={3})
+    code, out = run(train_args("ac_dmd", tmp_path / "s1", STEP_CHECK), tmp_path / "log")
+    assert code == 1
+    line = error_line(out)
+    assert "non-finite generator DM loss = nan, generator gradient norm = nan at step 3 in the generator update" \
+        in line and "found at the end of the step" in line and "on_nonfinite = stop" in line
+    # the NaN step (the 4th iteration) was neither logged nor saved: the checkpoint is that of step 3, intact
+    assert load(tmp_path / "s1" / "checkpoint.pt")["step"] == 3
+    assert [r["step"] for r in metrics_without_time(tmp_path / "s1")][-1] == 3
+
+
+def test_step_check_names_the_sample_of_a_nan_reward(monkeypatch, reference, train_args, tmp_path):
+    nan_reward(monkeypatch, at=2)
+    code, out = run(train_args("rtdmd", tmp_path / "s2", STEP_CHECK, f"init_from={reference['ac_dmd']}"),
+                    tmp_path / "log")
+    assert code == 1
+    line = error_line(out)
+    assert "at step 2 in the generator update" in line and "found at the end of the step" in line
+    assert "reward linear scores: 1 of 32 entries, first at index 5" in line
+    assert load(tmp_path / "s2" / "checkpoint.pt")["step"] == 2
+
+
+def test_step_check_cannot_skip(train_args, tmp_path, capsys):
+    from tiltflow.cli import main
+
+    assert main(train_args("ac_dmd", tmp_path / "s1", STEP_CHECK, "on_nonfinite=skip")) == 2
+    err = capsys.readouterr().err
+    assert "nonfinite_check" in err and "on_nonfinite: stop" in err
+    assert not (tmp_path / "s1").exists()

@@ -62,4 +62,5 @@ class ACDMD(TwoNetworkAlgorithm):
                 self.state.ema.update()
         metrics.add({**out.metrics, "gen_dm_loss": out.loss.detach(), "gen_grad_norm": grad_norm,
                      **self.guard.metrics()})
+        self.guard.flush()  # nonfinite_check = step: the step's one read of its updates' values
         return metrics.result()

@@ -94,34 +94,45 @@ class FiniteGuard:
     """The finite-value guard of every update: one check (one host sync, agreed over ranks through `comm`)
     of its loss terms, rewards and gradient norms. on_nonfinite = "stop" raises FloatingPointError naming the
     step and the offending values; "skip" tells the caller to skip the update (no optimiser step, no EMA
-    update) and counts it, and raises once more than `max_skipped` updates were skipped."""
+    update) and counts it, and raises once more than `max_skipped` updates were skipped.
 
-    def __init__(self, comm: Comm, on_nonfinite: str = "stop", max_skipped: int = 0):
+    check = "step" (with "stop" only) defers the check: each update's values are kept on the device and the
+    algorithm reads them all once, at the end of its step (`flush`), so the host never waits for the GPU
+    between updates. A non-finite update is then applied, and the updates after it in the same step run on
+    what it left; the step raises at its end, before the loop logs, evaluates or writes a checkpoint, so the
+    last checkpoint is intact as with "update" (the state in memory is thrown away). The message names the
+    first non-finite update; it cannot list the parameters with non-finite gradients (later updates have
+    overwritten them)."""
+
+    def __init__(self, comm: Comm, on_nonfinite: str = "stop", max_skipped: int = 0, check: str = "update"):
         self.comm = comm
-        self.configure(on_nonfinite, max_skipped)
+        self.configure(on_nonfinite, max_skipped, check)
         self.skipped = 0  # updates skipped so far in the run (checkpointed by the loop)
+        self.pending: list[tuple[int, str, dict[str, Tensor | float]]] = []  # check = "step": not yet read
 
-    def configure(self, on_nonfinite: str, max_skipped: int) -> None:
-        if on_nonfinite not in ("stop", "skip") or max_skipped < 0:
-            raise ValueError(f"need on_nonfinite in ('stop', 'skip') and max_skipped >= 0, got {on_nonfinite!r}, "
-                             f"{max_skipped}")
-        self.on_nonfinite, self.max_skipped = on_nonfinite, max_skipped
+    def configure(self, on_nonfinite: str, max_skipped: int, check: str = "update") -> None:
+        if on_nonfinite not in ("stop", "skip") or max_skipped < 0 or check not in ("update", "step"):
+            raise ValueError(f"need on_nonfinite in ('stop', 'skip'), max_skipped >= 0 and check in ('update', "
+                             f"'step'), got {on_nonfinite!r}, {max_skipped}, {check!r}")
+        if check == "step" and on_nonfinite != "stop":
+            raise ValueError("check = 'step' reads the values after the updates ran, so it cannot skip one; it "
+                             f"needs on_nonfinite = 'stop', got {on_nonfinite!r}")
+        self.on_nonfinite, self.max_skipped, self.check = on_nonfinite, max_skipped, check
 
     def ok(self, step: int, update: str, values: Mapping[str, Tensor | float],
            grads: Sequence[nn.Parameter] | None = None) -> bool:
         """True when every value (a scalar, or a tensor such as a batch of rewards) is finite on every rank.
-        `grads`: the update's parameters, searched for the non-finite gradients on failure only."""
+        `grads`: the update's parameters, searched for the non-finite gradients on failure only. With
+        check = "step": True at once; the values are read by `flush` at the end of the step."""
         values = {k: _local(v) for k, v in values.items()}
-        device = next((v.device for v in values.values() if isinstance(v, Tensor)), None)
-        flags = torch.stack([torch.isfinite(torch.as_tensor(v, device=device).detach()).all()
-                             for v in values.values()]).tolist()  # one host sync
+        if self.check == "step":
+            self.pending.append((step, update, {k: v.detach() if isinstance(v, Tensor) else v
+                                                for k, v in values.items()}))
+            return True
+        flags = _finite_flags([values])
         if not self.comm.any(not all(flags)):  # every rank agrees, so all stop (or skip) together
             return True
-        bad = [name for name, ok in zip(values, flags) if not ok]
-        what = ", ".join(f"{name} = {_first_bad(values[name])}" for name in bad) or "values on another rank"
-        details = [_where_bad(name, values[name]) for name in bad if torch.as_tensor(values[name]).numel() > 1]
-        details += _bad_gradients(grads) if grads is not None else []
-        where = f"non-finite {what} at step {step} in the {update}" + (f" ({'; '.join(details)})" if details else "")
+        where = _nonfinite_message(step, update, values, flags, grads)
         if self.on_nonfinite == "stop":
             raise FloatingPointError(f"{where}; stopping (on_nonfinite = stop; the last checkpoint is intact)")
         self.skipped += 1
@@ -132,9 +143,49 @@ class FiniteGuard:
               file=sys.stderr, flush=True)
         return False
 
+    def flush(self) -> None:
+        """check = "step": read every update's values of the step at once (one host sync, agreed over ranks)
+        and raise FloatingPointError naming the first non-finite one. Nothing to do with check = "update"."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        flags = _finite_flags([values for _, _, values in pending])
+        if not self.comm.any(not all(flags)):
+            return
+        first = 0
+        for step, update, values in pending:
+            mine = flags[first:first + len(values)]
+            first += len(values)
+            if not all(mine):
+                where = _nonfinite_message(step, update, values, mine, None)
+                break
+        else:
+            step, update, _ = pending[0]
+            where = f"non-finite values on another rank in step {step}"
+        raise FloatingPointError(f"{where}; found at the end of the step (nonfinite_check = step: the updates after "
+                                 "it ran too, and nothing of this step was saved); stopping (on_nonfinite = stop; "
+                                 "the last checkpoint is intact)")
+
     def metrics(self) -> dict[str, float]:
         """`skipped_updates` (the run's total so far) when skipping is on."""
         return {"skipped_updates": float(self.skipped)} if self.on_nonfinite == "skip" else {}
+
+
+def _finite_flags(groups: Sequence[Mapping[str, Tensor | float]]) -> list[bool]:
+    """Whether each value of each group is finite everywhere, in order: one host sync for all of them."""
+    values = [v for group in groups for v in group.values()]
+    device = next((v.device for v in values if isinstance(v, Tensor)), None)
+    return torch.stack([torch.isfinite(torch.as_tensor(v, device=device).detach()).all()
+                        for v in values]).tolist()
+
+
+def _nonfinite_message(step: int, update: str, values: Mapping[str, Tensor | float], flags: Sequence[bool],
+                       grads: Sequence[nn.Parameter] | None) -> str:
+    bad = [name for name, ok in zip(values, flags) if not ok]
+    what = ", ".join(f"{name} = {_first_bad(values[name])}" for name in bad) or "values on another rank"
+    details = [_where_bad(name, values[name]) for name in bad if torch.as_tensor(values[name]).numel() > 1]
+    details += _bad_gradients(grads) if grads is not None else []
+    return f"non-finite {what} at step {step} in the {update}" + (f" ({'; '.join(details)})" if details else "")
 
 
 def optimizer_step(opt: torch.optim.Optimizer, loss: Tensor, params: list[nn.Parameter], clip: float,

@@ -143,6 +143,7 @@ class RTDMD(TwoNetworkAlgorithm):
         metrics.add({"gen_grad_norm": grad_norm, **self.guard.metrics()})
         metrics.add({f"grad_norm_{name}": torch.stack([g.double().square().sum() for g in grads]).sum().sqrt()
                      for name, grads in by_term.items()})
+        self.guard.flush()  # nonfinite_check = step: the step's one read of its updates' values
         return metrics.result()
 
     def backward_by_term(self, terms: dict[str, tuple[float, LossOutput]], A: int,

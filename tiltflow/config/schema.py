@@ -290,6 +290,11 @@ class RunConfig:
     checkpoint_retry_wait_s: float = 10.0
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss, gradient or reward: stop, or skip that update
     max_skipped_updates: int = 10  # with on_nonfinite: skip, the run stops once more updates than this are skipped
+    # When the NaN/inf check reads its values: after every update (the host waits for the GPU once per update, 11
+    # times a stage-1 cycle), or once at the end of each step (no wait between updates; a non-finite update is
+    # then found at the step's end, the updates after it have run, and the run stops before anything of that
+    # step is logged or saved: the last checkpoint is intact). "step" needs on_nonfinite: stop.
+    nonfinite_check: Literal["update", "step"] = "update"
     log_every: int = 25
     # > 0: past this many seconds of one `tiltflow train` call the run checkpoints and stops (exit code 3);
     # the same command resumes it (for time-limited jobs). 0: no limit.
@@ -313,6 +318,9 @@ class RunConfig:
         require_min(self, "", 1, "checkpoint_every", "log_every", "checkpoint_keep")
         require(0 <= self.seed < 2**63, "seed", f"got {self.seed}, expected an integer in [0, 2**63)")
         require_min(self, "", 0, "checkpoint_retries", "max_skipped_updates")
+        require(self.nonfinite_check == "update" or self.on_nonfinite == "stop", "nonfinite_check",
+                f"got 'step' with on_nonfinite '{self.on_nonfinite}'; a check at the end of the step comes after the "
+                "updates ran, so it cannot skip one: use on_nonfinite: stop, or nonfinite_check: update")
         require(math.isfinite(self.time_limit_s) and self.time_limit_s >= 0, "time_limit_s",
                 f"got {self.time_limit_s}, expected seconds >= 0 (0: no limit)")
         require(math.isfinite(self.checkpoint_retry_wait_s) and self.checkpoint_retry_wait_s >= 0,

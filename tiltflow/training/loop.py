@@ -47,6 +47,7 @@ class NonFinite:
 
     on_nonfinite: str = "stop"
     max_skipped_updates: int = 10
+    check: str = "update"  # nonfinite_check: after every update, or once per step
 
 
 class ProgressLine:
@@ -89,7 +90,7 @@ def run_loop(algo: Algorithm, hooks: LoopHooks, *, run_dir: Path, num_iters: int
     log = logger or Logger(run_dir)
     guard = getattr(algo, "guard", None)  # the algorithms' FiniteGuard (a bare test algorithm has none)
     if nonfinite is not None and guard is not None:
-        guard.configure(nonfinite.on_nonfinite, nonfinite.max_skipped_updates)
+        guard.configure(nonfinite.on_nonfinite, nonfinite.max_skipped_updates, nonfinite.check)
     start = 0
     if ckpt.exists():
         state = ckpt.load()

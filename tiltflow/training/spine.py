@@ -75,7 +75,8 @@ def train(cfg: RunConfig, *, world: Any = None, progress: bool = True) -> dict[s
                  desc=f"{cfg.world} {cfg.stage}", progress=progress and is_main_process(), logger=logger,
                  progress_every_s=cfg.logging.progress_every_s,
                  checkpointer=make_checkpointer(run_dir, ranks, setup.models, state, cfg),
-                 nonfinite=NonFinite(cfg.on_nonfinite, cfg.max_skipped_updates), time_limit_s=cfg.time_limit_s)
+                 nonfinite=NonFinite(cfg.on_nonfinite, cfg.max_skipped_updates, cfg.nonfinite_check),
+                 time_limit_s=cfg.time_limit_s)
     finally:
         logger.close()
     if done < num_iters:  # paused at time_limit_s: nothing is exported until the run has finished
