@@ -314,21 +314,11 @@ def shapes_demo_config(out: Path, overrides: list[str]) -> Any:
 def shapes_generator_samples(cfg: Any, init_state: Any) -> tuple[dict[str, float], np.ndarray, list[str]]:
     """Scores and images of the 4-step generator (init_state: None = the starting one) on the run's eval
     prompts with its fixed noise (seeds 10000 + i, as the run's own evaluation uses)."""
-    from tiltflow.worlds.shapes.evaluate import eval_prompts, evaluate_samples
     from tiltflow.worlds.shapes.rewards import build_rewards
-    from tiltflow.worlds.shapes.world import build_models, few_step
+    from tiltflow.worlds.shapes.world import build_models, evaluate_generator
 
     adapter, models = build_models(cfg, init_state)
-    rewards = build_rewards(cfg.rewards, cfg.models_dir, adapter.device)
-    prompts = eval_prompts(cfg.eval.prompt_set, cfg.eval.max_prompts, cfg.eval.num_per_prompt)
-    seeds = [10_000 + i for i in range(len(prompts))]
-    b = cfg.eval.batch_size
-
-    def generate(batch: list[str], k: int) -> Any:
-        return few_step(models, adapter, cfg.sampler, batch, seeds[k * b:k * b + len(batch)])
-
-    metrics, images = evaluate_samples(generate, prompts, b, rewards, adapter.decode)
-    return metrics, images, prompts
+    return evaluate_generator(cfg, adapter, models, build_rewards(cfg.rewards, cfg.models_dir, adapter.device))
 
 
 def side_by_side(left: Path, right: Path, target: Path, gap: int = 12) -> None:

@@ -100,6 +100,23 @@ def test_distillation_stages_through_the_spine(models_dir, tmp_path):
     with pytest.raises(VocabularyError, match="'hexagon'"):
         ShapesWorld().sample(run_cfg, texts=["a photo of a hexagon"], out=tmp_path / "bad")
 
+    # Re-evaluating the finished run (`tiltflow eval --run DIR --out OUT`): its final generator, evaluated afresh
+    # with the run's own eval settings and noise, gives the run's final metrics; an override changes them.
+    from tiltflow.cli import main
+
+    n = run_cfg.eval.num_per_prompt
+    assert main(["eval", "--run", str(s2), "--out", str(tmp_path / "re")]) == 0
+    again = json.loads((tmp_path / "re" / f"final_{n}pp_metrics.json").read_text())
+    stored = json.loads((s2 / "final_metrics.json").read_text())
+    assert again.keys() == stored.keys()
+    # The run evaluated its generator with the LoRA beside the base; the re-evaluation loads the export: the same
+    # function up to float32 summation order (measured 1e-7 relative on CLIP), so 1e-5 relative on the scores.
+    for k in stored:
+        tol = 0.0 if k.startswith("verifier/") else 1e-5 * abs(stored[k])
+        assert abs(again[k] - stored[k]) <= tol, (k, stored[k], again[k])
+    assert main(["eval", "--run", str(s2), "--out", str(tmp_path / "re"), f"eval.num_per_prompt={2 * n}"]) == 0
+    assert (tmp_path / "re" / f"final_{2 * n}pp_grid.png").is_file()
+
 
 def test_eval_run_of_the_teacher(models_dir, tmp_path):
     from tiltflow.cli import main

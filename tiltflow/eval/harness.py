@@ -199,7 +199,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder for the reports (with --run: what the run's evaluation writes, e.g. a "
-                             "shapes teacher's metrics and grid, and eval_run.json)")
+                             "shapes teacher's metrics and grid, or a shapes stage run's final generator "
+                             "evaluated afresh, and eval_run.json)")
     parser.add_argument("--samples-per-prompt", type=int, default=1, help="images per prompt when generating")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts (default: all)")

@@ -75,6 +75,21 @@ def few_step(models: Any, adapter: ShapesAdapter, sampler: Any, prompts: list[st
                       eta=sampler.eta if eta is None else eta).final
 
 
+def evaluate_generator(cfg: ShapesRunConfig, adapter: ShapesAdapter, models: Any,
+                       rewards: Any) -> tuple[dict[str, float], Any, list[str]]:
+    """The 4-step generator's scores and images on cfg.eval's prompts, with the fixed noise every evaluation of
+    a run uses (sample i from seed 10000 + i): (metrics, images, prompts)."""
+    prompts = eval_prompts(cfg.eval.prompt_set, cfg.eval.max_prompts, cfg.eval.num_per_prompt)
+    seeds = [10_000 + i for i in range(len(prompts))]
+    b = cfg.eval.batch_size
+
+    def generate(batch: list[str], k: int) -> Tensor:
+        return few_step(models, adapter, cfg.sampler, batch, seeds[k * b:k * b + len(batch)])
+
+    metrics, images = evaluate_samples(generate, prompts, b, rewards, adapter.decode)
+    return metrics, images, prompts
+
+
 class ShapesWorld:
     """`world: shapes`."""
 
@@ -102,26 +117,16 @@ class ShapesWorld:
         rewards = build_rewards(cfg.rewards, cfg.models_dir, adapter.device)
         task = DiffusersTask(adapter, read_prompts(cfg), rewards, cfg.guidance_scale, adapter.resolution)
         run_dir = Path(cfg.run_dir)
-        prompts = eval_prompts(cfg.eval.prompt_set, cfg.eval.max_prompts, cfg.eval.num_per_prompt)
-        seeds = [10_000 + i for i in range(len(prompts))]  # fixed: every evaluation sees the same noise
-
-        def run_eval() -> tuple[dict[str, float], Any]:
-            b = cfg.eval.batch_size
-
-            def generate(batch: list[str], k: int) -> Tensor:
-                return few_step(models, adapter, cfg.sampler, batch, seeds[k * b:k * b + len(batch)])
-
-            return evaluate_samples(generate, prompts, b, rewards, adapter.decode)
 
         # Under FSDP2 every rank evaluates the whole prompt set with the same seeds: the sharded generator's
         # forwards are collectives, and the metrics come out identical on every rank (rank 0 logs them).
         def evaluate(step: int) -> dict[str, float]:
-            return {f"eval_{k}": v for k, v in run_eval()[0].items()}
+            return {f"eval_{k}": v for k, v in evaluate_generator(cfg, adapter, models, rewards)[0].items()}
 
         def finish(ema: EMA) -> dict[str, Any]:
             ema.copy_to(ema.params)  # the final generator is the EMA one
             write_final(cfg, models, init_state, world="shapes")  # gathers on every rank, rank 0 writes
-            metrics, images = run_eval()
+            metrics, images, prompts = evaluate_generator(cfg, adapter, models, rewards)
             if is_main_process():
                 write_eval(run_dir, "final", metrics, images, prompts)
             barrier()  # every rank returns once rank 0's files are complete
@@ -154,7 +159,9 @@ class ShapesWorld:
                      out_dir: str | Path | None = None) -> dict[str, Any]:
         """`tiltflow eval --run DIR`. A teacher run: the teacher with eval.teacher_steps Euler steps and CFG
         (guidance_scale), its metrics and grid written to out_dir (default DIR/eval). A stage run: its final
-        metrics (4-step generator, written by the run). The prompt set, samples per prompt and seeds are
+        metrics as the run wrote them, or with out_dir its final 4-step generator evaluated afresh with the
+        config's (overridden) eval settings, e.g. eval.num_per_prompt=16, written to out_dir as
+        final_<n>pp_metrics.json and final_<n>pp_grid.png. The prompt set, samples per prompt and seeds are
         cfg.eval's (--num and --seed apply to gmm runs only)."""
         run_dir = Path(cfg.run_dir)
         if cfg.stage == "teacher":
@@ -172,8 +179,16 @@ class ShapesWorld:
         path = run_dir / "final_metrics.json"
         if not path.is_file():
             raise FileNotFoundError(f"{str(path)!r} does not exist: is {str(run_dir)!r} a finished stage run?")
-        return {"samples": str(run_dir / "final_grid.png"), "reference": "verifier",
-                "metrics": json.loads(path.read_text())}
+        if out_dir is None:
+            return {"samples": str(run_dir / "final_grid.png"), "reference": "verifier",
+                    "metrics": json.loads(path.read_text())}
+        adapter, models = sampling_models(cfg, build_models)
+        assert cfg.models_dir is not None
+        metrics, images, prompts = evaluate_generator(cfg, adapter, models,
+                                                      build_rewards(cfg.rewards, cfg.models_dir, adapter.device))
+        name = f"final_{cfg.eval.num_per_prompt}pp"
+        write_eval(Path(out_dir), name, metrics, images, prompts)
+        return {"samples": str(Path(out_dir) / f"{name}_grid.png"), "reference": "verifier", "metrics": metrics}
 
 
 def evaluate_teacher(cfg: ShapesRunConfig, models_dir: str | Path, *, num_steps: int, guidance_scale: float,
