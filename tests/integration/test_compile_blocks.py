@@ -283,9 +283,10 @@ def test_compile_vae_decodes_as_the_eager_decoder_and_needs_a_vae():
 def test_a_stage2_run_decodes_through_the_compiled_vae(tmp_path, monkeypatch):
     """parallel.compile_vae through `train`: a BP-only stage-2 step (the reward's gradient flows back through the
     VAE decode) on the compiled decoder (aot_eager). Its first step's reward and BP loss, computed before any
-    update from the same seed, equal the eager run's within 1e-5 relative: the compiled decoder gave the eager
-    images exactly in the test above, and 1e-5 leaves a few hundred float32 roundings (eps 1.2e-7) for a
-    reduction-order change in the decode's group norms or the reward's mean."""
+    update from the same seed, equal the eager run's within the bound of the test above, carried through to
+    them: the decoder outputs y may differ by 3 e (e: the run's eager float32 decoder against a float64 copy,
+    measured here on latents of the run's shape), the images (y + 1) / 2, clamped, by 1.5 e, and the reward (a
+    mean of image pixels) and the hinge loss (margin - reward, averaged) by at most that."""
     import json
 
     from tiltflow.training.spine import train
@@ -307,6 +308,15 @@ def test_a_stage2_run_decodes_through_the_compiled_vae(tmp_path, monkeypatch):
               progress=False)
         rows[name] = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
     assert compiled == ["Decoder"]  # the VAE's decoder, once, in the compile_vae run only
+    from tiltflow.worlds.diffusers_world import build_adapter
+
+    run_cfg = load_run_config(tmp_path / "vae" / "config.yaml", [])
+    adapter = build_adapter(run_cfg.model, "cpu", run_cfg.seed)  # the run's random weights, eager
+    decoder = adapter.vae.decoder
+    g = torch.Generator().manual_seed(5)
+    z = adapter.latents_to_vae(torch.randn(4, *adapter.latent_shape(32, 32), generator=g))
+    with torch.no_grad():
+        e = (decoder(z).double() - copy.deepcopy(decoder).double()(z.double())).abs().max().item()
     for key in ("bp_reward", "bp_loss"):
         a, b = rows["eager"][key], rows["vae"][key]
-        assert abs(a - b) <= 1e-5 * abs(a), (key, a, b)
+        assert abs(a - b) <= 1.5 * e, (key, a, b, e)

@@ -109,10 +109,13 @@ def test_distillation_stages_through_the_spine(models_dir, tmp_path):
     again = json.loads((tmp_path / "re" / f"final_{n}pp_metrics.json").read_text())
     stored = json.loads((s2 / "final_metrics.json").read_text())
     assert again.keys() == stored.keys()
-    # The run evaluated its generator with the LoRA beside the base; the re-evaluation loads the export: the same
-    # function up to float32 summation order (measured 1e-7 relative on CLIP), so 1e-5 relative on the scores.
+    # The run evaluated its live generator, the re-evaluation loads its export: the same function in float32 up to
+    # the order of its sums. First order, each of the few hundred sequential reductions (4 sampler steps through
+    # the 1-layer transformer, then the 1-layer reward model) adds at most u = 6e-8 relative: < 3e-5 in all, so
+    # 1e-4 relative on the scores. The verifier reads the images quantised to 8 bits, which such perturbations
+    # leave as they are unless a pixel sits on a rounding edge; its pass/fail is compared exactly.
     for k in stored:
-        tol = 0.0 if k.startswith("verifier/") else 1e-5 * abs(stored[k])
+        tol = 0.0 if k.startswith("verifier/") else 1e-4 * abs(stored[k])
         assert abs(again[k] - stored[k]) <= tol, (k, stored[k], again[k])
     assert main(["eval", "--run", str(s2), "--out", str(tmp_path / "re"), f"eval.num_per_prompt={2 * n}"]) == 0
     assert (tmp_path / "re" / f"final_{2 * n}pp_grid.png").is_file()
