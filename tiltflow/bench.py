@@ -216,16 +216,20 @@ def build(args: Any, stage2: bool, comm: Comm = LOCAL) -> Built:
 
 
 def algorithm(stage: str, b: Built, args: Any, *, warmup: bool = False) -> Any:
-    """The reference settings (configs/reference), with the optimisers the spine builds."""
+    """The reference settings (configs/reference), with the optimisers the spine builds; the finite guard
+    checks after every update or once per step (--nonfinite-check)."""
+    algo = _reference_algorithm(stage, b, args, warmup)
+    algo.guard.configure("stop", 0, getattr(args, "nonfinite_check", "update"))
+    return algo
+
+
+def _reference_algorithm(stage: str, b: Built, args: Any, warmup: bool) -> Any:
     lr = 1e-6 if b.adapter.family == "flux2" else 3e-5
     fake = FakeConfig(lr=lr, weighting="clamped", consistency_gamma=0.01, consistency_delta_max=0.2,
                       consistency_grad=args.consistency_grad)
     if stage == "1":
         cfg: Any = Stage1Config(batch_size=args.batch, lr=lr, n_fake=args.n_fake, ema_decay=0.99, fake=fake)
-        algo: Any = ACDMD(cfg, b.sampler, b.task, b.roles, build_train_state(cfg, b.roles), seed=args.seed,
-                          comm=b.comm)
-        algo.guard.configure("stop", 0, getattr(args, "nonfinite_check", "update"))
-        return algo
+        return ACDMD(cfg, b.sampler, b.task, b.roles, build_train_state(cfg, b.roles), seed=args.seed, comm=b.comm)
     # --dm-target tilted: the exact mode (the rtdmd_exact preset: DM toward the diffused tilted target, no
     # reward terms) with the chosen estimator of the tilted denoiser, instead of the reference weights.
     exact = dict(STAGE_PRESETS["rtdmd_exact"]["stage2"], tilt_estimator=args.tilt_estimator,
@@ -233,10 +237,8 @@ def algorithm(stage: str, b: Built, args: Any, *, warmup: bool = False) -> Any:
     cfg = Stage2Config(num_prompts=1, group_size=args.batch, accumulation=1 if warmup else args.rollout_batches,
                        fake=dataclasses.replace(fake, lr=3e-6), **(exact if args.dm_target == "tilted" else {}))
     cfg.validate("stage2")
-    algo = RTDMD(cfg, b.sampler, b.task, b.roles, build_train_state(cfg, b.roles), seed=args.seed, comm=b.comm,
+    return RTDMD(cfg, b.sampler, b.task, b.roles, build_train_state(cfg, b.roles), seed=args.seed, comm=b.comm,
                  grad_sync=b.grad_sync)
-    algo.guard.configure("stop", 0, getattr(args, "nonfinite_check", "update"))
-    return algo
 
 
 # ---- timing ---------------------------------------------------------------------------------------------

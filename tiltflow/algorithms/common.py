@@ -160,8 +160,7 @@ class FiniteGuard:
                 where = _nonfinite_message(step, update, values, mine, None)
                 break
         else:
-            step, update, _ = pending[0]
-            where = f"non-finite values on another rank in step {step}"
+            where = f"non-finite values on another rank in step {pending[0][0]}"
         raise FloatingPointError(f"{where}; found at the end of the step (nonfinite_check = step: the updates after "
                                  "it ran too, and nothing of this step was saved); stopping (on_nonfinite = stop; "
                                  "the last checkpoint is intact)")
