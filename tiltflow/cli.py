@@ -250,5 +250,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if isinstance(e, (FloatingPointError, CheckpointError, RemoteRewardError)) else 2
 
 
+def run() -> None:
+    """The `tiltflow` command (and `python -m tiltflow.cli`): main(), then the exit; a torchrun rank ends
+    through tiltflow.distributed.launch.finish_process (see there why)."""
+    code = main()
+    from tiltflow.distributed.launch import finish_process
+
+    finish_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

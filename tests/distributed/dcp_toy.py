@@ -102,7 +102,6 @@ def main(mode: str, jobs: list[tuple[Path, bool]]) -> None:
         out["losses"] = [step(modules, state, it) for it in range(SAVED_AT, SAVED_AT + MORE)]
         if dist.get_rank() == 0:
             torch.save(out, folder / f"{'reference' if mode == 'save' else 'resumed'}.pt")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
@@ -110,3 +109,6 @@ if __name__ == "__main__":
     args = sys.argv[2:]
     assert args and len(args) % 2 == 0 and set(args[1::2]) <= {"separate", "shared"}, sys.argv
     main(sys.argv[1], [(Path(d), layout == "shared") for d, layout in zip(args[::2], args[1::2])])
+    from tiltflow.distributed.launch import finish_process
+
+    finish_process(0)  # destroys the process group; why it ends the process at once: see there

@@ -27,6 +27,8 @@ from tiltflow.cli import main
 rc = main(sys.argv[1:])
 with open(f"rank{os.environ['RANK']}.json", "w") as f:
     json.dump({"rc": rc, "writes": writes}, f)
+from tiltflow.distributed.launch import finish_process
+finish_process(0)
 """
 
 

@@ -144,7 +144,8 @@ with open(f"rank{dist.get_rank()}.json", "w") as f:  # one file per rank: no int
 sys.path.insert(0, sys.argv[1])
 from test_fsdp import advantages_on_this_rank
 advantages_on_this_rank(".")
-dist.destroy_process_group()
+from tiltflow.distributed.launch import finish_process
+finish_process(0)
 """
 
 

@@ -51,6 +51,8 @@ for overrides in json.loads(sys.argv[2]):
                   "w") as f:
             json.dump({"metrics": {k: v for k, v in out.items() if isinstance(v, (int, float))},
                        "writes": writes[start:]}, f)
+from tiltflow.distributed.launch import finish_process
+finish_process(0)
 """
 
 DIFFUSERS = ["world=diffusers", "model.family=sd3", "model.random_weights=true", "model.arch=tiny_sd3",

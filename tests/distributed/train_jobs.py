@@ -17,10 +17,12 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 SCRIPT = """
 import json, sys
 from tiltflow.cli import main
+from tiltflow.distributed.launch import finish_process
 for argv in json.loads(sys.argv[1]):
     code = main(["train", *argv])
     if code != 0:
-        sys.exit(code)
+        finish_process(code)
+finish_process(0)
 """
 
 
