@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -252,10 +253,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The `tiltflow` command (and `python -m tiltflow.cli`): main(), then the exit; a torchrun rank ends
-    through tiltflow.distributed.launch.finish_process (see there why)."""
-    code = main()
+    through tiltflow.distributed.launch.finish_process (see there why), also when main raises (the traceback
+    printed, exit status 1)."""
+    import torch.distributed as dist
+
     from tiltflow.distributed.launch import finish_process
 
+    try:
+        code = main()
+    except Exception:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise
+        traceback.print_exc()
+        code = 1
     finish_process(code)
 
 

@@ -46,6 +46,18 @@ def test_a_process_without_a_group_exits_normally(tmp_path):
     assert out.stdout == "written|finalized"
 
 
+def test_a_rank_whose_command_raises_prints_the_traceback_and_ends_with_1(tmp_path):
+    script = ("import atexit, sys\nimport torch.distributed as dist\nfrom tiltflow import cli\n"
+              "atexit.register(lambda: print('|finalized', end=''))\n"
+              "dist.init_process_group('gloo', init_method='file://' + sys.argv[1], rank=0, world_size=1)\n"
+              "cli.main = lambda: 1 / 0\ncli.run()\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "store")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "ZeroDivisionError" in out.stderr and "Traceback" in out.stderr
+    assert out.stdout == ""  # no finalization
+
+
 def test_the_command_ends_through_it(monkeypatch):
     """`tiltflow` (and `python -m tiltflow.cli`) is cli.run: main's exit status, through finish_process."""
     from tiltflow import cli
@@ -54,3 +66,14 @@ def test_the_command_ends_through_it(monkeypatch):
     with pytest.raises(SystemExit) as exc:
         cli.run()
     assert exc.value.code == 7
+
+
+def test_without_a_group_an_exception_propagates(monkeypatch):
+    from tiltflow import cli
+
+    def boom() -> int:
+        raise ZeroDivisionError("from main")
+
+    monkeypatch.setattr(cli, "main", boom)
+    with pytest.raises(ZeroDivisionError, match="from main"):
+        cli.run()
