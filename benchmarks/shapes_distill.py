@@ -30,8 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-# rtdmd_balanced: RTDMD with w_bp and w_dm raised for this world (configs/shapes/rtdmd_balanced.yaml says why)
-PHASES = {"stage1": ("ac_dmd", "dmd2"), "stage2": ("rtdmd", "rtdmd_balanced", "grpo_only", "bp_only")}
+# rtdmd_balanced: RTDMD with w_bp and w_dm raised for this world (configs/shapes/rtdmd_balanced.yaml says why);
+# rtdmd_partial / grpo_partial: the same (and GRPO-only) with the verifier's graded score as reward
+PHASES = {"stage1": ("ac_dmd", "dmd2"),
+          "stage2": ("rtdmd", "rtdmd_balanced", "rtdmd_partial", "grpo_only", "grpo_partial", "bp_only")}
 
 
 def checkpoint_step(run_dir: Path) -> int | None:

@@ -255,14 +255,13 @@ def run() -> None:
     """The `tiltflow` command (and `python -m tiltflow.cli`): main(), then the exit; a torchrun rank ends
     through tiltflow.distributed.launch.finish_process (see there why), also when main raises (the traceback
     printed, exit status 1)."""
-    import torch.distributed as dist
-
     from tiltflow.distributed.launch import finish_process
+    from tiltflow.distributed.state import in_process_group
 
     try:
         code = main()
     except Exception:
-        if not (dist.is_available() and dist.is_initialized()):
+        if not in_process_group():
             raise
         traceback.print_exc()
         code = 1

@@ -14,7 +14,7 @@ from tiltflow.rewards.base import Reward, RewardSet
 from tiltflow.rewards.clip_score import ClipSimilarityReward
 from tiltflow.worlds.shapes import render as R
 from tiltflow.worlds.shapes.models import ShapesAdapter, euler_sample, new_transformer
-from tiltflow.worlds.shapes.rewards import VerifierReward
+from tiltflow.worlds.shapes.rewards import PartialVerifierReward, VerifierReward, build_rewards
 from tiltflow.worlds.shapes.scene import VocabularyError, hard_negatives, parse, vocabulary
 from tiltflow.worlds.shapes.text import MAX_TOKENS, TextEncoder, build_text_encoder, build_tokenizer
 
@@ -98,6 +98,20 @@ def test_verifier_reward():
     assert out.scores.tolist() == [1.0, 0.0] and out.extras["reasons"] == ["ok", "count"]
     total = RewardSet([r]).__call__(img, [s.text] * 2)
     assert total.differentiable_total is None
+
+
+def test_partial_verifier_reward_through_the_config_names():
+    """'verifier_partial' builds the graded reward: 1 on a pass, the fraction of checks met otherwise (one
+    circle for "three blue triangles": count 1 - 2/3, no triangle, no blue one: 1/9)."""
+    from tiltflow.config.shapes import ShapesRewardChoice
+
+    rs = build_rewards([ShapesRewardChoice("verifier_partial", 1.0), ShapesRewardChoice("verifier", 0.5)], "unused",
+                       "cpu")
+    assert [type(r) for r in rs.rewards] == [PartialVerifierReward, VerifierReward]
+    assert rs.rewards[0].differentiable is False
+    s = parse("a photo of three blue triangles")
+    img = R.to_tensor_images(np.stack([R.render(s, 32, 0), R.render(parse("a photo of a circle"), 32, 0)]))
+    torch.testing.assert_close(rs.rewards[0](img, [s.text] * 2).scores, torch.tensor([1.0, 1 / 9]))
 
 
 def test_clip_reward_is_served_by_clipscore_and_differentiable(tmp_path):

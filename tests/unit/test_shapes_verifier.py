@@ -19,7 +19,7 @@ from tiltflow.worlds.shapes.scene import (
     parse,
     prompt_sets,
 )
-from tiltflow.worlds.shapes.verifier import check, detect, score, verify
+from tiltflow.worlds.shapes.verifier import Detection, check, detect, partial_credit, score, verify
 
 
 def test_every_caption_parses_back_to_its_scene_and_category():
@@ -132,6 +132,52 @@ def test_noise_tolerance():
 def test_matching_prefers_coloured_groups():
     red_circle = [d for d in detect(R.render(parse("a photo of a red circle and a blue square"), 32, 0))]
     assert check(Scene((Group("circle"), Group("square", 1, "blue"))), red_circle).passed
+
+
+def test_partial_credit_is_one_exactly_on_a_pass():
+    """On the renderer's images (every caption passes: credit 1), on the same images judged against hard
+    negative captions (every one fails: credit < 1), and on random detection sets, credit == 1 iff check passes."""
+    for cat in CATEGORIES:
+        for s in all_scenes(cat)[::2]:
+            found = detect(R.render(s, 32, 5))
+            assert partial_credit(s, found) == 1.0
+            for negs in hard_negatives(s).values():
+                for neg in negs:
+                    assert not check(neg, found).passed and 0.0 <= partial_credit(neg, found) < 1.0
+    rng = np.random.default_rng(0)
+    colours, shapes = list(COLOURS), ["circle", "square", "triangle"]
+    scenes = [s for c in CATEGORIES for s in all_scenes(c)]
+    agree = passes = 0
+    for _ in range(3000):
+        s = scenes[rng.integers(len(scenes))]
+        n = max(0, s.num_objects + int(rng.integers(-1, 2)))
+        found = [Detection(colours[rng.integers(3)], shapes[rng.integers(3)], float(rng.uniform(0, 32)),
+                           float(rng.uniform(0, 32)), 20) for _ in range(n)]
+        credit = partial_credit(s, found)
+        assert 0.0 <= credit <= 1.0
+        agree += (credit == 1.0) == check(s, found).passed
+        passes += check(s, found).passed
+    assert agree == 3000 and passes > 20  # the random sets do include passes (3 colours, 3 shapes)
+
+
+def test_partial_credit_hand_made_answers():
+    """The documented credits for the hand-made failures above: "a red circle left of a blue square" has 6
+    checks (count; circle shape and colour; square shape and colour; relation)."""
+    s = parse("a photo of a red circle left of a blue square")
+    img = R.render(s, 32, 0)
+    credit = lambda image: partial_credit(s, detect(image))  # noqa: E731
+    assert credit(img[:, ::-1].copy()) == pytest.approx(5 / 6)  # mirrored: only the relation fails
+    red = np.all(img == COLOURS["red"], axis=-1)
+    green = img.copy()
+    green[red] = COLOURS["green"]
+    assert credit(green) == pytest.approx(5 / 6)  # the circle's colour fails; it still anchors the relation
+    erased = img.copy()
+    erased[np.all(img == COLOURS["blue"], axis=-1)] = 250
+    assert credit(erased) == pytest.approx(2.5 / 6)  # count 1 of 2 (0.5), circle 2, square 0, relation 0
+    assert credit(np.full_like(img, 250)) == 0.0
+    two = parse("a photo of three red squares")
+    assert partial_credit(two, detect(R.render(parse("a photo of two red squares"), 32, 0))) == pytest.approx(
+        (2 / 3 + 2 / 3 + 2 / 3) / 3)  # count 1 - 1/3, shape 2 of 3, colour 2 of 3
 
 
 def test_component_labelling_matches_scipy():

@@ -89,9 +89,10 @@ class RewardModelTrainSpec:
 
 @dataclass
 class ShapesRewardChoice:
-    """'clip' (the trained reward model through CLIPScore, differentiable) or 'verifier' (pass = 1, not)."""
+    """'clip' (the trained reward model through CLIPScore, differentiable), 'verifier' (pass = 1, not) or
+    'verifier_partial' (the fraction of the caption's checks met, 1 exactly on a pass; not differentiable)."""
 
-    name: Literal["clip", "verifier"] = "clip"
+    name: Literal["clip", "verifier", "verifier_partial"] = "clip"
     weight: float = 1.0
 
 

@@ -45,7 +45,9 @@ def finish_process(code: int) -> NoReturn:
 
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    from tiltflow.distributed.state import in_process_group
+
+    if not in_process_group():
         sys.exit(code)
     dist.destroy_process_group()
     logging.shutdown()

@@ -6,9 +6,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
+def in_process_group() -> bool:
+    """Whether this process belongs to an initialised torch.distributed process group (torchrun ranks)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_main_process() -> bool:
     """True on rank 0 of a process group, and in a single process: the one that writes run files."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return not in_process_group() or dist.get_rank() == 0
 
 
 def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
@@ -28,14 +33,14 @@ def full_tensor(t: Tensor) -> Tensor:
 
 def barrier() -> None:
     """Wait for every rank (e.g. until rank 0 has written the run files); nothing in a single process."""
-    if dist.is_available() and dist.is_initialized():
+    if in_process_group():
         dist.barrier()
 
 
 def gather_objects(obj: object) -> list[object]:
     """Every rank's picklable `obj`, in rank order (a collective: call it on every rank); [obj] in a single
     process."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not in_process_group():
         return [obj]
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)

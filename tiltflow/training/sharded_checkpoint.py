@@ -44,13 +44,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from tiltflow.algorithms.common import TrainState
 from tiltflow.config.loader import ConfigError
 from tiltflow.distributed import Comm
-from tiltflow.distributed.state import gather_objects
+from tiltflow.distributed.state import gather_objects, in_process_group
 from tiltflow.storage import UNREADABLE, UnsafeFileError, fault_point, fsync_dir, load, save_atomic
 from tiltflow.training.checkpointing import CheckpointError, write_with_retries
 
@@ -593,7 +592,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def _no_dist() -> bool:
-    return not (dist.is_available() and dist.is_initialized())
+    return not in_process_group()
 
 
 @contextlib.contextmanager

@@ -124,6 +124,37 @@ def check(scene: Scene, detections: list[Detection]) -> Verdict:
     return Verdict(True, "ok", detections)
 
 
+def partial_credit(scene: Scene, detections: list[Detection]) -> float:
+    """The fraction of the caption's checks a set of detections meets, in [0, 1]; 1 exactly when `check`
+    passes. A denser training signal than pass/fail for the policy gradient (a group of samples that all
+    fail still differs in how much of the caption each got right); evaluation keeps pass/fail.
+
+    The checks, each worth 1: the object count (1 - |found - asked| / asked, floored at 0); per group, in
+    `check`'s order (coloured groups first), the fraction of its objects found with its shape, and, where
+    it names a colour, the fraction found with shape and colour; the relation, on the groups' first
+    matched objects (0 if either group has none). Matching is `check`'s greedy one, so where every check
+    scores 1 the two agree."""
+    credits = [max(0.0, 1.0 - abs(len(detections) - scene.num_objects) / scene.num_objects)]
+    free = list(detections)
+    order = sorted(range(len(scene.groups)), key=lambda i: scene.groups[i].colour is None)
+    first: dict[int, Detection] = {}
+    for i in order:
+        g = scene.groups[i]
+        same_shape = [d for d in free if d.shape == g.shape]
+        fits = [d for d in same_shape if g.colour is None or d.colour == g.colour]
+        credits.append(min(len(same_shape), g.count) / g.count)
+        if g.colour is not None:
+            credits.append(min(len(fits), g.count) / g.count)
+        taken = (fits + [d for d in same_shape if d not in fits])[:g.count]
+        if taken:
+            first[i] = taken[0]
+        for d in taken:
+            free.remove(d)
+    if scene.relation is not None:
+        credits.append(float(0 in first and 1 in first and relation_holds(first[0], first[1], scene.relation)))
+    return float(np.mean(credits))
+
+
 def verify(image: np.ndarray, prompt: str | Scene) -> Verdict:
     scene = parse(prompt) if isinstance(prompt, str) else prompt
     return check(scene, detect(image))

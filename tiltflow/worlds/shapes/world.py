@@ -99,9 +99,10 @@ class ShapesWorld:
     def train_teacher(self, cfg: ShapesRunConfig, *, progress: bool = True) -> dict[str, Any]:
         import torch.distributed as dist
 
+        from tiltflow.distributed.state import in_process_group
         from tiltflow.worlds.shapes.teacher import train_world_models
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if in_process_group() and dist.get_world_size() > 1:
             from tiltflow.config.loader import ConfigError
 
             raise ConfigError("stage", "the shapes world's teacher stage (its own small models) runs in one "
