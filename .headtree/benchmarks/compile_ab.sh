@@ -12,6 +12,8 @@
 #                                              # SD3.5-M, then FLUX.2-klein-4B (guards skipped after warm-up)
 #   bash benchmarks/compile_ab.sh guard OUT_DIR  # stage-1 cycle, compiled blocks: the NaN/inf check after every
 #                                                # update, then once per step (--nonfinite-check step)
+#   bash benchmarks/compile_ab.sh bpchunk OUT_DIR  # stage 2 at groups of 24 with checkpointing and the reward
+#                                                  # BP decoded 4 at a time: FLUX.2-klein-4B, then SD3.5-M
 #   bash benchmarks/compile_ab.sh klein OUT_DIR  # FLUX.2-klein-4B: stage 2 at groups of 24 with checkpointing,
 #                                                # then inference as `vae` (CUDA graphs, compiled VAE decoder)
 # Inductor's cache lives in ./.inductor (git-ignored), so a second call on the same warm machine reuses it.
@@ -19,7 +21,7 @@
 # 110 s on a fresh machine but over 125 s twice after a compiled run, so the two do not fit one 10-minute call
 # with room to spare: run `s1` with S1_COMPILE_LIMIT=360 S1_EAGER_LIMIT=180 and nothing else in the call.
 set -u
-part=${1:?part: s1, infer, infer_klein, graphs, fit, s1_model, vae, klein or guard}
+part=${1:?part: s1, infer, infer_klein, graphs, fit, s1_model, vae, klein, bpchunk or guard}
 out=${2:?output folder}
 mkdir -p "$out"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.inductor}
@@ -73,10 +75,18 @@ case $part in
     S=${S/--batch 24/--batch 9}
     run klein_infer_vae "${KLEIN_LIMIT:-240}" --stage infer --compile model --cuda-graphs --skip-guard-eval \
       --compile-vae --warmup 3 --repeats 5 --profile ;;
+  bpchunk)
+    S=${S/--batch 9/--batch 24}
+    S=${S/sd35_medium/flux2_klein_4b}
+    run klein_s2_b24_ac_bp4 "${KLEIN_LIMIT:-240}" --stage 2 --compile none --activation-checkpointing --bp-chunk 4 \
+      --warmup 1 --repeats 1
+    S=${S/flux2_klein_4b/sd35_medium}
+    run s2_b24_ac_bp4 "${S2_LIMIT:-170}" --stage 2 --compile none --activation-checkpointing --bp-chunk 4 \
+      --warmup 1 --repeats 1 ;;
   guard)  # the second run reuses the first one's compiled kernels (inductor's cache)
     run s1_check_update "${S1_COMPILE_LIMIT:-330}" --stage 1 --compile blocks --warmup 1 --repeats 3 --profile
     run s1_check_step "${S1_STEP_LIMIT:-200}" --stage 1 --compile blocks --warmup 1 --repeats 3 --profile \
       --nonfinite-check step ;;
-  *) echo "unknown part $part (s1, infer, infer_klein, graphs, fit, s1_model, vae, klein or guard)" >&2; exit 2 ;;
+  *) echo "unknown part $part (s1, infer, infer_klein, graphs, fit, s1_model, vae, klein, bpchunk or guard)" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader

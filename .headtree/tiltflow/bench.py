@@ -235,7 +235,8 @@ def _reference_algorithm(stage: str, b: Built, args: Any, warmup: bool) -> Any:
     exact = dict(STAGE_PRESETS["rtdmd_exact"]["stage2"], tilt_estimator=args.tilt_estimator,
                  tilt_num_pairs=args.tilt_num_pairs, tilt_posterior_steps=args.tilt_posterior_steps)
     cfg = Stage2Config(num_prompts=1, group_size=args.batch, accumulation=1 if warmup else args.rollout_batches,
-                       fake=dataclasses.replace(fake, lr=3e-6), **(exact if args.dm_target == "tilted" else {}))
+                       bp_chunk=getattr(args, "bp_chunk", 0), fake=dataclasses.replace(fake, lr=3e-6),
+                       **(exact if args.dm_target == "tilted" else {}))
     cfg.validate("stage2")
     return RTDMD(cfg, b.sampler, b.task, b.roles, build_train_state(cfg, b.roles), seed=args.seed, comm=b.comm,
                  grad_sync=b.grad_sync)
@@ -868,6 +869,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--consistency-grad", choices=["anchor", "both"], default="anchor",
                    help="stage1.fake.consistency_grad: anchor (default: h(x'_i) as stop-gradient targets, their pass "
                    "without a graph) or both (gradient through h(x'_i) too, as before 2026-12-03)")
+    p.add_argument("--bp-chunk", type=int, default=0, help="stage 2: samples decoded with gradient at a time for "
+                   "the reward back-propagation term (as stage2.bp_chunk; 0 = the whole group)")
     p.add_argument("--rollout-batches", type=int, default=1, help="stage 2: rollout batches per iteration "
                    "(reference 16)")
     p.add_argument("--dm-target", choices=["teacher", "tilted"], default="teacher",

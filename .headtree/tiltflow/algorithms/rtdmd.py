@@ -184,13 +184,35 @@ class RTDMD(TwoNetworkAlgorithm):
             terms["pg"] = (self.w_pg, self.policy_loss(ro, self.advantages(ro, scores)))
         x0_last = self.last_step(ro) if (self.w_bp > 0 or (self.w_dm > 0 and self.dm_depth == 1)) else None
         if self.w_bp > 0:
-            r = self.task.rewards(self.task.decode(x0_last), ro.batch.prompts, only_differentiable=True)
-            terms["bp"] = (self.w_bp, reward_bp_loss(r.differentiable_total, kind=self.cfg.bp_loss,
-                                                     margin=self.cfg.bp_margin))
+            terms["bp"] = (self.w_bp, self.reward_bp_term(x0_last, ro.batch.prompts))
         if self.w_dm > 0:
             x_dm = x0_last if self.dm_depth == 1 else self.rerun_last_steps(ro)
             terms["dm"] = (self.w_dm, dm_loss(self.roles, x_dm, 0.0, ro.batch, self.dm, g))
         return terms
+
+    def reward_bp_term(self, x0: Tensor, prompts: list[Any]) -> LossOutput:
+        """L_bp on the decoded x0 (METHOD.md 5.5). With stage2.bp_chunk = c (0 < c < batch) the decode and the
+        differentiable rewards run c samples at a time on a detached copy of x0, each chunk's graph back-
+        propagated to that copy at once and freed; the term is then value + (x0 . dL/dx0 - its value): the
+        whole batch's loss value, and the same gradient to the generator through x0 alone. Only c samples'
+        decoder activations are held at a time."""
+        kind, margin, c = self.cfg.bp_loss, self.cfg.bp_margin, self.cfg.bp_chunk
+        n = x0.shape[0]
+        if c <= 0 or c >= n:
+            r = self.task.rewards(self.task.decode(x0), prompts, only_differentiable=True)
+            return reward_bp_loss(r.differentiable_total, kind=kind, margin=margin)
+        leaf = x0.detach().requires_grad_()
+        scores = []
+        for s in range(0, n, c):
+            part = leaf[s:s + c]
+            r = self.task.rewards(self.task.decode(part), prompts[s:s + c], only_differentiable=True)
+            # The loss is a mean over the batch: each chunk's mean counts with its share of the batch.
+            (reward_bp_loss(r.differentiable_total, kind=kind, margin=margin).loss * (part.shape[0] / n)).backward()
+            scores.append(r.differentiable_total.detach())
+        whole = reward_bp_loss(torch.cat(scores), kind=kind, margin=margin)
+        assert leaf.grad is not None
+        surrogate = (x0 * leaf.grad).sum()
+        return LossOutput(whole.loss + (surrogate - surrogate.detach()), whole.metrics)
 
     def advantages(self, ro: Rollout, scores: RewardSetOutput) -> Tensor:
         """Group-relative advantages over the GLOBAL batch (every rank's samples), then this rank's slice,

@@ -115,6 +115,11 @@ class Stage2Config:
     logprob_reduction: Literal["sum", "mean"] = "mean"
     bp_loss: Literal["hinge", "linear"] = "hinge"
     bp_margin: float = 3.0
+    # Samples decoded (and scored) at a time for the reward back-propagation term; 0 = the whole rollout batch.
+    # The VAE decoder's activations with gradient are about 3 GiB per 512-px image (SD3.5-M, FLUX.2), so a group
+    # of 24 holds some 75 GiB at once; with bp_chunk = c the term's gradient is taken to the generator's output
+    # chunk by chunk and reaches the generator through that output alone: the same loss and gradient.
+    bp_chunk: int = 0
     dm_depth: int = 1  # steps the DM gradient flows back through: 1 = last step (reference), 0 = whole chain
     dm_scaling: Literal["normalized", "kl", "fisher"] = "normalized"
     # How the DM surrogate reduces over dimensions: "mean" over every element (reference) or "sum" over
@@ -153,7 +158,7 @@ class Stage2Config:
                f"got {self.group_size}, expected >= 2 (group-relative advantages need a group; with std "
                "normalisation a group of 1 has no spread)")
         require_min(self, path, 1, "num_prompts", "accumulation", "ema_every")
-        require_min(self, path, 0, "n_fake")
+        require_min(self, path, 0, "n_fake", "bp_chunk")
         require_lr(self.lr, join_path(path, "lr"))
         require_ema_decay(self.ema_decay, join_path(path, "ema_decay"))
         require(self.dm_depth >= 0, join_path(path, "dm_depth"),
