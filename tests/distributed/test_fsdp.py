@@ -54,12 +54,14 @@ def assert_close_states(a: dict, b: dict, num_updates: int) -> None:
 
 
 # data_parallel=ddp: whole parameters on each rank, gradients all-reduced (FSDP2 over a (2 x 1) mesh); with two
-# micro-batches per update, so that the gradient sync is skipped on the first.
+# micro-batches per update, so that the gradient sync is skipped on the first. The FSDP stage 2 decodes the reward
+# back-propagation term in chunks of 5 (stage2.bp_chunk; the ddp case keeps the whole batch).
 @pytest.mark.parametrize(("stage", "data_parallel"), [("ac_dmd", "fsdp"), ("rtdmd", "fsdp"), ("rtdmd", "ddp")])
 def test_two_ranks_reproduce_one_process_and_resume_on_one(stage, data_parallel, tiny_yaml, teacher_run, tmp_path):
     common = [f"--config={tiny_yaml}", f"stage={stage}", f"teacher_run={teacher_run}", "stage2.ema_every=1",
               "stage1.num_iters=3", "stage2.num_iters=3", f"parallel.data_parallel={data_parallel}",
-              *(["stage2.accumulation=2"] if data_parallel == "ddp" else [])]
+              *(["stage2.accumulation=2"] if data_parallel == "ddp" else []),
+              *(["stage2.bp_chunk=5"] if (stage, data_parallel) == ("rtdmd", "fsdp") else [])]
     assert main(["train", *common, f"run_dir={tmp_path / 'one'}"]) == 0
     # One torchrun job (train_jobs.py) trains `two` (3 steps on 2 ranks), then `mix` (the same, stopped after 2
     # steps with its sharded checkpoint), one run after the other on the same 2 ranks.
