@@ -207,10 +207,13 @@ class RTDMD(TwoNetworkAlgorithm):
             part = leaf[s:s + c]
             r = self.task.rewards(self.task.decode(part), prompts[s:s + c], only_differentiable=True)
             # The loss is a mean over the batch: each chunk's mean counts with its share of the batch.
-            (reward_bp_loss(r.differentiable_total, kind=kind, margin=margin).loss * (part.shape[0] / n)).backward()
+            loss = reward_bp_loss(r.differentiable_total, kind=kind, margin=margin).loss * (part.shape[0] / n)
+            if loss.requires_grad:  # (a reward that ignores its input leaves nothing to back-propagate)
+                loss.backward()
             scores.append(r.differentiable_total.detach())
         whole = reward_bp_loss(torch.cat(scores), kind=kind, margin=margin)
-        assert leaf.grad is not None
+        if leaf.grad is None:
+            return whole
         surrogate = (x0 * leaf.grad).sum()
         return LossOutput(whole.loss + (surrogate - surrogate.detach()), whole.metrics)
 

@@ -1,1 +1,0 @@
-"""Backbones: the protocol every world implements, CFG, EMA and the small models of the analytic world."""
