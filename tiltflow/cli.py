@@ -89,8 +89,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError("give --run DIR (a finished gmm run) or --config FILE (a diffusers sample config)")
     if args.out is None:
         raise UsageError("--out is required (gmm: a .npy file; diffusers: a folder)")
-    cfg = (_run_config(args.run, args.overrides) if args.run is not None
-           else load_run_config(args.config, args.overrides))
+    overrides = [*args.overrides, *([f"prompt_file={args.prompts}"] if args.prompts is not None else [])]
+    cfg = (_run_config(args.run, overrides) if args.run is not None else load_run_config(args.config, overrides))
+    if args.prompts is not None and not hasattr(cfg, "prompt_file"):
+        raise UsageError(f"--prompts: the {cfg.world} world samples from condition indices (--prompt N), not a "
+                         "caption file")
     _require_device(cfg)
     print(_world(cfg, "sample").sample(cfg, out=args.out, texts=args.text, num=args.num, prompt=args.prompt,
                                         seed=args.seed))
@@ -192,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusers: a sample config (configs/<family>/sample.yaml)")
     p.add_argument("--text", action="append", default=[], help="diffusers: a prompt (repeatable; default: the "
                    "config's prompts)")
+    p.add_argument("--prompts", type=Path, default=None, metavar="FILE", help="shapes and diffusers: a caption file, "
+                   "one per line (as the override prompt_file=FILE); shapes: --run DIR --prompts FILE --out DIR")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.add_argument("--num", type=int, default=None, help="gmm: number of samples (default 1000)")
     p.add_argument("--prompt", type=int, default=None, help="gmm: prompt (condition) index (default 0)")

@@ -69,7 +69,7 @@ def test_teacher_resume_matches_uninterrupted(tmp_path):
         assert torch.equal(sa["model"][k], sb["model"][k]), k
 
 
-def test_distillation_stages_through_the_spine(models_dir, tmp_path):
+def test_distillation_stages_through_the_spine(models_dir, tmp_path, capsys):
     s1, s2 = tmp_path / "ac_dmd", tmp_path / "rtdmd"
     common = [*STAGE, f"models_dir={models_dir}"]
     m1 = train(_cfg(*common, "stage=ac_dmd", f"run_dir={s1}"), progress=False)
@@ -99,11 +99,22 @@ def test_distillation_stages_through_the_spine(models_dir, tmp_path):
     assert all((out / r["file"]).is_file() for r in index) and (out / "grid.png").is_file()
     with pytest.raises(VocabularyError, match="'hexagon'"):
         ShapesWorld().sample(run_cfg, texts=["a photo of a hexagon"], out=tmp_path / "bad")
+    # The same through the command, from a caption file: `tiltflow sample --run DIR --prompts FILE --out DIR`.
+    from tiltflow.cli import main
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a photo of three blue squares\na photo of a yellow triangle\n")
+    assert main(["sample", "--run", str(s2), "--prompts", str(captions), "--out", str(tmp_path / "from_file")]) == 0
+    index = [json.loads(line) for line in (tmp_path / "from_file" / "index.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in index] == ["a photo of three blue squares", "a photo of a yellow triangle"]
+    captions.write_text("a photo of a red hexagon\n")
+    capsys.readouterr()
+    assert main(["sample", "--run", str(s2), "--prompts", str(captions), "--out", str(tmp_path / "bad2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "caption 1" in err[0] and "'hexagon'" in err[0], err  # one line, no traceback
 
     # Re-evaluating the finished run (`tiltflow eval --run DIR --out OUT`): its final generator, evaluated afresh
     # with the run's own eval settings and noise, gives the run's final metrics; an override changes them.
-    from tiltflow.cli import main
-
     n = run_cfg.eval.num_per_prompt
     assert main(["eval", "--run", str(s2), "--out", str(tmp_path / "re")]) == 0
     again = json.loads((tmp_path / "re" / f"final_{n}pp_metrics.json").read_text())

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from tiltflow.config.schema import STAGE1_STAGES
 from tiltflow.config.shapes import ShapesRunConfig
-from tiltflow.distributed.state import barrier, is_main_process
+from tiltflow.distributed.state import barrier, in_process_group, is_main_process
+from tiltflow.eval.prompts import PromptFileError
 from tiltflow.flow.conventions import few_step_sigmas
 from tiltflow.models.ema import EMA
 from tiltflow.sampling import NoisePlan, sample
@@ -34,19 +35,28 @@ from tiltflow.worlds.diffusers_world import (
 from tiltflow.worlds.shapes.evaluate import eval_prompts, evaluate_samples, write_eval, write_marked_grid
 from tiltflow.worlds.shapes.models import ShapesAdapter, euler_sample
 from tiltflow.worlds.shapes.rewards import build_rewards
-from tiltflow.worlds.shapes.scene import parse, prompt_sets
+from tiltflow.worlds.shapes.scene import VocabularyError, parse, prompt_sets
+
+
+class CaptionError(VocabularyError, PromptFileError):
+    """A given caption (a prompt file's, or --text) outside the shapes vocabulary: the user's input, so the
+    command reports it in one line with exit code 2; the message names the caption and the unknown word."""
 
 
 def read_prompts(cfg: ShapesRunConfig) -> list[str]:
     """The distillation prompts: a built-in set, or a file of captions in the world's vocabulary (checked)."""
     if cfg.prompt_file is None:
         return [s.text for s in prompt_sets()[cfg.prompt_set]]
-    return check_prompts(read_prompt_file(cfg.prompt_file))
+    return check_prompts(read_prompt_file(cfg.prompt_file), f"prompt_file {cfg.prompt_file}")
 
 
-def check_prompts(prompts: Sequence[str]) -> list[str]:
-    for p in prompts:
-        parse(p)  # VocabularyError names the unknown word
+def check_prompts(prompts: Sequence[str], source: str = "") -> list[str]:
+    for i, p in enumerate(prompts):
+        try:
+            parse(p)
+        except VocabularyError as e:
+            where = f"{source}, caption {i + 1}: " if source else ""
+            raise CaptionError(f"{where}{e}") from None
     return list(prompts)
 
 
@@ -99,7 +109,6 @@ class ShapesWorld:
     def train_teacher(self, cfg: ShapesRunConfig, *, progress: bool = True) -> dict[str, Any]:
         import torch.distributed as dist
 
-        from tiltflow.distributed.state import in_process_group
         from tiltflow.worlds.shapes.teacher import train_world_models
 
         if in_process_group() and dist.get_world_size() > 1:
