@@ -7,6 +7,7 @@ that keeps failing)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import traceback
 from pathlib import Path
@@ -94,6 +95,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.prompts is not None and not hasattr(cfg, "prompt_file"):
         raise UsageError(f"--prompts: the {cfg.world} world samples from condition indices (--prompt N), not a "
                          "caption file")
+    if args.prompts is not None and getattr(cfg, "prompts", None):  # the file's prompts alone, not the config's too
+        cfg = dataclasses.replace(cfg, prompts=[])
     _require_device(cfg)
     print(_world(cfg, "sample").sample(cfg, out=args.out, texts=args.text, num=args.num, prompt=args.prompt,
                                         seed=args.seed))

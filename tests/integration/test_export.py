@@ -123,3 +123,13 @@ def test_world_run_stage1_stage2_export_and_sample(tmp_path):
     paths = world_sample(s2, ["a cat"], tmp_path / "samples")
     assert len(paths) == 1 and paths[0].stat().st_size > 0
     assert (tmp_path / "samples" / "grid.png").is_file()  # captioned with the prompts
+    # `tiltflow sample --run DIR --prompts FILE`: the file's prompts alone (the run config's two are not added).
+    import json
+
+    from tiltflow.cli import main
+
+    (tmp_path / "p.txt").write_text("a green frog\n\na yellow duck\n")
+    assert main(["sample", "--run", str(tmp_path / "s2"), "--prompts", str(tmp_path / "p.txt"), "--out",
+                 str(tmp_path / "from_file")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "from_file" / "index.jsonl").read_text().splitlines()]
+    assert sorted({r["prompt"] for r in rows}) == ["a green frog", "a yellow duck"]
