@@ -90,13 +90,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError("give --run DIR (a finished gmm run) or --config FILE (a diffusers sample config)")
     if args.out is None:
         raise UsageError("--out is required (gmm: a .npy file; diffusers: a folder)")
-    overrides = [*args.overrides, *([f"prompt_file={args.prompts}"] if args.prompts is not None else [])]
-    cfg = (_run_config(args.run, overrides) if args.run is not None else load_run_config(args.config, overrides))
-    if args.prompts is not None and not hasattr(cfg, "prompt_file"):
-        raise UsageError(f"--prompts: the {cfg.world} world samples from condition indices (--prompt N), not a "
-                         "caption file")
-    if args.prompts is not None and getattr(cfg, "prompts", None):  # the file's prompts alone, not the config's too
-        cfg = dataclasses.replace(cfg, prompts=[])
+    def load(overrides: list[str]) -> Any:
+        return _run_config(args.run, overrides) if args.run is not None else load_run_config(args.config, overrides)
+
+    cfg = load(args.overrides)
+    if args.prompts is not None:
+        if not hasattr(cfg, "prompt_file"):
+            raise UsageError(f"--prompts: the {cfg.world} world samples from condition indices (--prompt N), not "
+                             "a caption file")
+        cfg = load([*args.overrides, f"prompt_file={args.prompts}"])
+        if getattr(cfg, "prompts", None):  # the file's prompts alone, not the config's list too
+            cfg = dataclasses.replace(cfg, prompts=[])
     _require_device(cfg)
     print(_world(cfg, "sample").sample(cfg, out=args.out, texts=args.text, num=args.num, prompt=args.prompt,
                                         seed=args.seed))

@@ -131,6 +131,13 @@ def test_sample_out_of_range_prompt(trained_run, tmp_path, prompt, capsys):
     assert not out.exists()
 
 
+def test_sample_prompt_file_is_for_text_worlds(trained_run, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    assert main(["sample", "--run", str(trained_run), "--prompts", str(tmp_path / "p.txt"), "--out",
+                 str(tmp_path / "x.npy")]) == 2
+    assert "--prompts: the gmm world samples from condition indices" in capsys.readouterr().err
+
+
 def test_sample_from_unfinished_run_exits_2(trained_run, tmp_path, capsys):
     (tmp_path / "config.yaml").write_text((trained_run / "config.yaml").read_text())  # but no final.pt
     assert main(["sample", "--run", str(tmp_path), "--out", str(tmp_path / "x.npy")]) == 2
