@@ -5,24 +5,17 @@ through benchmarks/real_backbones.py. Skipped without CUDA (tests/conftest.py an
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_benchmark
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "real_backbones.py"
-
-
 def _bench_main():
-    spec = importlib.util.spec_from_file_location("real_backbones", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module.main
+    return load_benchmark("real_backbones").main
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux2"])

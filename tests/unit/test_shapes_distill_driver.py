@@ -1,19 +1,14 @@
 """benchmarks/shapes_distill.py: the commands it starts (stage 2 from the same seed's AC-DMD run), that a
 finished run is skipped, and that a method of the other phase is refused."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from bench_scripts import load_benchmark
 
 
 def _driver():
-    spec = importlib.util.spec_from_file_location("shapes_distill", ROOT / "benchmarks" / "shapes_distill.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("shapes_distill")
 
 
 def test_stage2_runs_start_from_the_ac_dmd_run_of_their_seed(tmp_path):

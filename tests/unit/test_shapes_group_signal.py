@@ -1,24 +1,15 @@
 """benchmarks/shapes_group_signal.py on hand-made sample folders: renders of a caption pass (no group is all-fail),
 a group whose samples all fail in different ways has no pass/fail spread but a graded one."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
+from bench_scripts import load_benchmark
 from PIL import Image
 
 from tiltflow.worlds.shapes import render as R
 from tiltflow.worlds.shapes.scene import parse
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("shapes_group_signal", ROOT / "benchmarks" / "shapes_group_signal.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _folder(tmp_path: Path, items: list[tuple[str, np.ndarray]]) -> Path:
@@ -39,7 +30,7 @@ def test_counts_groups_with_and_without_a_spread(tmp_path):
     wrong = [(bad, blank), (bad, R.render(parse("a photo of a green triangle"), 32, 0)),
              (bad, R.render(parse("a photo of two red triangles"), 32, 0))]
     out = tmp_path / "s.json"
-    assert _script().main([str(_folder(tmp_path, good + wrong)), "--out", str(out)]) == 0
+    assert load_benchmark("shapes_group_signal").main([str(_folder(tmp_path, good + wrong)), "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["group_size"] == 3
     assert res["total"] == {"groups": 2, "all_fail": 1, "pass_fail_spread": 0, "graded_spread": 1}
