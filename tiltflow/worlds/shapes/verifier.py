@@ -101,25 +101,45 @@ def relation_holds(a: Detection, b: Detection, relation: str) -> bool:
     return main > 0 and abs(main) > abs(cross)
 
 
+@dataclass(frozen=True)
+class GroupMatch:
+    """What the greedy matching gave one group of a scene."""
+
+    index: int  # the group's position in scene.groups
+    same_shape: int  # free detections of the group's shape when its turn came
+    fits: int  # of those, the ones of its colour (all of them where it names none)
+    taken: list[Detection]  # what it claims: up to its count, those of its colour first
+
+
+def match_groups(scene: Scene, detections: list[Detection]) -> list[GroupMatch]:
+    """The verifier's greedy matching: groups that name a colour first, each taking up to its count of the
+    still-free detections of its shape, those of its colour first; what a group takes is no longer free."""
+    free = list(detections)
+    out = []
+    for i in sorted(range(len(scene.groups)), key=lambda i: scene.groups[i].colour is None):
+        g = scene.groups[i]
+        same_shape = [d for d in free if d.shape == g.shape]
+        fits = [d for d in same_shape if g.colour is None or d.colour == g.colour]
+        taken = (fits + [d for d in same_shape if d not in fits])[:g.count]
+        for d in taken:
+            free.remove(d)
+        out.append(GroupMatch(i, len(same_shape), len(fits), taken))
+    return out
+
+
 def check(scene: Scene, detections: list[Detection]) -> Verdict:
     """Exactly the scene's objects (shapes, counts, colours where named) and its relation, nothing else."""
     if len(detections) != scene.num_objects:
         return Verdict(False, "count", detections)
-    free = list(detections)
-    order = sorted(range(len(scene.groups)), key=lambda i: scene.groups[i].colour is None)  # coloured first
-    per_group: dict[int, list[Detection]] = {}
-    for i in order:
-        g = scene.groups[i]
-        same_shape = [d for d in free if d.shape == g.shape]
-        if len(same_shape) < g.count:
+    matches = match_groups(scene, detections)
+    for m in matches:  # the first group that fails names the reason (a group that passes took only its colour)
+        count = scene.groups[m.index].count
+        if m.same_shape < count:
             return Verdict(False, "shape", detections)
-        fits = [d for d in same_shape if g.colour is None or d.colour == g.colour]
-        if len(fits) < g.count:
+        if m.fits < count:
             return Verdict(False, "colour", detections)
-        per_group[i] = fits[:g.count]
-        for d in per_group[i]:
-            free.remove(d)
-    if scene.relation is not None and not relation_holds(per_group[0][0], per_group[1][0], scene.relation):
+    first = {m.index: m.taken[0] for m in matches}
+    if scene.relation is not None and not relation_holds(first[0], first[1], scene.relation):
         return Verdict(False, "position", detections)
     return Verdict(True, "ok", detections)
 
@@ -132,24 +152,17 @@ def partial_credit(scene: Scene, detections: list[Detection]) -> float:
     The checks, each worth 1: the object count (1 - |found - asked| / asked, floored at 0); per group, in
     `check`'s order (coloured groups first), the fraction of its objects found with its shape, and, where
     it names a colour, the fraction found with shape and colour; the relation, on the groups' first
-    matched objects (0 if either group has none). Matching is `check`'s greedy one, so where every check
-    scores 1 the two agree."""
+    matched objects (0 if either group has none). The matching is `check`'s (match_groups), so where every
+    check scores 1 the two agree."""
     credits = [max(0.0, 1.0 - abs(len(detections) - scene.num_objects) / scene.num_objects)]
-    free = list(detections)
-    order = sorted(range(len(scene.groups)), key=lambda i: scene.groups[i].colour is None)
     first: dict[int, Detection] = {}
-    for i in order:
-        g = scene.groups[i]
-        same_shape = [d for d in free if d.shape == g.shape]
-        fits = [d for d in same_shape if g.colour is None or d.colour == g.colour]
-        credits.append(min(len(same_shape), g.count) / g.count)
+    for m in match_groups(scene, detections):
+        g = scene.groups[m.index]
+        credits.append(min(m.same_shape, g.count) / g.count)
         if g.colour is not None:
-            credits.append(min(len(fits), g.count) / g.count)
-        taken = (fits + [d for d in same_shape if d not in fits])[:g.count]
-        if taken:
-            first[i] = taken[0]
-        for d in taken:
-            free.remove(d)
+            credits.append(min(m.fits, g.count) / g.count)
+        if m.taken:
+            first[m.index] = m.taken[0]
     if scene.relation is not None:
         credits.append(float(0 in first and 1 in first and relation_holds(first[0], first[1], scene.relation)))
     return float(np.mean(credits))
