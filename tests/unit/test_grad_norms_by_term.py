@@ -109,13 +109,18 @@ def test_refused_with_several_processes():
 def test_chunked_reward_back_propagation_gives_the_same_step(chunk):
     """stage2.bp_chunk decodes and scores the 32 samples c at a time (5: uneven chunks) and reaches the generator
     through its output alone; the loss, the metrics and the parameters after the step equal the whole-batch
-    term's up to float64 rounding (the sums run in another order: ~1e-15 relative; 1e-10 still catches a chunk
-    weighted wrongly, by 1/32 at least). The per-term diagnostic sees the same BP gradient too."""
+    term's up to float64 rounding. Tolerance from the arithmetic: the chunked path re-orders sums of at most 32
+    terms (each off by at most 32 u, u = 2^-53 ~ 1.1e-16, so ~4e-15) in a chain of about a hundred dependent
+    operations (~1e-12), and a gradient component that sums terms of both signs may lose up to its condition
+    number on top: rel 1e-7 allows a condition number of 1e5 on any CPU's summation order. A chunk weighted
+    wrongly moves bp_loss and the BP gradient norm by 1/32 (3%) at least, five orders of magnitude above it.
+    The per-term diagnostic sees the same BP gradient too."""
+    rel = 1e-7
     whole_m, whole_p = one_step(False, **REFERENCE)
     m, p = one_step(False, bp_chunk=chunk, **REFERENCE)
-    torch.testing.assert_close(p, whole_p, rtol=1e-10, atol=0)
-    assert m["bp_loss"] == pytest.approx(whole_m["bp_loss"], rel=1e-10)
-    assert m["gen_grad_norm"] == pytest.approx(whole_m["gen_grad_norm"], rel=1e-10)
+    torch.testing.assert_close(p, whole_p, rtol=rel, atol=0)
+    assert m["bp_loss"] == pytest.approx(whole_m["bp_loss"], rel=rel)
+    assert m["gen_grad_norm"] == pytest.approx(whole_m["gen_grad_norm"], rel=rel)
     by_term_whole, by_term = one_step(True, **REFERENCE)[0], one_step(True, bp_chunk=chunk, **REFERENCE)[0]
-    assert by_term["grad_norm_bp"] == pytest.approx(by_term_whole["grad_norm_bp"], rel=1e-10)
+    assert by_term["grad_norm_bp"] == pytest.approx(by_term_whole["grad_norm_bp"], rel=rel)
     assert p.ne(one_step(False, **{**REFERENCE, "w_bp": 0.0})[1]).any()  # the BP term does move the step
