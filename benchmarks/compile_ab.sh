@@ -27,6 +27,8 @@ mkdir -p "$out"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.inductor}
 S="--arch sd35_medium --resolution 512 --batch 9 --seed 42 --guidance-scale 4.5 --eta 0.9 --num-steps 4
    --n-fake 10 --lora-rank 32 --lora-alpha 64 --batched-cfg --no-activation-checkpointing"
+# 4-step inference with the transformer and the VAE decoder compiled, replayed as CUDA graphs (parts vae, klein)
+VAE_G="--stage infer --compile model --cuda-graphs --skip-guard-eval --compile-vae --warmup 3 --repeats 5 --profile"
 run() {  # name, time limit (s), bench arguments...
   local name=$1 limit=$2
   shift 2
@@ -64,17 +66,15 @@ case $part in
     TORCH_LOGS=perf_hints run s1_graphs "${S1_GRAPHS_LIMIT:-280}" --stage 1 --compile model --cuda-graphs \
       --warmup 2 --repeats 2 --profile ;;
   vae)  # 4-step inference, the transformer and the VAE decoder compiled and replayed as CUDA graphs
-    G="--stage infer --compile model --cuda-graphs --skip-guard-eval --compile-vae --warmup 3 --repeats 5 --profile"
-    run infer_vae "${INFER_VAE_LIMIT:-300}" $G
+    run infer_vae "${INFER_VAE_LIMIT:-300}" $VAE_G
     S=${S/sd35_medium/flux2_klein_4b}
-    run klein_infer_vae "${KLEIN_LIMIT:-240}" $G ;;
+    run klein_infer_vae "${KLEIN_LIMIT:-240}" $VAE_G ;;
   klein)
     S=${S/sd35_medium/flux2_klein_4b}
     S=${S/--batch 9/--batch 24}
     run klein_s2_b24_ac "${S2_LIMIT:-250}" --stage 2 --compile none --activation-checkpointing --warmup 1 --repeats 1
     S=${S/--batch 24/--batch 9}
-    run klein_infer_vae "${KLEIN_LIMIT:-240}" --stage infer --compile model --cuda-graphs --skip-guard-eval \
-      --compile-vae --warmup 3 --repeats 5 --profile ;;
+    run klein_infer_vae "${KLEIN_LIMIT:-240}" $VAE_G ;;
   bpchunk)
     S=${S/--batch 9/--batch 24}
     S=${S/sd35_medium/flux2_klein_4b}

@@ -90,17 +90,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError("give --run DIR (a finished gmm run) or --config FILE (a diffusers sample config)")
     if args.out is None:
         raise UsageError("--out is required (gmm: a .npy file; diffusers: a folder)")
-    def load(overrides: list[str]) -> Any:
-        return _run_config(args.run, overrides) if args.run is not None else load_run_config(args.config, overrides)
-
-    cfg = load(args.overrides)
+    cfg = (_run_config(args.run, args.overrides) if args.run is not None
+           else load_run_config(args.config, args.overrides))
     if args.prompts is not None:
         if not hasattr(cfg, "prompt_file"):
             raise UsageError(f"--prompts: the {cfg.world} world samples from condition indices (--prompt N), not "
                              "a caption file")
-        cfg = load([*args.overrides, f"prompt_file={args.prompts}"])
-        if getattr(cfg, "prompts", None):  # the file's prompts alone, not the config's list too
-            cfg = dataclasses.replace(cfg, prompts=[])
+        # The file's prompts alone, not a sample config's own list too; the world reads and checks the file.
+        extra = {"prompts": []} if hasattr(cfg, "prompts") else {}
+        cfg = dataclasses.replace(cfg, prompt_file=str(args.prompts), **extra)
     _require_device(cfg)
     print(_world(cfg, "sample").sample(cfg, out=args.out, texts=args.text, num=args.num, prompt=args.prompt,
                                         seed=args.seed))
