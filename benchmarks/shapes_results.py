@@ -12,8 +12,9 @@ space (tiltflow.worlds.shapes.evaluate).
         --teacher checkpoints/shapes/eval/teacher_4steps_cfg3_metrics.json \\
         --run ac_dmd=runs/shapes/ac_dmd_s0 --run ac_dmd=runs/shapes/ac_dmd_s1 ... --out benchmarks/results/shapes.json
 
-The distillation runs of benchmarks/results/shapes.json are kept in benchmarks/results/shapes_runs/ (how they were
-made: its PROVENANCE.json, given with --runs-provenance).
+The distillation runs of benchmarks/results/shapes.json are kept in benchmarks/results/shapes_runs_wide/ (how they
+were made: its PROVENANCE.json, given with --runs-provenance); that table reads each run's 64-sample re-evaluation
+(--metrics final_64pp_metrics.json --per-prompt 64, the folders under eval64/), its provenance has the command.
 """
 
 from __future__ import annotations
@@ -41,9 +42,13 @@ COLUMNS = ["verifier/overall", "verifier/single_object", "verifier/two_object", 
 DATA_SEED = 70_000  # the data row's renders; the Frechet reference uses other seeds (90_000 + i)
 
 
-def data_row(models: Path, device: str) -> dict[str, float]:
-    """Renders of the evaluated prompts (one per sample), scored like a generator's samples."""
-    cfg = load_run_config(models / "config.yaml", [f"run_dir={models}", f"device={device}"])
+def data_row(models: Path, device: str, per_prompt: int = 0) -> dict[str, float]:
+    """Renders of the evaluated prompts (one per sample), scored like a generator's samples; `per_prompt` > 0
+    replaces the teacher stage's eval.num_per_prompt (the Frechet distance's finite-sample floor depends on it)."""
+    overrides = [f"run_dir={models}", f"device={device}"]
+    if per_prompt:
+        overrides.append(f"eval.num_per_prompt={per_prompt}")
+    cfg = load_run_config(models / "config.yaml", overrides)
     prompts = eval_prompts(cfg.eval.prompt_set, cfg.eval.max_prompts, cfg.eval.num_per_prompt)
     size = cfg.model.resolution
     images = np.stack([render(parse(p), size, DATA_SEED + i) for i, p in enumerate(prompts)])
@@ -93,14 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher", type=Path, action="append", default=[],
                    help="a teacher metrics JSON written by `tiltflow eval --run MODELS` (repeatable)")
     p.add_argument("--run", action="append", default=[], metavar="LABEL=DIR",
-                   help="a finished stage run (final_metrics.json); repeat a LABEL for its seeds")
+                   help="a finished stage run (its --metrics file); repeat a LABEL for its seeds")
+    p.add_argument("--metrics", default="final_metrics.json",
+                   help="the metrics file read in each --run folder, e.g. final_64pp_metrics.json written by "
+                   "`tiltflow eval --run RUN --out DIR eval.num_per_prompt=64` (default %(default)s)")
     p.add_argument("--runs-provenance", type=Path, default=None,
                    help="a JSON saying how the --run directories were made (device, commands, commit), copied in")
+    p.add_argument("--per-prompt", type=int, default=0, help="renders per test prompt in the data row (default: "
+                   "the teacher stage's eval.num_per_prompt); give the runs' own, e.g. 64 with final_64pp_metrics.json")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
 
-    rows = [summarise("data (renders)", [data_row(args.models, args.device)], ["render seeds 70000+i"])]
+    data = data_row(args.models, args.device, args.per_prompt)
+    rows = [summarise("data (renders)", [data], ["render seeds 70000+i"])]
     for path in args.teacher:
         m = json.loads(path.read_text())
         rows.append(summarise(f"teacher ({m['num_steps']:.0f} steps, CFG {m['guidance_scale']:g})", [m], [str(path)]))
@@ -109,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         label, _, folder = item.partition("=")
         runs.setdefault(label, []).append(Path(folder))
     for label, folders in runs.items():
-        metrics = [json.loads((f / "final_metrics.json").read_text()) for f in folders]
+        metrics = [json.loads((f / args.metrics).read_text()) for f in folders]
         rows.append(summarise(label, metrics, [str(f) for f in folders]))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"provenance": {"command": " ".join(["python", *sys.argv]), "date_utc": datetime.datetime.now(
