@@ -106,12 +106,31 @@ def embedding_metrics(embed: Callable[[Tensor], Tensor], images: np.ndarray, pro
     return out
 
 
+def grid_indices(prompts: Sequence[str], max_images: int) -> list[int]:
+    """The samples a grid shows: at most `max_images`, spread over the distinct captions (evenly over them when
+    there are more captions than places), the first sample of each, then the second, and so on, in the samples'
+    order. With many samples per caption the grid still shows many captions, not the first caption's samples."""
+    by_caption: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_caption.setdefault(p, []).append(i)
+    groups = list(by_caption.values())
+    if len(groups) > max_images:
+        groups = [groups[int(i)] for i in np.linspace(0, len(groups) - 1, max_images).round()]
+    chosen: list[int] = []
+    for k in range(max((len(g) for g in groups), default=0)):
+        chosen += [g[k] for g in groups if k < len(g)]
+    return sorted(chosen[:max_images])
+
+
 def write_marked_grid(images: np.ndarray, prompts: Sequence[str], target: Path, *, max_images: int = 48,
                       scale: int = 4) -> None:
-    """A grid PNG: each sample upscaled (nearest), framed green (verifier pass) or red (fail), captioned."""
+    """A grid PNG of the samples `grid_indices` picks: each upscaled (nearest), framed green (verifier pass) or
+    red (fail), captioned."""
     from PIL import Image, ImageDraw
 
-    n = min(len(prompts), max_images)
+    keep = grid_indices(prompts, max_images)
+    images, prompts = images[keep], [prompts[i] for i in keep]
+    n = len(keep)
     h, w = images.shape[1:3]
     cell_w, cell_h, text_h, pad = w * scale + 8, h * scale + 8, 40, 6
     cols = int(np.ceil(np.sqrt(n)))
