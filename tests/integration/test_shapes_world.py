@@ -176,6 +176,41 @@ def test_time_limit_finish_never_exports_a_teacher_in_its_warmup(tmp_path):
     assert again["finished"] == 1.0 and again["teacher/step"] == 4.0 and (tmp_path / "teacher").is_dir()
 
 
+def test_teacher_init_from_continues_a_committed_teacher(models_dir, tmp_path):
+    """teacher.init_from: model and EMA start from a teacher folder's (fp16) weights, so a committed teacher can
+    train longer without its optimiser state; a folder that is not a teacher, or of other sizes, is refused."""
+    import shutil
+
+    from tiltflow.config.schema import ConfigError
+    from tiltflow.worlds.shapes.models import load_transformer
+
+    source = load_transformer(models_dir / "teacher")
+    with torch.no_grad():  # weights no fresh initialisation has: every one moved by 0.25
+        for p in source.parameters():
+            p.add_(0.25)
+    source.half().save_pretrained(str(tmp_path / "source"), safe_serialization=True)
+    start = load_transformer(tmp_path / "source").state_dict()
+    common = ["stage=teacher", "teacher.num_iters=1", "teacher.lr=1e-12", "teacher.warmup_iters=0"]
+    for name in ("more", "fresh"):
+        for part in ("text_encoder", "reward_model"):  # done parts are skipped: only the teacher trains
+            shutil.copytree(models_dir / part, tmp_path / name / part)
+    out = train(_cfg(*common, f"run_dir={tmp_path / 'more'}", f"teacher.init_from={tmp_path / 'source'}"),
+                progress=False)
+    assert out["finished"] == 1.0 and "reward_model/step" not in out
+    ema = load(tmp_path / "more" / "teacher_train.pt")["ema"]
+    for k, v in start.items():  # one step at lr 1e-12 moves no weight by more than about 1e-12
+        assert torch.allclose(ema[k], v, rtol=0, atol=1e-9), k
+    train(_cfg(*common, f"run_dir={tmp_path / 'fresh'}"), progress=False)
+    fresh = load(tmp_path / "fresh" / "teacher_train.pt")["ema"]
+    moved = [k for k, _ in source.named_parameters()]  # (buffers such as the position table were not moved)
+    assert moved and all(not torch.allclose(fresh[k], start[k], rtol=0, atol=0.1) for k in moved)
+    with pytest.raises(ConfigError, match="teacher.init_from"):
+        _cfg(*common, f"teacher.init_from={tmp_path}")
+    with pytest.raises(ValueError, match="does not fit the configured model"):
+        train(_cfg("stage=teacher", f"run_dir={tmp_path / 'other'}", "model.head_dim=4", "teacher.num_iters=1",
+                   "reward_model.num_iters=1", f"teacher.init_from={tmp_path / 'source'}"), progress=False)
+
+
 def test_non_finite_teacher_loss_names_its_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     """The losses stay on the device and are read at rows and checkpoints only; a NaN at step 6 (between the
     checkpoint at step 5 and the next row) stops the run naming step 6, and teacher_train.pt still holds the

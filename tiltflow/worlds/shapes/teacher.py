@@ -23,7 +23,7 @@ from tiltflow.flow.conventions import interpolate
 from tiltflow.flow.rng import to_device
 from tiltflow.storage import load, save_atomic
 from tiltflow.worlds.shapes.data import image_pool
-from tiltflow.worlds.shapes.models import ShapesAdapter, new_transformer
+from tiltflow.worlds.shapes.models import ShapesAdapter, load_transformer, new_transformer
 from tiltflow.worlds.shapes.scene import prompt_sets
 from tiltflow.worlds.shapes.text import TextEncoder, build_text_encoder
 
@@ -146,6 +146,13 @@ def train_teacher(cfg: ShapesRunConfig, deadline: float, *, progress: bool = Tru
     empty = len(scenes)
 
     model = new_transformer(cfg.model, text.hidden_size, cfg.seed).to(device).train()
+    if tc.init_from is not None:  # a resumed run's checkpoint replaces these weights in train_part
+        start = load_transformer(tc.init_from)
+        try:
+            model.load_state_dict(start.state_dict())
+        except RuntimeError as err:
+            raise ValueError(f"teacher.init_from={tc.init_from!r} does not fit the configured model (model.* sizes "
+                             f"must match the folder's config.json): {err}") from None
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
