@@ -197,6 +197,8 @@ def test_teacher_init_from_continues_a_committed_teacher(models_dir, tmp_path):
     out = train(_cfg(*common, f"run_dir={tmp_path / 'more'}", f"teacher.init_from={tmp_path / 'source'}"),
                 progress=False)
     assert out["finished"] == 1.0 and "reward_model/step" not in out
+    card = (tmp_path / "more" / "teacher" / "README.md").read_text()
+    assert f"| training steps | 1 of 1 planned, continuing the teacher in `{tmp_path / 'source'}`" in card
     ema = load(tmp_path / "more" / "teacher_train.pt")["ema"]
     for k, v in start.items():  # one step at lr 1e-12 moves no weight by more than about 1e-12
         assert torch.allclose(ema[k], v, rtol=0, atol=1e-9), k

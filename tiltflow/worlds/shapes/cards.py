@@ -102,6 +102,12 @@ def _steps(path: Path, planned: int) -> str:
     return f"{rows[-1]['step'] if rows else 0} of {planned} planned"
 
 
+def _started_from(cfg: Any, folder: str) -> str:
+    """For a teacher continued from another (teacher.init_from): where its steps started."""
+    start = getattr(cfg.teacher, "init_from", None) if folder == "teacher" else None
+    return f", continuing the teacher in `{start}` (its own card counts the steps before these)" if start else ""
+
+
 def write_cards(run_dir: Path, cfg: Any) -> list[Path]:
     """README.md in each model folder of a finished teacher-stage run directory."""
     calls = _rows(run_dir / CALLS)
@@ -120,7 +126,8 @@ def write_cards(run_dir: Path, cfg: Any) -> list[Path]:
                                model_s=_model_seconds(run_dir / metrics) if metrics else 0.0, commit=_commit(),
                                size_mb=size, dtype=dtype, model=json.dumps(vars(cfg.model)), load=load,
                                metrics_file=metrics or "(none: not trained)", extra=extra,
-                               steps=_steps(run_dir / metrics, planned[folder]) if metrics else "none (not trained)")
+                               steps=_steps(run_dir / metrics, planned[folder]) + _started_from(cfg, folder)
+                               if metrics else "none (not trained)")
         (d / "README.md").write_text(text)
         written.append(d / "README.md")
     return written
