@@ -181,7 +181,7 @@ def test_teacher_init_from_continues_a_committed_teacher(models_dir, tmp_path):
     train longer without its optimiser state; a folder that is not a teacher, or of other sizes, is refused."""
     import shutil
 
-    from tiltflow.config.schema import ConfigError
+    from tiltflow.config.loader import ConfigError
     from tiltflow.worlds.shapes.models import load_transformer
 
     source = load_transformer(models_dir / "teacher")
@@ -207,7 +207,9 @@ def test_teacher_init_from_continues_a_committed_teacher(models_dir, tmp_path):
     moved = [k for k, _ in source.named_parameters()]  # (buffers such as the position table were not moved)
     assert moved and all(not torch.allclose(fresh[k], start[k], rtol=0, atol=0.1) for k in moved)
     with pytest.raises(ConfigError, match="teacher.init_from"):
-        _cfg(*common, f"teacher.init_from={tmp_path}")
+        train(_cfg(*common, f"run_dir={tmp_path / 'none'}", f"teacher.init_from={tmp_path}"), progress=False)
+    made = {p.name for p in (tmp_path / "none").iterdir()}
+    assert made <= {"config.yaml"}, made  # refused before any model or data was made
     with pytest.raises(ValueError, match="does not fit the configured model"):
         train(_cfg("stage=teacher", f"run_dir={tmp_path / 'other'}", "model.head_dim=4", "teacher.num_iters=1",
                    "reward_model.num_iters=1", f"teacher.init_from={tmp_path / 'source'}"), progress=False)

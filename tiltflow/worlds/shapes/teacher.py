@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tiltflow.config.loader import ConfigError
 from tiltflow.config.shapes import ShapesRunConfig
 from tiltflow.flow.conventions import interpolate
 from tiltflow.flow.rng import to_device
@@ -41,6 +42,10 @@ def train_world_models(cfg: ShapesRunConfig, *, progress: bool = True) -> dict[s
     from tiltflow.worlds.shapes.cards import record_call, write_cards
     from tiltflow.worlds.shapes.reward_model import train_reward_model
 
+    start = cfg.teacher.init_from
+    if start is not None and not (Path(start) / "config.json").is_file():  # before any model or data is made
+        raise ConfigError("teacher.init_from", f"{start!r} is not a teacher folder (no config.json); expected a "
+                          "folder such as checkpoints/shapes/teacher")
     started, t0 = time.time(), time.monotonic()
     deadline = t0 + cfg.teacher.time_limit_s
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
