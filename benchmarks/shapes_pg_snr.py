@@ -22,10 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -58,10 +54,11 @@ def signal_and_noise(grads: list[torch.Tensor]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shapes_common import stage2_start, write_result
+
     from tiltflow.algorithms.rtdmd import RTDMD
     from tiltflow.flow.rng import streams
     from tiltflow.training.spine import build_train_state
-    from tiltflow.worlds.registry import get_world, load_run_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.batches < 2:
         p.error(f"--batches must be at least 2, got {args.batches}")
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_run_config(args.config, [f"device={args.device}", f"init_from={args.run}", f"run_dir={tmp}",
-                                            f"seed={args.seed}", *args.overrides])
-        setup = get_world(cfg.world)().build(cfg, progress=False)
+    cfg, setup = stage2_start(args.config, args.run, args.device, args.seed, args.overrides)
     roles = setup.models.roles()
     algo = RTDMD(cfg.stage2, setup.sampler, setup.task, roles, build_train_state(cfg.stage2, roles), seed=cfg.seed)
     params = [q for q in roles.generator_params if q.requires_grad]
@@ -106,15 +100,10 @@ def main(argv: list[str] | None = None) -> int:
               if len(grads) >= 4 else [])
     gram = torch.stack([x.double() for x in grads]) @ torch.stack([x.double() for x in grads]).T
     print(json.dumps(stats), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    out = {"config": str(args.config), "generator": str(args.run), "term": args.term, "overrides": args.overrides,
-           **stats,
-           "halves_snr_per_batch": [h["snr_per_batch"] for h in halves] or None,  # how stable the estimate is
-           "pairs": len(list(itertools.combinations(range(len(grads)), 2))), "gram": gram.tolist(),
-           "provenance": {"command": " ".join(["python", *sys.argv]), "commit": commit, "host": platform.node(),
-                          "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}}
-    if args.out is not None:
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
+    write_result(args.out, {"config": str(args.config), "generator": str(args.run), "term": args.term,
+                            "overrides": args.overrides, **stats,
+                            "halves_snr_per_batch": [h["snr_per_batch"] for h in halves] or None,  # its stability
+                            "pairs": len(list(itertools.combinations(range(len(grads)), 2))), "gram": gram.tolist()})
     return 0
 
 

@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,9 +63,10 @@ def draw_groups(velocity: Callable[[Any], Callable], sigmas: Any, shape: tuple[i
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shapes_common import stage2_start, write_result
+
     from tiltflow.algorithms.common import Batch
     from tiltflow.flow.conventions import few_step_sigmas
-    from tiltflow.worlds.registry import get_world, load_run_config
     from tiltflow.worlds.shapes.scene import parse
     from tiltflow.worlds.shapes.verifier import check, detect, partial_credit
 
@@ -84,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the result as JSON here too")
     args = p.parse_args(argv)
     prompts = [line.strip() for line in args.captions.read_text().splitlines() if line.strip()]
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_run_config(args.config, [f"device={args.device}", f"init_from={args.run}", f"run_dir={tmp}",
-                                            f"seed={args.seed}"])
-        setup = get_world(cfg.world)().build(cfg, progress=False)
+    cfg, setup = stage2_start(args.config, args.run, args.device, args.seed)
     task, generator = setup.task, setup.models.roles().generator
     sigmas = few_step_sigmas(cfg.sampler.num_steps, cfg.sampler.shift)
     num_trained = cfg.stage2.num_trained_steps or cfg.sampler.num_steps - 1
@@ -109,13 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         stats["pixel_within_group_std"] = float(pixels.std(axis=1).mean())
         result[mode] = stats
         print(mode, json.dumps(stats), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    out = {"captions": str(args.captions), "group_size": args.group, "generator": str(args.run),
-           "config": str(args.config), "num_trained_steps": num_trained, "eta": cfg.sampler.eta, **result,
-           "provenance": {"command": " ".join(["python", *sys.argv]), "commit": commit, "host": platform.node(),
-                          "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}}
-    if args.out is not None:
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
+    write_result(args.out, {"captions": str(args.captions), "group_size": args.group, "generator": str(args.run),
+                            "config": str(args.config), "num_trained_steps": num_trained, "eta": cfg.sampler.eta,
+                            **result})
     return 0
 
 

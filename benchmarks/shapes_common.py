@@ -1,0 +1,37 @@
+"""What the shapes diagnostic scripts share (imported by them as a sibling module: run them as
+`python benchmarks/<script>.py`): the stage-2 starting point built from a config and a stage-1 run, and writing
+a result with its provenance."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def stage2_start(config: Path, run: Path, device: str, seed: int, overrides: list[str] = ()) -> tuple[Any, Any]:
+    """(run config, world setup) of a shapes stage-2 config started from the stage-1 run `run` (init_from): the
+    generator is that run's, its fresh stage-2 LoRA still zero. Nothing is written outside a temporary folder."""
+    from tiltflow.worlds.registry import get_world, load_run_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_run_config(config, [f"device={device}", f"init_from={run}", f"run_dir={tmp}", f"seed={seed}",
+                                       *overrides])
+        return cfg, get_world(cfg.world)().build(cfg, progress=False)
+
+
+def write_result(out: Path | None, result: dict[str, Any]) -> None:
+    """`result` plus its provenance (command, commit, host, torch) as JSON at `out` (nothing when None)."""
+    if out is None:
+        return
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {**result, "provenance": {"command": " ".join(["python", *sys.argv]), "commit": commit,
+                                       "host": platform.node(), "cpu": platform.processor() or platform.machine(),
+                                       "torch": torch.__version__}}
+    out.write_text(json.dumps(result, indent=1) + "\n")
