@@ -94,12 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("rollout", "independent"):
         images = draw_groups(velocity, sigmas, tuple(task.sample_shape), prompts, args.group, mode, num_trained,
                              cfg.sampler.eta, args.seed, task.decode)
-        scores = [(float(check(parse(t), found).passed), partial_credit(parse(t), found))
-                  for t, found in ((t, detect(img)) for t, img in zip((q for q in prompts for _ in range(args.group)),
-                                                                        images))]
-        s = np.array(scores).reshape(len(prompts), args.group, 2)
-        pixels = images.reshape(len(prompts), args.group, -1).astype(np.float32) / 255
-        stats = group_stats(s[..., 0], s[..., 1])
+        verdicts, graded = [], []
+        for text, image in zip([q for q in prompts for _ in range(args.group)], images):
+            scene, found = parse(text), detect(image)
+            verdicts.append(float(check(scene, found).passed))
+            graded.append(partial_credit(scene, found))
+        shape = (len(prompts), args.group)
+        stats = group_stats(np.array(verdicts).reshape(shape), np.array(graded).reshape(shape))
+        pixels = images.reshape(*shape, -1).astype(np.float32) / 255
         stats["pixel_within_group_std"] = float(pixels.std(axis=1).mean())
         result[mode] = stats
         print(mode, json.dumps(stats), flush=True)
