@@ -9,13 +9,14 @@ import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 
-def stage2_start(config: Path, run: Path, device: str, seed: int, overrides: list[str] = ()) -> tuple[Any, Any]:
+def stage2_start(config: Path, run: Path, device: str, seed: int, overrides: Sequence[str] = ()) -> tuple[Any, Any]:
     """(run config, world setup) of a shapes stage-2 config started from the stage-1 run `run` (init_from): the
     generator is that run's, its fresh stage-2 LoRA still zero. Nothing is written outside a temporary folder."""
     from tiltflow.worlds.registry import get_world, load_run_config

@@ -40,10 +40,14 @@ def from_gram(gram: torch.Tensor) -> dict[str, float]:
             "mean_pairwise_cosine": float(cos.mean()), "batches": float(k)}
 
 
-def signal_and_noise(grads: list[torch.Tensor]) -> dict[str, float]:
-    """from_gram of the gradients, plus (K >= 3) the jackknife standard error of snr_per_batch over batches."""
+def gram_of(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The K x K matrix of the gradients' dot products, in float64."""
     g = torch.stack([x.double() for x in grads])
-    gram = g @ g.T
+    return g @ g.T
+
+
+def snr_of_gram(gram: torch.Tensor) -> dict[str, float]:
+    """from_gram, plus (K >= 3) the jackknife standard error of snr_per_batch over batches."""
     out = from_gram(gram)
     k = gram.shape[0]
     if k >= 3:
@@ -51,6 +55,11 @@ def signal_and_noise(grads: list[torch.Tensor]) -> dict[str, float]:
         loo = torch.tensor([from_gram(gram[idx][:, idx])["snr_per_batch"] for idx in keep], dtype=torch.float64)
         out["snr_per_batch_jackknife_se"] = float(((k - 1) / k * ((loo - loo.mean()) ** 2).sum()).sqrt())
     return out
+
+
+def signal_and_noise(grads: list[torch.Tensor]) -> dict[str, float]:
+    """snr_of_gram of the gradients' Gram matrix."""
+    return snr_of_gram(gram_of(grads))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,13 +101,13 @@ def main(argv: list[str] | None = None) -> int:
                                 for q in params]).detach().clone())
         print(f"batch {it + 1}/{args.batches}: |g| {grads[-1].norm():.3e}", flush=True)
     n = cfg.stage2.num_prompts * cfg.stage2.group_size
-    stats = signal_and_noise(grads)
+    gram = gram_of(grads)  # every estimate below reads this one matrix
+    stats = snr_of_gram(gram)
     stats["samples_per_batch"] = float(n)
     # None: no signal measurable in K batches (the estimate of |mu|^2 came out <= 0)
     stats["samples_for_snr_1"] = n / stats["snr_per_batch"] if stats["snr_per_batch"] > 0 else None
-    halves = ([signal_and_noise(h) for h in (grads[: len(grads) // 2], grads[len(grads) // 2:])]
-              if len(grads) >= 4 else [])
-    gram = torch.stack([x.double() for x in grads]) @ torch.stack([x.double() for x in grads]).T
+    k, half = len(grads), len(grads) // 2
+    halves = [snr_of_gram(gram[i:j, i:j]) for i, j in ((0, half), (half, k))] if k >= 4 else []
     print(json.dumps(stats), flush=True)
     write_result(args.out, {"config": str(args.config), "generator": str(args.run), "term": args.term,
                             "overrides": args.overrides, **stats,
