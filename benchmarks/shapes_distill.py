@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics = args.root / name / "metrics.jsonl"
         last = json.loads(metrics.read_text().splitlines()[-1]) if metrics.is_file() else {}
         state = {0: "finished", 3: "paused (run again to resume)"}.get(rc, f"FAILED, see {name}.log")
-        print(f"{name}: exit {rc} {state}, step {last.get('step')}, {time.time() - t0:.0f} s", flush=True)
+        print(f"{name}: exit {rc} {state}, checkpoint at step {checkpoint_step(args.root / name)} (last logged "
+              f"step {last.get('step')}), {time.time() - t0:.0f} s", flush=True)
     return 1 if failed else 0
 
 

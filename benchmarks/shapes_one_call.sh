@@ -13,6 +13,9 @@
 # exporting), then PHASES=stage2 with the same settings in the next call (the paused runs resume, then export).
 # The 2026-12-04 call (benchmarks/results/shapes_runs_balanced/) ran the defaults in 535 s on an H200 (the
 # balanced weights then given as overrides; rtdmd_balanced is that config).
+# The headline runs (benchmarks/results/shapes_runs_long/, three calls on one warm machine; PROVENANCE.json there):
+# STAGE2=rtdmd_partial S2_EXTRA="stage2.num_prompts=16 stage2.group_size=16" with S1_LIMIT=300 S2_LIMIT=170
+# S2_FINISH=0, then PHASES=stage2 S2_LIMIT=520 S2_FINISH=0, then PHASES=stage2 S2_LIMIT=290.
 set -u
 root=${1:?root folder for the runs (outside the repository, e.g. ../runs)}
 seeds=${SEEDS:-0 1}

@@ -12,9 +12,11 @@ space (tiltflow.worlds.shapes.evaluate).
         --teacher checkpoints/shapes/eval/teacher_4steps_cfg3_metrics.json \\
         --run ac_dmd=runs/shapes/ac_dmd_s0 --run ac_dmd=runs/shapes/ac_dmd_s1 ... --out benchmarks/results/shapes.json
 
-The distillation runs of benchmarks/results/shapes.json are kept in benchmarks/results/shapes_runs_wide/ (how they
-were made: its PROVENANCE.json, given with --runs-provenance); that table reads each run's 64-sample re-evaluation
-(--metrics final_64pp_metrics.json --per-prompt 64, the folders under eval64/), its provenance has the command.
+The distillation runs of benchmarks/results/shapes.json are kept in benchmarks/results/shapes_runs_wide/ (protocol
+A: every method side by side at equal wall time) and shapes_runs_long/ (protocol B: AC-DMD and RTDMD alone, for
+longer); how they were made: their PROVENANCE.json, given with --runs-provenance. That table reads each run's
+64-sample re-evaluation (--metrics final_64pp_metrics.json --per-prompt 64, the folders under eval64/); its
+provenance has the command.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import datetime
 import json
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -102,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", default="final_metrics.json",
                    help="the metrics file read in each --run folder, e.g. final_64pp_metrics.json written by "
                    "`tiltflow eval --run RUN --out DIR eval.num_per_prompt=64` (default %(default)s)")
-    p.add_argument("--runs-provenance", type=Path, default=None,
-                   help="a JSON saying how the --run directories were made (device, commands, commit), copied in")
+    p.add_argument("--runs-provenance", type=Path, action="append", default=[],
+                   help="a JSON saying how the --run directories were made (device, commands, commit), copied in "
+                   "under its path (repeatable: runs made in several sets of calls)")
     p.add_argument("--per-prompt", type=int, default=0, help="renders per test prompt in the data row (default: "
                    "the teacher stage's eval.num_per_prompt); give the runs' own, e.g. 64 with final_64pp_metrics.json")
     p.add_argument("--device", default="cpu")
@@ -123,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         metrics = [json.loads((f / args.metrics).read_text()) for f in folders]
         rows.append(summarise(label, metrics, [str(f) for f in folders]))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"provenance": {"command": " ".join(["python", *sys.argv]), "date_utc": datetime.datetime.now(
+    result = {"provenance": {"command": shlex.join(["python", *sys.argv]), "date_utc": datetime.datetime.now(
                   datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit, "host": platform.node(),
                   "cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
               "columns": COLUMNS, "rows": rows}
-    if args.runs_provenance is not None:
-        result["runs_provenance"] = json.loads(args.runs_provenance.read_text())
+    if args.runs_provenance:
+        result["runs_provenance"] = {str(f): json.loads(f.read_text()) for f in args.runs_provenance}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown(rows))
     return 0

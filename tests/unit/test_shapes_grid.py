@@ -32,3 +32,27 @@ def test_the_grid_draws_the_chosen_samples(tmp_path):
     centres = [tuple(grid[pad + r * (cell_h + pad) + 20, pad + c * (cell_w + pad) + 20]) for r in range(2)
                for c in range(3)]
     assert centres == [fills["circle"]] * 2 + [fills["square"]] * 2 + [fills["triangle"]] * 2  # two of each caption
+
+
+def test_grids_of_any_samples_per_caption_show_the_same_captions_in_the_same_places():
+    # benchmarks/shapes_pair_grid.py sets a teacher evaluated at 1 sample per caption beside a student at 64
+    captions = [f"c{k}" for k in range(103)]
+    for per in (1, 16, 64):
+        prompts = [c for c in captions for _ in range(per)]
+        assert [prompts[i] for i in grid_indices(prompts, 48)] == [captions[i] for i in grid_indices(captions, 48)]
+
+
+def test_the_pair_grid_puts_two_grids_side_by_side_under_their_titles(tmp_path):
+    from bench_scripts import load_benchmark
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "a.png")
+    Image.new("RGB", (50, 20), (0, 0, 255)).save(tmp_path / "b.png")
+    script = load_benchmark("shapes_pair_grid")
+    assert script.main([str(tmp_path / "a.png"), "left", str(tmp_path / "b.png"), "right",
+                        "--out", str(tmp_path / "p.png")]) == 0
+    out = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
+    top, gap = script.TITLE_H, script.GAP
+    assert out.shape[:2] == (top + 30, 40 + gap + 50)
+    assert tuple(out[top + 15, 20]) == (255, 0, 0) and tuple(out[top + 10, 40 + gap + 25]) == (0, 0, 255)
+    assert tuple(out[top + 25, 40 + gap + 25]) == (255, 255, 255)  # below the shorter grid: background
