@@ -1,11 +1,13 @@
 """What the shapes diagnostic scripts share (imported by them as a sibling module: run them as
 `python benchmarks/<script>.py`): the stage-2 starting point built from a config and a stage-1 run, and writing
-a result with its provenance."""
+a result with its provenance (shapes_results.py's table too)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -27,12 +29,17 @@ def stage2_start(config: Path, run: Path, device: str, seed: int, overrides: Seq
         return cfg, get_world(cfg.world)().build(cfg, progress=False)
 
 
+def provenance() -> dict[str, str]:
+    """How a result was made: the command as typed (quoted), the time, the commit, the host, its CPU and torch."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"command": shlex.join(["python", *sys.argv]),
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit, "host": platform.node(), "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__}
+
+
 def write_result(out: Path | None, result: dict[str, Any]) -> None:
-    """`result` plus its provenance (command, commit, host, torch) as JSON at `out` (nothing when None)."""
+    """`result` plus its provenance() as JSON at `out` (nothing when None)."""
     if out is None:
         return
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {**result, "provenance": {"command": " ".join(["python", *sys.argv]), "commit": commit,
-                                       "host": platform.node(), "cpu": platform.processor() or platform.machine(),
-                                       "torch": torch.__version__}}
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.write_text(json.dumps({**result, "provenance": provenance()}, indent=1) + "\n")

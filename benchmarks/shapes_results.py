@@ -22,12 +22,7 @@ provenance has the command.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +91,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shapes_common import provenance
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", type=Path, default=Path("checkpoints/shapes"), help="the teacher stage's folder")
     p.add_argument("--teacher", type=Path, action="append", default=[],
@@ -126,11 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, folders in runs.items():
         metrics = [json.loads((f / args.metrics).read_text()) for f in folders]
         rows.append(summarise(label, metrics, [str(f) for f in folders]))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"provenance": {"command": shlex.join(["python", *sys.argv]), "date_utc": datetime.datetime.now(
-                  datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit, "host": platform.node(),
-                  "cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
-              "columns": COLUMNS, "rows": rows}
+    result = {"provenance": provenance(), "columns": COLUMNS, "rows": rows}
     if args.runs_provenance:
         result["runs_provenance"] = {str(f): json.loads(f.read_text()) for f in args.runs_provenance}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
