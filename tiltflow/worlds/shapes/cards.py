@@ -104,7 +104,7 @@ def _steps(path: Path, planned: int) -> str:
 
 def _started_from(cfg: Any, folder: str) -> str:
     """For a teacher continued from another (teacher.init_from): where its steps started."""
-    start = getattr(cfg.teacher, "init_from", None) if folder == "teacher" else None
+    start = cfg.teacher.init_from if folder == "teacher" else None
     return f", continuing the teacher in `{start}` (its own card counts the steps before these)" if start else ""
 
 
