@@ -5,8 +5,10 @@ every client loop is bounded (few retries, millisecond backoff).
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -55,6 +57,67 @@ def test_encoding_round_trip(encoding):
     assert y.shape == x.shape and (y - x).abs().max() <= step + 1e-7
     with pytest.raises(ValueError, match="base64"):
         decode_images({"encoding": encoding, "data": "not base64!"})
+
+
+def test_decoding_is_thread_safe_when_collections_switch_threads():
+    """np.load parses the .npy header with ast.literal_eval, whose AST conversion on CPython 3.11 shares one
+    recursion counter between threads; a garbage collection that yields the GIL mid-parse then made a
+    concurrent decode fail with "AST constructor recursion depth mismatch" (seen once in CI, as a 400 from the
+    reward server). A gc callback that yields on every collection, a tiny gc threshold and a 1 us switch interval
+    make that switch happen every time: without the lock in decode_images, 6-7 of the 8 threads failed in each
+    of 3 runs here."""
+    payload = encode_images(torch.rand(16, 3, 8, 8), "npy-float32")
+    errors: list[str] = []
+
+    def yield_gil(phase, info):
+        if phase == "start":
+            time.sleep(0)
+
+    def worker():
+        for _ in range(300):
+            try:
+                decode_images(payload)
+            except Exception as err:  # noqa: BLE001 - collected and reported below
+                errors.append(repr(err))
+                return
+
+    threshold, interval = gc.get_threshold(), sys.getswitchinterval()
+    gc.callbacks.append(yield_gil)
+    gc.set_threshold(5)
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        gc.callbacks.remove(yield_gil)
+        gc.set_threshold(*threshold)
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
+
+
+def test_server_fault_while_reading_is_a_500_that_the_client_retries(monkeypatch):
+    """An interpreter fault while decoding is the server's, not the request's: a 500 (retried), never a 400."""
+    import tiltflow.rewards.server as server_module
+
+    calls = {"n": 0}
+
+    def decode_faulting_once(payload):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=51, after=48)")
+        return decode_images(payload)
+
+    monkeypatch.setattr(server_module, "decode_images", decode_faulting_once)
+    images = torch.rand(2, 3, 4, 4)
+    with serving(MeanBrightness()) as server:
+        with pytest.raises(RemoteRewardError, match="HTTP 500: the server failed while reading the request: System"):
+            client(server.url, retries=0)(images, ["a", "b"])
+        calls["n"] = 0
+        out = client(server.url, retries=1)(images, ["a", "b"])
+    assert calls["n"] == 2 and out.scores.shape == (2,)
 
 
 def test_round_trip_with_metadata_and_info():

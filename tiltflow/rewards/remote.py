@@ -16,6 +16,7 @@ import http.client
 import io
 import json
 import math
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +32,12 @@ from tiltflow.rewards.preprocess import check_images
 
 PROTOCOL = "tiltflow-reward/1"
 ENCODINGS = ("npy-uint8", "npy-float16", "npy-float32")  # float32: any (B, ...) array, unclamped
+
+# np.load parses the .npy header with ast.literal_eval. On CPython 3.11 the AST-to-object conversion keeps its
+# recursion counter per interpreter, not per thread, so two threads parsing at once (the reward server answers
+# each request on its own thread) can fail with "SystemError: AST constructor recursion depth mismatch" when a
+# garbage collection switches threads mid-parse. One lock around the parse keeps our own calls apart.
+_NPY_LOAD_LOCK = threading.Lock()
 
 
 class RemoteRewardError(RuntimeError):
@@ -56,8 +63,12 @@ def decode_images(payload: Any) -> Tensor:
     if not isinstance(payload, Mapping) or payload.get("encoding") not in ENCODINGS:
         raise ValueError(f"'images' must be an object with 'encoding' in {ENCODINGS} and 'data'")
     try:
-        array = np.load(io.BytesIO(base64.b64decode(payload["data"], validate=True)), allow_pickle=False)
-    except Exception as err:  # binascii.Error, ValueError, EOFError...: all mean a bad payload
+        raw = base64.b64decode(payload["data"], validate=True)
+        with _NPY_LOAD_LOCK:
+            array = np.load(io.BytesIO(raw), allow_pickle=False)
+    except SystemError:  # a fault of this interpreter, not of the payload: the server answers 500, not 400
+        raise
+    except Exception as err:  # binascii.Error, ValueError, EOFError, tokenize.TokenError, OverflowError...
         raise ValueError(f"'images.data' is not a base64 .npy array: {err}") from err
     if payload["encoding"] == "npy-float32":
         if array.dtype != np.float32 or array.ndim < 1:

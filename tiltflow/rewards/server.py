@@ -76,6 +76,11 @@ class _Handler(BaseHTTPRequestHandler):
                 # the connection, and the client would see a broken pipe (and retry) instead of this 413.
                 self._discard(int(self.headers["Content-Length"]))
             return
+        except Exception as err:  # noqa: BLE001 - a fault of this server while reading: a 500, which clients retry
+            log.exception("reading a request failed")
+            self._send(500, {"error": f"the server failed while reading the request: {type(err).__name__}: {err}"})
+            self.close_connection = True
+            return
         try:
             with self.server.reward_lock, torch.no_grad():
                 output = self.server.reward(images, prompts)
