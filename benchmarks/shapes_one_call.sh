@@ -3,7 +3,8 @@
 # (a machine is released after about 30 s idle, and its disk with it; full-fine-tuning checkpoints are too big
 # to carry back between calls). Stage 1: full fine-tuning, then every stage-2 method of STAGE2 as a fresh r16
 # LoRA on it, side by side, each exported where its time ran out and evaluated at EVAL_PER_PROMPT samples per
-# test prompt. Weights stay on the machine; everything else is archived to $OUT/shapes_one_call.tgz.
+# test prompt. Weights stay on the machine; everything else is archived to $OUT/shapes_one_call.tgz. KEEP_WEIGHTS=1
+# also brings back each finished run's student (export_transformer/, fp16, 15.6 MB: under $OUT's 16 MiB a file).
 #   bash benchmarks/shapes_one_call.sh ROOT
 # Settings by environment: SEEDS ("0 1"), S1_METHODS ("ac_dmd"; "ac_dmd dmd2" adds the DMD2-style baseline),
 # S1_LIMIT (235 s), S2_LIMIT (215 s), STAGE2 ("rtdmd_balanced grpo_only bp_only"), EVAL_PER_PROMPT (16), EXTRA
@@ -56,4 +57,8 @@ date -u
 if [ -n "${OUT:-}" ]; then
   tar -czf "$OUT/shapes_one_call.tgz" --exclude='*.safetensors' --exclude='*.pt' -C "$(dirname "$root")" \
     "$(basename "$root")"
+  if [ "${KEEP_WEIGHTS:-0}" = 1 ]; then
+    (cd "$(dirname "$root")" && find "$(basename "$root")" -path '*/export_transformer/*' -type f \
+      -exec cp --parents {} "$OUT/" \;)
+  fi
 fi

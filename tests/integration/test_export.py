@@ -133,3 +133,41 @@ def test_world_run_stage1_stage2_export_and_sample(tmp_path):
                  str(tmp_path / "from_file")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "from_file" / "index.jsonl").read_text().splitlines()]
     assert sorted({r["prompt"] for r in rows}) == ["a green frog", "a yellow duck"]
+
+
+def test_full_fine_tuning_run_exports_a_transformer_folder(tmp_path):
+    """A full-fine-tuning stage has no LoRA to export: the run writes export_transformer/, its EMA generator as a
+    bf16 folder that SD3Transformer2DModel.from_pretrained reads with nothing missing, and no export_lora/. Each
+    weight is the final.safetensors export rounded to bf16 (round-to-nearest: at most 2^-8 relative, normal
+    range), and the 1e-2 step moved some weight past that rounding, so a stale (untrained) folder would fail."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import load_file
+
+    from tiltflow.training.spine import train
+    from tiltflow.worlds.diffusers_world import build_models, exported_generator, read_final
+    from tiltflow.worlds.registry import load_run_config
+
+    run = tmp_path / "full"
+    cfg = load_run_config(None, ["world=diffusers", "model.family=sd3", "model.random_weights=true",
+                                 "model.arch=tiny_sd3", "model.resolution=32", "device=cpu", "prompts=[a red cat]",
+                                 "lora.finetune=full", "lora.layout=separate", "stage=ac_dmd", f"run_dir={run}",
+                                 "stage1.num_iters=1", "stage1.batch_size=2", "stage1.n_fake=1", "stage1.lr=1e-2",
+                                 "stage1.ema_decay=0.0", "checkpoint_every=1", "log_every=1"])
+    train(cfg, progress=False)
+    assert not (run / "export_lora").exists()
+    export = exported_generator(read_final(run))
+    folder = run / "export_transformer"
+    saved = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16}
+    model, info = SD3Transformer2DModel.from_pretrained(str(folder), output_loading_info=True, local_files_only=True)
+    assert not any(info.values()), info
+    got = {k: v.float() for k, v in model.state_dict().items()}
+    assert export is not None and set(got) == set(export)
+    adapter, _ = build_models(cfg, None)  # the teacher, where the generator started (the same seeded init)
+    teacher = {k: v.float() for k, v in adapter.transformer.state_dict().items()}
+    moved = False
+    for key, value in export.items():
+        bound = 2**-8 * value.abs() + 2**-133  # bf16: 8 significant bits; its subnormal step is 2^-133
+        assert torch.all((got[key] - value).abs() <= bound), key
+        moved |= bool(torch.any((value - teacher[key]).abs() > 2 * bound))
+    assert moved, "no weight moved past bf16 rounding: the check above could not tell a stale folder"

@@ -69,14 +69,43 @@ def test_teacher_resume_matches_uninterrupted(tmp_path):
         assert torch.equal(sa["model"][k], sb["model"][k]), k
 
 
+def _check_student_folder(run_dir, teacher):
+    """export_transformer/ is the run's generator as a stock diffusers folder: SD3Transformer2DModel reads it with
+    no missing, unexpected or mismatched weight, and every weight is the sampling generator's (its LoRA folded in
+    by the roles' own merge, a path apart from the export's) rounded to fp16. Round-to-nearest fp16 is off by at
+    most 2^-11 relative (normal range) or 2^-25 absolute (subnormals); the two float32 merges may differ by a few
+    float32 roundings (1e-6 relative covers them). The run must have moved some weight of the fp16 `teacher`
+    by more than that, or a LoRA left out of the folder would go unseen."""
+    from diffusers import SD3Transformer2DModel
+
+    from tiltflow.worlds.diffusers_world import sampling_models
+    from tiltflow.worlds.shapes.world import build_models
+
+    _, models = sampling_models(load_run_config(run_dir / "config.yaml", [f"run_dir={run_dir}"]), build_models)
+    want = models.merged_generator_weights()
+    folder = run_dir / "export_transformer"
+    assert {v.dtype for v in load_file(str(folder / "diffusion_pytorch_model.safetensors")).values()} == {torch.float16}
+    model, info = SD3Transformer2DModel.from_pretrained(str(folder), output_loading_info=True, local_files_only=True)
+    assert not any(info.values()), info
+    got = {k: v.float() for k, v in model.state_dict().items()}
+    assert set(got) == set(want) == set(teacher)
+    moved = False
+    for key, value in want.items():
+        bound = (2**-11 + 1e-6) * value.abs() + 2**-25
+        assert torch.all((got[key] - value).abs() <= bound), key
+        moved |= bool(torch.any((value - teacher[key].float()).abs() > 2 * bound))
+    assert moved, f"{run_dir.name}: no weight moved past fp16 rounding; the check above could not see a lost update"
+
+
 def test_distillation_stages_through_the_spine(models_dir, tmp_path, capsys):
     s1, s2 = tmp_path / "ac_dmd", tmp_path / "rtdmd"
     common = [*STAGE, f"models_dir={models_dir}"]
-    m1 = train(_cfg(*common, "stage=ac_dmd", f"run_dir={s1}"), progress=False)
+    # lr 1e-2: LoRA updates past fp16 rounding within 2 iterations (the student folders are checked below)
+    m1 = train(_cfg(*common, "stage=ac_dmd", f"run_dir={s1}", "stage1.lr=1e-2"), progress=False)
     assert 0.0 <= m1["verifier/overall"] <= 1.0
     assert (s1 / "final_grid.png").is_file() and (s1 / "final.safetensors").is_file()
     teacher_before = load_file(str(models_dir / "teacher" / "diffusion_pytorch_model.safetensors"))
-    m2 = train(_cfg(*common, "stage=rtdmd", f"run_dir={s2}", f"init_from={s1}", "eval.every=1",
+    m2 = train(_cfg(*common, "stage=rtdmd", f"run_dir={s2}", f"init_from={s1}", "eval.every=1", "stage2.lr=1e-2",
                     "rewards=[{name: clip, weight: 1.0}, {name: verifier, weight: 1.0}]"), progress=False)
     assert "reward/clip" in m2 and "reward/verifier" in m2
     rows = [json.loads(line) for line in (s2 / "metrics.jsonl").read_text().splitlines()]
@@ -87,6 +116,8 @@ def test_distillation_stages_through_the_spine(models_dir, tmp_path, capsys):
     assert gen and any(not torch.equal(f1[k], f2[k]) for k in gen if k in f1)
     after = load_file(str(models_dir / "teacher" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(teacher_before[k], after[k]) for k in after)
+    _check_student_folder(s1, teacher_before)  # the students as stock diffusers folders: a LoRA on the teacher
+    _check_student_folder(s2, teacher_before)  # two LoRAs on the teacher
 
     # Sampling the finished run from captions in the vocabulary; an unknown word is named.
     from tiltflow.worlds.shapes.world import ShapesWorld
@@ -328,3 +359,6 @@ def test_a_lora_stage2_on_a_full_fine_tuned_stage1_starts_where_it_ended_and_exp
     run_cfg = load_run_config(s2 / "config.yaml", [f"run_dir={s2}"])
     ShapesWorld().sample(run_cfg, texts=["a photo of two red circles"], out=tmp_path / "samples")
     assert (tmp_path / "samples" / "grid.png").is_file()
+    teacher = load_file(str(models_dir / "teacher" / "diffusion_pytorch_model.safetensors"))
+    _check_student_folder(s1, teacher)  # full weights
+    _check_student_folder(s2, teacher)  # a LoRA folded into full stage-1 weights

@@ -78,6 +78,19 @@ def save_lora(state: dict[str, Tensor], rank: int, out_dir: str | Path, pipeline
     return out / LORA_WEIGHT_NAME
 
 
+def fold_lora(weights: dict[str, Tensor], lora: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Plain float32 `weights` with a scale-1 LoRA (peft keys, as combine_lora_states returns) folded in:
+    W + B A for every module the LoRA touches. `weights` is not modified."""
+    out = dict(weights)
+    for key in [k for k in lora if k.endswith(".lora_A.weight")]:
+        module = key[: -len(".lora_A.weight")]
+        if f"{module}.weight" not in out:
+            raise KeyError(f"the LoRA touches {module!r}, which the weights do not have")
+        delta = lora[f"{module}.lora_B.weight"].float() @ lora[key].float()
+        out[f"{module}.weight"] = out[f"{module}.weight"] + delta.to(out[f"{module}.weight"].device)
+    return out
+
+
 @torch.no_grad()
 def merged_state_dict(transformer: nn.Module, adapter_names: Sequence[str], dtype: torch.dtype) -> dict[str, Tensor]:
     """The transformer's weights with the named adapters folded in, under the plain diffusers names;
@@ -86,21 +99,31 @@ def merged_state_dict(transformer: nn.Module, adapter_names: Sequence[str], dtyp
     state, _ = combined_lora(transformer, adapter_names) if adapter_names else ({}, 0)
     out = {key.replace(".base_layer.", "."): full_value(value.detach()).float().cpu()
            for key, value in transformer.state_dict().items() if ".lora_" not in key}
-    for key in [k for k in state if k.endswith(".lora_A.weight")]:
-        module = key[: -len(".lora_A.weight")]
-        delta = state[f"{module}.lora_B.weight"] @ state[key]
-        out[f"{module}.weight"] = out[f"{module}.weight"] + delta.to(out[f"{module}.weight"].device)
-    return {k: v.to(dtype).contiguous() for k, v in out.items()}
+    return {k: v.to(dtype).contiguous() for k, v in fold_lora(out, state).items()}
+
+
+def save_transformer_folder(transformer: nn.Module, state: dict[str, Tensor], out_dir: str | Path,
+                            dtype: torch.dtype) -> Path:
+    """A folder that `type(transformer).from_pretrained(folder)` reads: transformer's config.json and `state`
+    (plain diffusers names) as diffusion_pytorch_model.safetensors in `dtype`. Written next to `out_dir`
+    first and moved into place, so a folder that exists is complete."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = {**dict(transformer.config), "_class_name": type(transformer).__name__}
+    (tmp / "config.json").write_text(json.dumps(config, indent=1, default=list) + "\n")
+    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(tmp / "diffusion_pytorch_model.safetensors"))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    return out
 
 
 def export_merged_transformer(transformer: nn.Module, adapter_names: Sequence[str], out_dir: str | Path,
                               dtype: torch.dtype = torch.bfloat16) -> Path:
     """A transformer folder (config.json + diffusion_pytorch_model.safetensors) with the LoRA merged."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {**dict(transformer.config), "_class_name": type(transformer).__name__}
-    (out / "config.json").write_text(json.dumps(config, indent=1, default=list) + "\n")
-    save_file(merged_state_dict(transformer, adapter_names, dtype), str(out / "diffusion_pytorch_model.safetensors"))
-    return out
+    return save_transformer_folder(transformer, merged_state_dict(transformer, adapter_names, dtype), out_dir, dtype)

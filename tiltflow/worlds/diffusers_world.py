@@ -5,7 +5,8 @@ Stage 1 (AC-DMD, METHOD.md 4) and stage 2 (RTDMD, METHOD.md 5) run the same algo
 world; only the backbone, the prompts and the rewards change. A run directory holds config.yaml,
 resolved.json (derived values such as the sampler shift), metrics.jsonl, checkpoint.pt (resumed by
 default), final.safetensors (EMA generator + fake weights) and export_lora/ (a LoRA that stock diffusers
-pipelines load with `load_lora_weights`).
+pipelines load with `load_lora_weights`), or, when the export is full weights (full fine-tuning, or a LoRA
+stage 2 on it), export_transformer/ (a bf16 transformer folder that `<Transformer>.from_pretrained` reads).
 """
 
 from __future__ import annotations
@@ -291,7 +292,7 @@ class DiffusersWorld:
     def build(self, cfg: DiffusersRunConfig, *, progress: bool = True) -> WorldSetup:
         import diffusers
 
-        from tiltflow.models.export import save_lora
+        from tiltflow.models.export import save_lora, save_transformer_folder
 
         stage1 = cfg.stage in STAGE1_STAGES
         prompts = read_prompts(cfg)  # bad input fails before any model loads
@@ -316,6 +317,8 @@ class DiffusersWorld:
             export, rank = write_final(cfg, models, init_state, family=cfg.model.family)
             if rank > 0 and is_main_process():  # a LoRA that stock diffusers pipelines load
                 save_lora(export, rank, run_dir / "export_lora", getattr(diffusers, adapter.pipeline_class))
+            elif is_main_process():  # full weights: a transformer folder that from_pretrained reads, in bf16
+                save_transformer_folder(adapter.transformer, export, run_dir / "export_transformer", torch.bfloat16)
             # What a person looks at first: the final generator on the first prompts (samples/grid.png).
             write_samples(cfg, adapter, models.generator_role, sampler, task.prompts[:4], run_dir / "samples")
             barrier()  # every rank returns once rank 0's files are complete (metrics.jsonl included)
