@@ -29,9 +29,8 @@ from tiltflow.worlds.shapes.world import build_models, student_weights
 
 
 def rounded_copy(run: Path, dest: Path, student: dict[str, torch.Tensor]) -> None:
-    """`run`'s config.yaml and a final.safetensors whose export is `student` rounded to fp16 (full weights)."""
-    dest.mkdir(parents=True)
-    shutil.copy(run / "config.yaml", dest / "config.yaml")
+    """A copy of `run` whose final.safetensors' export is `student` rounded to fp16 (full weights)."""
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("final.safetensors", "checkpoint*"))
     with safe_open(str(run / "final.safetensors"), "pt") as f:
         metadata = dict(f.metadata() or {}, export_rank="0")
     state = {f"export/{k}": v.half().float().contiguous() for k, v in student.items()}
@@ -44,12 +43,12 @@ def evaluate(run: Path, out: Path, overrides: list[str]) -> dict[str, float]:
     return json.loads((out / "eval_run.json").read_text())["metrics"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a finished shapes distillation run")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default: print only)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. device=cpu eval.num_per_prompt=4")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     final = read_final(args.run)
     export = exported_generator(final)
@@ -73,7 +72,8 @@ def main() -> None:
               "difference": {k: in_fp16[k] - as_trained[k] for k in as_trained}}
     print(json.dumps(result, indent=1))
     write_result(args.out, result)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -362,3 +362,18 @@ def test_a_lora_stage2_on_a_full_fine_tuned_stage1_starts_where_it_ended_and_exp
     teacher = load_file(str(models_dir / "teacher" / "diffusion_pytorch_model.safetensors"))
     _check_student_folder(s1, teacher)  # full weights
     _check_student_folder(s2, teacher)  # a LoRA folded into full stage-1 weights
+
+
+def test_export_precision_script_evaluates_the_run_and_its_fp16_weights(models_dir, tmp_path):
+    """benchmarks/shapes_export_precision.py: its evaluation of the run as trained, with the run's own settings,
+    reproduces the run's final_metrics.json; the fp16 side is a second evaluation of the same captions."""
+    from bench_scripts import load_benchmark
+
+    run = tmp_path / "ac_dmd"
+    train(_cfg(*STAGE, f"models_dir={models_dir}", "stage=ac_dmd", f"run_dir={run}", "stage1.lr=1e-2"), progress=False)
+    assert load_benchmark("shapes_export_precision").main(["--run", str(run), "--out", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["as_trained"] == json.loads((run / "final_metrics.json").read_text())
+    assert set(result["fp16_weights"]) == set(result["as_trained"]) and "provenance" in result
+    assert result["difference"] == {k: v - result["as_trained"][k] for k, v in result["fp16_weights"].items()}
+    assert result["moved_norm"] > 0 and 0 < result["rounding_over_moved"] < 1
