@@ -7,6 +7,7 @@ fresh LoRA) exports as one LoRA; a merged transformer export reproduces it too; 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -124,8 +125,6 @@ def test_world_run_stage1_stage2_export_and_sample(tmp_path):
     assert len(paths) == 1 and paths[0].stat().st_size > 0
     assert (tmp_path / "samples" / "grid.png").is_file()  # captioned with the prompts
     # `tiltflow sample --run DIR --prompts FILE`: the file's prompts alone (the run config's two are not added).
-    import json
-
     from tiltflow.cli import main
 
     (tmp_path / "p.txt").write_text("a green frog\n\na yellow duck\n")
@@ -171,3 +170,31 @@ def test_full_fine_tuning_run_exports_a_transformer_folder(tmp_path):
         assert torch.all((got[key] - value).abs() <= bound), key
         moved |= bool(torch.any((value - teacher[key]).abs() > 2 * bound))
     assert moved, "no weight moved past bf16 rounding: the check above could not tell a stale folder"
+
+
+def test_a_large_transformer_folder_is_written_in_shards_that_diffusers_reads(tmp_path):
+    """Past max_shard_bytes the folder holds numbered shards and diffusers' index (as its own save_pretrained
+    writes them); from_pretrained reads them back whole and exact (float32 written as float32)."""
+    from diffusers import SD3Transformer2DModel
+
+    from tiltflow.models.export import merged_state_dict, save_transformer_folder, shard_keys
+
+    adapter, models = _perturbed_generator(SD3Adapter, "tiny_sd3")
+    state = merged_state_dict(models.generator, models.generator_adapters, torch.float32)
+    total = sum(v.numel() for v in state.values()) * 4
+    folder = save_transformer_folder(adapter.transformer, state, tmp_path / "sharded", torch.float32,
+                                     max_shard_bytes=total // 3)
+    shards = sorted(p.name for p in folder.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) >= 3 and shards[0].endswith(f"-00001-of-{len(shards):05d}.safetensors")
+    assert not (folder / "diffusion_pytorch_model.safetensors").exists()
+    index = json.loads((folder / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == total and set(index["weight_map"]) == set(state)
+    model, info = SD3Transformer2DModel.from_pretrained(str(folder), output_loading_info=True, local_files_only=True)
+    assert not any(info.values()), info
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    # The grouping: in order, every group within the limit unless one tensor alone exceeds it.
+    sizes = {k: v.numel() * 4 for k, v in state.items()}
+    groups = shard_keys(state, 4, total // 3)
+    assert [k for g in groups for k in g] == list(state)
+    assert all(sum(sizes[k] for k in g) <= total // 3 or len(g) == 1 for g in groups)

@@ -102,11 +102,31 @@ def merged_state_dict(transformer: nn.Module, adapter_names: Sequence[str], dtyp
     return {k: v.to(dtype).contiguous() for k, v in fold_lora(out, state).items()}
 
 
+WEIGHTS_STEM = "diffusion_pytorch_model"  # diffusers' file names: <stem>.safetensors, or shards and an index
+
+
+def shard_keys(state: dict[str, Tensor], itemsize: int, max_shard_bytes: int) -> list[list[str]]:
+    """`state`'s keys in order, cut into consecutive groups of at most `max_shard_bytes` at `itemsize` bytes an
+    element (a tensor larger than that is a group alone)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key, value in state.items():
+        nbytes = value.numel() * itemsize
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    return groups
+
+
 def save_transformer_folder(transformer: nn.Module, state: dict[str, Tensor], out_dir: str | Path,
-                            dtype: torch.dtype) -> Path:
+                            dtype: torch.dtype, max_shard_bytes: int = 10 * 10**9) -> Path:
     """A folder that `type(transformer).from_pretrained(folder)` reads: transformer's config.json and `state`
-    (plain diffusers names) as diffusion_pytorch_model.safetensors in `dtype`. Written next to `out_dir`
-    first and moved into place, so a folder that exists is complete."""
+    (plain diffusers names) in `dtype`, as diffusion_pytorch_model.safetensors, or past `max_shard_bytes` (10 GB,
+    as diffusers' own save) as numbered shards plus diffusion_pytorch_model.safetensors.index.json. Each shard
+    is cast on its own (the peak is one shard, not a second copy of the model). Written next to `out_dir` first
+    and moved into place, so a folder that exists is complete."""
     import shutil
 
     from safetensors.torch import save_file
@@ -117,7 +137,15 @@ def save_transformer_folder(transformer: nn.Module, state: dict[str, Tensor], ou
     tmp.mkdir(parents=True)
     config = {**dict(transformer.config), "_class_name": type(transformer).__name__}
     (tmp / "config.json").write_text(json.dumps(config, indent=1, default=list) + "\n")
-    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(tmp / "diffusion_pytorch_model.safetensors"))
+    groups = shard_keys(state, dtype.itemsize, max_shard_bytes)
+    names = ([f"{WEIGHTS_STEM}.safetensors"] if len(groups) == 1 else
+             [f"{WEIGHTS_STEM}-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)])
+    for name, keys in zip(names, groups):
+        save_file({k: state[k].to(dtype).contiguous() for k in keys}, str(tmp / name), metadata={"format": "pt"})
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": sum(v.numel() for v in state.values()) * dtype.itemsize},
+                 "weight_map": {k: name for name, keys in zip(names, groups) for k in keys}}
+        (tmp / f"{WEIGHTS_STEM}.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
     return out
