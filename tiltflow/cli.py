@@ -105,6 +105,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise UsageError(f"--out {str(args.out)!r} exists and is not an empty folder; give a new one (an export "
+                         "replaces its folder whole)")
+    cfg = _run_config(args.run, args.overrides)
+    dtype = getattr(torch, EXPORT_DTYPES[args.dtype]) if args.dtype else None
+    folder = _world(cfg, "export").export(cfg, out=args.out, dtype=dtype)
+    print(folder)
+    return 0
+
+
 _IMAGE_EVAL_REQUIRED = {"reward": "--reward", "out": "--out"}
 
 
@@ -225,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     for action in p._actions:
         if action.dest in _IMAGE_EVAL_REQUIRED:
             action.required = False
+    p = verb("export", "write a finished diffusers or shapes run's generator as a transformer folder (its LoRA merged "
+             "into its base) that the diffusers class reads with from_pretrained, for tools that take no LoRA",
+             cmd_export)
+    p.add_argument("--run", type=Path, required=True, help="a finished stage run directory (with final.safetensors)")
+    p.add_argument("--out", type=Path, required=True, help="a new (or empty) folder for config.json and the weights")
+    p.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default=None,
+                   help="weights' dtype (default: bf16 for the real backbones, fp16 for shapes)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides of the run's config, e.g. device=cpu or model.source=/local/folder")
     p = verb("demo", "every method on a gmm problem, side by side (default: the embedded 2-D problem); with "
              "--world shapes, a short RTDMD fine-tune of the committed shapes models on the CPU, before and after",
              cmd_demo)

@@ -198,3 +198,41 @@ def test_a_large_transformer_folder_is_written_in_shards_that_diffusers_reads(tm
     groups = shard_keys(state, 4, total // 3)
     assert [k for g in groups for k in g] == list(state)
     assert all(sum(sizes[k] for k in g) <= total // 3 or len(g) == 1 for g in groups)
+
+
+@pytest.mark.parametrize("init", ["teacher", "generator_init"])
+def test_tiltflow_export_merges_the_lora_into_the_generator_s_own_base(init, tmp_path, capsys):
+    """`tiltflow export` of a LoRA run: the generator's LoRA merged into the generator's base - the teacher, or
+    with model.generator_init (FLUX.2's step-distilled model; here another random transformer) that model, not
+    the teacher. The float32 folder reproduces the sampling generator's velocity (the tolerance of
+    test_merged_transformer_export: (W + BA)x against Wx + B(Ax), a few float32 roundings)."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import load_file
+
+    from tiltflow.cli import main
+    from tiltflow.training.spine import train
+    from tiltflow.worlds.diffusers_world import build_models, sampling_models
+    from tiltflow.worlds.registry import load_run_config
+
+    run = tmp_path / "run"
+    extra = ["model.generator_init=random", "lora.layout=separate"] if init == "generator_init" else []
+    cfg = load_run_config(None, ["world=diffusers", "model.family=sd3", "model.random_weights=true",
+                                 "model.arch=tiny_sd3", "model.resolution=32", "device=cpu", "prompts=[a red cat]",
+                                 "lora.rank=4", "lora.alpha=8", "stage=ac_dmd", f"run_dir={run}", *extra,
+                                 "stage1.num_iters=1", "stage1.batch_size=2", "stage1.n_fake=1", "stage1.lr=1e-2",
+                                 "stage1.ema_decay=0.0", "checkpoint_every=1", "log_every=1"])
+    train(cfg, progress=False)
+    out = tmp_path / "merged"
+    assert main(["export", "--run", str(run), "--out", str(out), "--dtype", "fp32"]) == 0
+    merged = SD3Transformer2DModel.from_pretrained(str(out), local_files_only=True)
+    adapter, models = sampling_models(cfg, build_models)
+    x = torch.randn(2, *adapter.latent_shape(32, 32), generator=torch.Generator().manual_seed(0))
+    s, cond = torch.tensor([0.3, 0.9]), adapter.encode(PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.forward(merged, x, s, cond), models.generator_role.velocity(x, s, cond),
+                                   atol=2e-5, rtol=1e-5)
+        assert not torch.allclose(adapter.forward(merged, x, s, cond), models.teacher_role.velocity(x, s, cond),
+                                  atol=1e-3)
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "bf16")]) == 0  # the default: bf16
+    weights = next((tmp_path / "bf16").glob("*.safetensors"))
+    assert {v.dtype for v in load_file(str(weights)).values()} == {torch.bfloat16}

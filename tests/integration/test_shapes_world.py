@@ -377,3 +377,39 @@ def test_export_precision_script_evaluates_the_run_and_its_fp16_weights(models_d
     assert set(result["fp16_weights"]) == set(result["as_trained"]) and "provenance" in result
     assert result["difference"] == {k: v - result["as_trained"][k] for k, v in result["fp16_weights"].items()}
     assert result["moved_norm"] > 0 and 0 < result["rounding_over_moved"] < 1
+
+
+def test_tiltflow_export_writes_the_run_s_student_in_the_dtype_asked(models_dir, tmp_path, capsys):
+    """`tiltflow export --run DIR --out DIR --dtype fp32`: the student exactly (float32: the exported folder
+    reproduces the sampling generator's velocity as test_export's merged-transformer check does), and within
+    fp16 rounding of the folder training wrote (a path apart: the export LoRA folded into the teacher); an --out
+    that holds files, and a world without transformers, are usage errors (exit 2)."""
+    from diffusers import SD3Transformer2DModel
+
+    from tiltflow.cli import main
+    from tiltflow.worlds.diffusers_world import sampling_models
+    from tiltflow.worlds.shapes.world import build_models
+
+    run = tmp_path / "ac_dmd"
+    train(_cfg(*STAGE, f"models_dir={models_dir}", "stage=ac_dmd", f"run_dir={run}", "stage1.lr=1e-2"), progress=False)
+    out = tmp_path / "fp32"
+    assert main(["export", "--run", str(run), "--out", str(out), "--dtype", "fp32"]) == 0
+    exported = SD3Transformer2DModel.from_pretrained(str(out), local_files_only=True)
+    trained = load_file(str(run / "export_transformer" / "diffusion_pytorch_model.safetensors"))
+    for key, value in exported.state_dict().items():
+        assert torch.all((trained[key].float() - value).abs() <= (2**-11 + 1e-6) * value.abs() + 2**-25), key
+    adapter, models = sampling_models(load_run_config(run / "config.yaml", [f"run_dir={run}"]), build_models)
+    torch.manual_seed(0)
+    x, sigma = torch.randn(2, *adapter.latent_shape(adapter.resolution, adapter.resolution)), torch.tensor([0.7, 0.3])
+    cond = adapter.encode(["a photo of a red circle", "a photo of two blue squares"])
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.forward(exported, x, sigma, cond),
+                                   models.generator_role.velocity(x, sigma, cond), atol=2e-5, rtol=1e-5)
+    capsys.readouterr()
+    assert main(["export", "--run", str(run), "--out", str(out)]) == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    gmm = tmp_path / "gmm"
+    gmm.mkdir()
+    (gmm / "config.yaml").write_text("world: gmm\nstage: ac_dmd\n")
+    assert main(["export", "--run", str(gmm), "--out", str(tmp_path / "g")]) == 2
+    assert "the gmm world has no `export`" in capsys.readouterr().err

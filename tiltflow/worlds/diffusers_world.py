@@ -283,6 +283,18 @@ def sampling_models(cfg: Any, build: Callable[[Any, Any], tuple[Any, Any]]) -> t
     return build(cfg, init_state)
 
 
+def export_run(cfg: Any, build: Callable[[Any, Any], tuple[Any, Any]], out: str | Path, dtype: torch.dtype) -> Path:
+    """`tiltflow export --run DIR --out DIR`: a finished run's final generator, its LoRA (if any) merged into its
+    own base (the teacher, or model.generator_init's transformer), as a folder that the generator's transformer
+    class reads with `from_pretrained`. Built as sampling builds it, so the export is what `tiltflow sample` draws
+    from."""
+    from tiltflow.models.export import save_transformer_folder
+
+    cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, weights="final"))
+    _, models = sampling_models(cfg, build)
+    return save_transformer_folder(models.generator, models.merged_generator_weights(), out, dtype)
+
+
 class DiffusersWorld:
     """`world: diffusers`: SD3, SD3.5, FLUX.1-dev and FLUX.2-klein through their diffusers adapters."""
 
@@ -326,6 +338,10 @@ class DiffusersWorld:
             return json.loads(lines[-1]) if lines else {}
 
         return WorldSetup(task, models, sampler, finish, describe_fault=device_fault_describer(adapter))
+
+    def export(self, cfg: DiffusersRunConfig, *, out: Path, dtype: torch.dtype | None = None) -> Path:
+        """The run's generator as a transformer folder (bf16 unless `dtype`): see export_run."""
+        return export_run(cfg, build_models, out, dtype or torch.bfloat16)
 
     def sample(self, cfg: DiffusersRunConfig, *, out: Path, texts: Sequence[str] = (), num: int | None = None,
                prompt: int | None = None, seed: int | None = None) -> str:

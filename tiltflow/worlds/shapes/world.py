@@ -29,6 +29,7 @@ from tiltflow.worlds.diffusers_world import (
     DiffusersTask,
     build_lora_roles,
     device_fault_describer,
+    export_run,
     read_final,
     read_prompt_file,
     sampling_models,
@@ -158,6 +159,11 @@ class ShapesWorld:
 
         return WorldSetup(task, models, cfg.sampler, finish, evaluate if cfg.eval.every else None, cfg.eval.every,
                           device_fault_describer(adapter))
+
+    def export(self, cfg: ShapesRunConfig, *, out: Path, dtype: torch.dtype | None = None) -> Path:
+        """The run's student as an SD3Transformer2DModel folder (fp16, as the teacher's, unless `dtype`): what the
+        run wrote to export_transformer/, in another dtype or for a run from before that folder existed."""
+        return export_run(cfg, build_models, out, dtype or torch.float16)
 
     def sample(self, cfg: ShapesRunConfig, *, out: Path, texts: Sequence[str] = (), num: int | None = None,
                prompt: int | None = None, seed: int | None = None) -> str:
