@@ -60,12 +60,11 @@ def test_encoding_round_trip(encoding):
 
 
 def test_decoding_is_thread_safe_when_collections_switch_threads():
-    """np.load parses the .npy header with ast.literal_eval, whose AST conversion on CPython 3.11 shares one
-    recursion counter between threads; a garbage collection that yields the GIL mid-parse then made a
-    concurrent decode fail with "AST constructor recursion depth mismatch" (seen once in CI, as a 400 from the
-    reward server). A gc callback that yields on every collection, a tiny gc threshold and a 1 us switch interval
-    make that switch happen every time: without the lock in decode_images, 6-7 of the 8 threads failed in each
-    of 3 runs here."""
+    """np.load parses the .npy header with ast.literal_eval, whose AST conversion on CPython 3.11 is not safe
+    across threads: a garbage collection that yields the GIL mid-parse made a concurrent decode fail with "AST
+    constructor recursion depth mismatch" (seen once in CI, as a 400 from the reward server). A gc callback that
+    yields on every collection, a tiny gc threshold and a 1 us switch interval make that switch happen every
+    time: without the lock in decode_images, 6-7 of the 8 threads failed in each of 3 runs here."""
     payload = encode_images(torch.rand(16, 3, 8, 8), "npy-float32")
     errors: list[str] = []
 

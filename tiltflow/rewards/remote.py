@@ -33,10 +33,11 @@ from tiltflow.rewards.preprocess import check_images
 PROTOCOL = "tiltflow-reward/1"
 ENCODINGS = ("npy-uint8", "npy-float16", "npy-float32")  # float32: any (B, ...) array, unclamped
 
-# np.load parses the .npy header with ast.literal_eval. On CPython 3.11 the AST-to-object conversion keeps its
-# recursion counter per interpreter, not per thread, so two threads parsing at once (the reward server answers
-# each request on its own thread) can fail with "SystemError: AST constructor recursion depth mismatch" when a
-# garbage collection switches threads mid-parse. One lock around the parse keeps our own calls apart.
+# np.load parses the .npy header with ast.literal_eval, and CPython 3.11's AST-to-object conversion is not safe
+# across threads: two threads parsing at once (the reward server answers each request on its own thread) can
+# fail with "SystemError: AST constructor recursion depth mismatch" when a garbage collection switches threads
+# mid-parse (reproduced by tests/integration/test_remote_reward.py). One lock around the parse keeps our own
+# calls apart.
 _NPY_LOAD_LOCK = threading.Lock()
 
 
