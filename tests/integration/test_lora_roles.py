@@ -339,3 +339,22 @@ def test_keep_input_dtype_changes_nothing_under_autocast(family):
     (v0, g0), (v1, g1) = results
     assert torch.equal(v0, v1)
     assert all(torch.equal(a, b) for a, b in zip(g0, g1)) and any(a.abs().sum() > 0 for a in g0)
+
+
+def test_a_second_adapter_on_one_transformer_adds_no_peft_warning():
+    """The shared layout puts several adapters on one transformer by design; peft's "Already found a
+    `peft_config` attribute" warning on each one after the first is silenced there, and nothing else is."""
+    import warnings
+
+    from tiltflow.models.lora import add_lora
+
+    adapter = SD3Adapter.random("tiny_sd3")
+    targets = adapter.lora_target_modules(adapter.transformer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        add_lora(adapter.transformer, GENERATOR, SMALL, targets)
+        add_lora(adapter.transformer, FAKE, SMALL, targets)
+        warnings.warn("a warning of another kind", UserWarning, stacklevel=1)
+    messages = [str(w.message) for w in caught]
+    assert not any("peft_config" in m for m in messages), messages
+    assert "a warning of another kind" in messages

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,7 +60,10 @@ def add_lora(transformer: nn.Module, name: str, settings: LoraSettings, targets:
     returns its (name, parameter) pairs. The random A init is seeded from (seed, name)."""
     from peft.utils import set_peft_model_state_dict
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # Several adapters on one transformer is the design (the shared layout's generator and fake score, a
+        # stage-1 LoRA under a stage-2 one); peft warns about every adapter after the first.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
         torch.manual_seed(seed * 1000 + sum(name.encode()))
         transformer.add_adapter(settings.config(targets), adapter_name=name)
     if state is not None:
