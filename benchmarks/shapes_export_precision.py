@@ -23,9 +23,9 @@ from shapes_common import write_result
 
 from tiltflow.cli import main as tiltflow_main
 from tiltflow.models.export import merged_state_dict
-from tiltflow.worlds.diffusers_world import export_is_full, exported_generator, read_final
+from tiltflow.worlds.diffusers_world import sampling_models
 from tiltflow.worlds.registry import load_run_config
-from tiltflow.worlds.shapes.world import build_models, student_weights
+from tiltflow.worlds.shapes.world import build_models
 
 
 def rounded_copy(run: Path, dest: Path, student: dict[str, torch.Tensor]) -> None:
@@ -50,14 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. device=cpu eval.num_per_prompt=4")
     args = parser.parse_args(argv)
 
-    final = read_final(args.run)
-    export = exported_generator(final)
-    if export is None:
-        raise SystemExit(f"{args.run}/final.safetensors holds no generator export")
     cfg = load_run_config(args.run / "config.yaml", [f"run_dir={args.run}", *args.overrides])
-    adapter, _ = build_models(cfg, None)  # the teacher: the LoRA's base
-    student = student_weights(adapter, export, 0 if export_is_full(final) else 1)
-    teacher = merged_state_dict(adapter.transformer, (), torch.float32)
+    adapter, models = sampling_models(cfg, build_models)  # the run's generator, as tiltflow sample builds it
+    student = models.merged_generator_weights()
+    teacher = merged_state_dict(adapter.transformer, (), torch.float32)  # its adapters left out: the teacher
     rounding = sum(float(((v.half().float() - v) ** 2).sum()) for v in student.values()) ** 0.5
     moved = sum(float(((v - teacher[k]) ** 2).sum()) for k, v in student.items()) ** 0.5
 

@@ -330,7 +330,7 @@ class DiffusersWorld:
             if rank > 0 and is_main_process():  # a LoRA that stock diffusers pipelines load
                 save_lora(export, rank, run_dir / "export_lora", getattr(diffusers, adapter.pipeline_class))
             elif is_main_process():  # full weights: a transformer folder that from_pretrained reads, in bf16
-                save_transformer_folder(adapter.transformer, export, run_dir / "export_transformer", torch.bfloat16)
+                save_transformer_folder(models.generator, export, run_dir / "export_transformer", torch.bfloat16)
             # What a person looks at first: the final generator on the first prompts (samples/grid.png).
             write_samples(cfg, adapter, models.generator_role, sampler, task.prompts[:4], run_dir / "samples")
             barrier()  # every rank returns once rank 0's files are complete (metrics.jsonl included)

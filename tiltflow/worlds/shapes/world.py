@@ -22,7 +22,7 @@ from tiltflow.distributed.state import barrier, in_process_group, is_main_proces
 from tiltflow.eval.prompts import PromptFileError
 from tiltflow.flow.conventions import few_step_sigmas
 from tiltflow.models.ema import EMA
-from tiltflow.models.export import fold_lora, merged_state_dict, save_transformer_folder
+from tiltflow.models.export import save_transformer_folder
 from tiltflow.sampling import NoisePlan, sample
 from tiltflow.worlds.base import WorldSetup, text_sample_settings
 from tiltflow.worlds.diffusers_world import (
@@ -68,14 +68,6 @@ def build_models(cfg: ShapesRunConfig, init_state: dict[str, Tensor] | None) -> 
     assert cfg.models_dir is not None
     adapter = ShapesAdapter.load(cfg.models_dir, cfg.device)
     return adapter, build_lora_roles(adapter, cfg.lora, init_state)
-
-
-def student_weights(adapter: ShapesAdapter, export: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
-    """A run's generator export as plain transformer weights: full weights as they are (rank 0), a scale-1
-    LoRA folded into the teacher's weights (its base). Gathers the teacher when sharded: every rank calls it."""
-    if rank == 0:
-        return export
-    return fold_lora(merged_state_dict(adapter.transformer, (), torch.float32), export)
 
 
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int], num_steps: int, device: torch.device) -> Any:
@@ -148,9 +140,11 @@ class ShapesWorld:
         def finish(ema: EMA) -> dict[str, Any]:
             ema.copy_to(ema.params)  # the final generator is the EMA one
             export, rank = write_final(cfg, models, init_state, world="shapes")  # every rank gathers, rank 0 writes
-            student = student_weights(adapter, export, rank)  # a collective too (the teacher's weights)
-            if is_main_process():  # the student as a stock diffusers folder, in fp16 as the teacher's
-                save_transformer_folder(adapter.transformer, student, run_dir / "export_transformer", torch.float16)
+            # The student as plain weights: the export when it is full weights, else the LoRA folded into its
+            # base (gathered when sharded: a collective on every rank).
+            student = export if rank == 0 else models.merged_generator_weights()
+            if is_main_process():  # a stock diffusers folder, in fp16 as the teacher's
+                save_transformer_folder(models.generator, student, run_dir / "export_transformer", torch.float16)
             metrics, images, prompts = evaluate_generator(cfg, adapter, models, rewards)
             if is_main_process():
                 write_eval(run_dir, "final", metrics, images, prompts)
