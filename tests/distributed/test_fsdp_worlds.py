@@ -225,13 +225,14 @@ def test_shapes_stage1_on_two_ranks_with_evaluation(shapes_models, tmp_path):
     assert any(k.startswith("export/") for k in final_two)
     assert_close(final_one, final_two, UPDATES)
     # The student folder (the LoRA folded into the gathered teacher weights) as 1 process's: the float32 weights
-    # agree as above, so their fp16 roundings differ by at most one fp16 step where they straddle a rounding
-    # boundary (2^-10 relative in the normal range, 2^-24 among subnormals).
+    # agree as above (far closer than an fp16 step), and rounding is monotone, so their fp16 roundings differ by
+    # at most one fp16 step, taken in the larger value's binade: <= 2^-10 of a value that may be a binade above
+    # v's (so 2^-9 |v|), or 2^-24 among subnormals.
     student = "export_transformer/diffusion_pytorch_model.safetensors"
     s_one, s_two = load_file(str(one / student)), load_file(str(two / student))
     assert set(s_one) == set(s_two) and s_one
     for k, v in s_one.items():
-        assert torch.all((v.float() - s_two[k].float()).abs() <= 2**-10 * v.float().abs() + 2**-24), k
+        assert torch.all((v.float() - s_two[k].float()).abs() <= 2**-9 * v.float().abs() + 2**-24), k
 
 
 def test_shapes_teacher_stage_refuses_several_ranks(tmp_path):
