@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -29,13 +30,25 @@ def stage2_start(config: Path, run: Path, device: str, seed: int, overrides: Seq
         return cfg, get_world(cfg.world)().build(cfg, progress=False)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo) and its core count; the architecture where none is given."""
+    name = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        lines = info.read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+        name = names[0] if names else name
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def provenance() -> dict[str, str]:
-    """How a result was made: the command as typed (quoted), the time, the commit, the host, its CPU and torch."""
+    """How a result was made: the command as typed (quoted), the time, the commit, the host, its CPU, the GPU if
+    one is used, and torch."""
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {"command": shlex.join(["python", *sys.argv]),
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": commit, "host": platform.node(), "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__}
+            "commit": commit, "host": platform.node(), "cpu": cpu_name(), "gpu": gpu, "torch": torch.__version__}
 
 
 def write_result(out: Path | None, result: dict[str, Any]) -> None:
